@@ -1,0 +1,41 @@
+"""Collect router logits of the unpatched model on held-out text, for fitting the nulls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .evaluate import _pad
+
+
+@torch.inference_mode()
+def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_token_id: int,
+                          max_per_layer: int, seed: int = 0, progress: bool = True) -> list[np.ndarray]:
+    """Router logits ``[tokens, experts]`` per MoE layer (padding excluded), subsampled by token to at
+    most ``max_per_layer`` values per layer with a seeded generator."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    per_layer: list[list[torch.Tensor]] = []
+    for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, mininterval=2):
+        chunk = windows.iloc[start:start + batch_size]
+        inputs = _pad([list(r) for r in chunk["input_ids"]], pad_token_id).to(device)
+        mask = _pad([[1] * len(r) for r in chunk["input_ids"]], 0).to(device)
+        out = model(input_ids=inputs, attention_mask=mask, output_router_logits=True)
+        valid = mask.reshape(-1).bool()
+        if not per_layer:
+            per_layer = [[] for _ in out.router_logits]
+        for store, logits in zip(per_layer, out.router_logits):
+            store.append(logits[valid].float().cpu())
+    if not per_layer:
+        raise ValueError("calibration windows: empty; the calibration split has no tokens")
+    rng = np.random.default_rng(seed)
+    result = []
+    for store in per_layer:
+        logits = torch.cat(store).numpy()
+        max_tokens = max(1, max_per_layer // logits.shape[1])
+        if logits.shape[0] > max_tokens:
+            logits = logits[np.sort(rng.choice(logits.shape[0], max_tokens, replace=False))]
+        result.append(logits)
+    return result

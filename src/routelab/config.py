@@ -1,0 +1,220 @@
+"""Experiment configuration: schema validation, semantic checks and routing-grid expansion.
+
+The same functions run inside the Snakefile (through ``snakemake.utils.validate``) and in scripts or
+notebooks (``load_config``), so a bad config fails the same way everywhere: one message naming the
+key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROUTING_METHODS = ("topk", "bh")
+ROUTING_PARAMS = ("k", "alpha", "min_k", "max_k", "temperature", "weights")
+DEMO_MODEL_ID = "demo"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+# Where the schema lives in a source checkout (the package is installed editable from it).
+DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+# Defaults of the routing parameters a method uses; `None` for max_k means "the model's own top-k".
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "topk": {"k": None, "weights": "model"},
+    "bh": {"alpha": 0.05, "min_k": 1, "max_k": None, "temperature": 1.0, "weights": "model"},
+}
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in the experiment configuration."""
+
+
+def key_path(parts: Any) -> str:
+    """Render a jsonschema path (``deque(['routing', 1, 'alpha'])``) as ``routing[1].alpha``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<config root>"
+
+
+def describe_schema_error(error: Any) -> str:
+    """One line for a ``jsonschema.ValidationError``: the key, the bad value and what is valid."""
+    from jsonschema.exceptions import best_match
+
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        error = best_match(error.context)
+    where = key_path(error.absolute_path)
+    value, rule, schema = error.instance, error.validator_value, error.schema
+    hint = f" ({schema['description'].strip()})" if isinstance(schema, dict) and schema.get("description") else ""
+    if error.validator == "enum":
+        valid = ", ".join(json.dumps(v) for v in rule)
+        return f"{where}: {value!r} is not valid; choose one of {valid}{hint}"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"{where}: {value!r} is out of range; valid: {_range_text(schema)}{hint}"
+    if error.validator == "required":
+        missing = [k for k in rule if k not in value]
+        return f"{where}: missing required key {missing[0]!r}{hint}"
+    if error.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed))
+        return f"{where}: unknown key {extra[0]!r}; valid keys: {', '.join(allowed)}"
+    if error.validator == "type":
+        return f"{where}: {value!r} has the wrong type; expected {rule}{hint}"
+    if error.validator == "pattern":
+        return f"{where}: {value!r} is not a valid name; use letters, digits and _ . + - only"
+    if error.validator in ("minItems", "minProperties", "minLength"):
+        return f"{where}: must not be empty{hint}"
+    return f"{where}: {error.message}{hint}"
+
+
+def _range_text(schema: dict) -> str:
+    low = (f"> {schema['exclusiveMinimum']}" if "exclusiveMinimum" in schema
+           else f">= {schema['minimum']}" if "minimum" in schema else "")
+    high = (f"< {schema['exclusiveMaximum']}" if "exclusiveMaximum" in schema
+            else f"<= {schema['maximum']}" if "maximum" in schema else "")
+    return " and ".join(t for t in (low, high) if t)
+
+
+def validate_schema(config: dict, schema: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
+    """Validate against the JSON schema with ``snakemake.utils.validate``, filling defaults in place."""
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, schema=str(Path(schema).resolve()))
+    except WorkflowError as exc:
+        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
+        if cause is None:
+            cause = exc.__cause__ if isinstance(exc.__cause__, jsonschema.ValidationError) else None
+        if cause is None:
+            raise
+        raise ConfigError(f"invalid config: {describe_schema_error(cause)}") from None
+    return config
+
+
+def expand_grid(entry: dict, where: str) -> list[dict]:
+    """Expand one ``routing_grid`` entry into named routing configs (cartesian product of list values)."""
+    swept = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items() if k in ROUTING_PARAMS}
+    keys = list(swept)
+    runs = []
+    for values in itertools.product(*(swept[k] for k in keys)):
+        params = dict(zip(keys, values))
+        try:
+            name = entry["name"].format(**params)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"{where}.name: template {entry['name']!r} refers to {exc}; it may use only "
+                f"{', '.join('{' + k + '}' for k in keys)}"
+            ) from None
+        runs.append({"name": name, "method": entry["method"], **params})
+    return runs
+
+
+def routing_configs(config: dict) -> dict[str, dict]:
+    """All routing configs by name: the explicit list first, then the expanded grid, defaults filled."""
+    entries = [(f"routing[{i}]", dict(r)) for i, r in enumerate(config.get("routing", []))]
+    for i, grid in enumerate(config.get("routing_grid", [])):
+        entries += [(f"routing_grid[{i}]", run) for run in expand_grid(grid, f"routing_grid[{i}]")]
+    runs: dict[str, dict] = {}
+    for where, run in entries:
+        name = run["name"]
+        if not NAME_PATTERN.match(name):
+            raise ConfigError(f"{where}.name: {name!r} is not a valid name; use letters, digits and _ . + - only")
+        if name in runs:
+            raise ConfigError(f"{where}.name: {name!r} is used twice; routing config names must be unique")
+        runs[name] = normalise_routing(run, where)
+    if not runs:
+        raise ConfigError("routing: no routing configs; give at least one under routing or routing_grid")
+    return runs
+
+
+def normalise_routing(run: dict, where: str = "routing") -> dict:
+    """Check one routing config's parameters against its method and fill the method's defaults."""
+    method = run["method"]
+    if method not in METHOD_DEFAULTS:
+        raise ConfigError(f"{where}.method: {method!r} is not valid; choose one of {', '.join(ROUTING_METHODS)}")
+    allowed = METHOD_DEFAULTS[method]
+    for key in run:
+        if key not in ("name", "method") and key not in allowed:
+            raise ConfigError(
+                f"{where}.{key}: not a parameter of method {method!r}; valid: {', '.join(allowed)}"
+            )
+    spec = {"name": run["name"], "method": method, **allowed, **{k: v for k, v in run.items() if k in allowed}}
+    if method == "bh":
+        if not (0 < spec["alpha"] <= 1):
+            raise ConfigError(f"{where}.alpha: {spec['alpha']!r} is out of range; valid: 0 < alpha <= 1")
+        if spec["max_k"] is not None and spec["min_k"] > spec["max_k"]:
+            raise ConfigError(
+                f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"
+            )
+    return spec
+
+
+def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
+    """Source-specific checks the schema cannot express (required keys per source, files exist)."""
+    for name, ds in config["datasets"].items():
+        where = f"datasets.{name}"
+        source = ds["source"]
+        if source == "demo" and "domain" not in ds:
+            raise ConfigError(f"{where}.domain: missing; a demo dataset needs one of arithmetic, grammar, code, cloze")
+        if source == "hub" and not ds.get("path"):
+            raise ConfigError(f"{where}.path: missing; a hub dataset needs its dataset id, e.g. 'wikitext'")
+        if source == "local":
+            if not ds.get("files"):
+                raise ConfigError(f"{where}.files: missing; a local dataset needs a list of text/json/parquet files")
+            for i, file in enumerate(ds["files"]):
+                if not (Path(base_dir) / file).is_file():
+                    raise ConfigError(f"{where}.files[{i}]: {file!r} does not exist (looked in {Path(base_dir).resolve()})")
+        if source != "demo" and "domain" in ds:
+            raise ConfigError(f"{where}.domain: only demo datasets have a domain (source is {source!r})")
+
+
+def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, dict]:
+    """Semantic checks after schema validation; returns the expanded routing configs by name."""
+    check_datasets(config, base_dir)
+    runs = routing_configs(config)
+    baseline = config.get("report", {}).get("baseline")
+    if baseline is not None and baseline not in runs:
+        raise ConfigError(f"report.baseline: {baseline!r} is not a routing config; valid: {', '.join(runs)}")
+    if config["model"]["id"] == DEMO_MODEL_ID:
+        demo = config["demo_model"]
+        if demo["top_k"] > demo["experts"]:
+            raise ConfigError(f"demo_model.top_k: {demo['top_k']} exceeds demo_model.experts = {demo['experts']}")
+        if demo["hidden_size"] % demo["heads"]:
+            raise ConfigError(
+                f"demo_model.heads: {demo['heads']} does not divide hidden_size = {demo['hidden_size']}"
+            )
+    return runs
+
+
+def load_config(path: str | os.PathLike, schema: str | os.PathLike = DEFAULT_SCHEMA,
+                base_dir: str | os.PathLike = ".") -> dict:
+    """Read, validate (defaults filled) and check a config file, as the Snakefile does."""
+    with open(path) as fh:
+        config = yaml.safe_load(fh) or {}
+    validate_schema(config, schema)
+    check_config(config, base_dir)
+    return config
+
+
+def baseline_name(config: dict) -> str:
+    """The routing config the report compares against: ``report.baseline`` or the first top-k config."""
+    runs = routing_configs(config)
+    chosen = config.get("report", {}).get("baseline")
+    if chosen:
+        return chosen
+    return next((name for name, spec in runs.items() if spec["method"] == "topk"), next(iter(runs)))
+
+
+def section_defaults(section: str, schema: str | os.PathLike = DEFAULT_SCHEMA) -> dict[str, Any]:
+    """Default values of one top-level config section, read from the schema (for the stage scripts)."""
+    with open(schema) as fh:
+        properties = yaml.safe_load(fh)["properties"][section]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}

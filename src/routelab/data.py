@@ -1,0 +1,102 @@
+"""Dataset loading (demo generator, Hugging Face hub, local files) and preparation into windows.
+
+Prepared dataset layout (``results/{experiment}/data/{dataset}/``):
+
+- ``documents.parquet``: ``doc_id, text, words, bytes`` (+ ``context, target`` for cloze tasks);
+- ``windows.parquet``: ``window_id, doc_id, input_ids, labels`` (``labels == -100`` is context);
+- ``calibration.parquet``: windows of the held-out calibration documents (for ``calibrate_null``);
+- ``info.json``: counts and the preparation parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import demo_corpus
+from .windows import cloze_window, count_bytes, count_words, encode_pair, rolling_windows, split_cloze
+
+log = logging.getLogger(__name__)
+
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded as configured."""
+
+
+def load_texts(spec: dict, count: int, start: int = 0, seed: int = 0, split: str = "eval") -> list[str]:
+    """``count`` non-empty documents starting at ``start`` from the dataset ``spec`` describes."""
+    if count == 0:
+        return []
+    if spec["source"] == "demo":
+        return demo_corpus.generate(spec["domain"], split, count, seed=seed, start=start)
+    dataset = _load_hf_dataset(spec)
+    column = spec.get("text_column", "text")
+    if column not in dataset.column_names:
+        raise DatasetError(
+            f"text_column: {column!r} is not a column of {spec.get('path') or spec.get('files')}; "
+            f"available: {', '.join(dataset.column_names)}"
+        )
+    texts = [t for t in dataset[column] if isinstance(t, str) and t.strip()]
+    if start >= len(texts):
+        raise DatasetError(
+            f"documents: asked for documents {start}..{start + count - 1} but the dataset has {len(texts)} non-empty ones"
+        )
+    return texts[start:start + count]
+
+
+def _load_hf_dataset(spec: dict) -> Any:
+    import datasets
+
+    if spec["source"] == "hub":
+        try:
+            return datasets.load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "test"))
+        except Exception as exc:  # the hub raises many types; all mean "could not get it"
+            raise DatasetError(
+                f"could not load hub dataset {spec['path']!r} (config {spec.get('name')!r}, split "
+                f"{spec.get('split', 'test')!r}): {exc}. Without network access, download it first "
+                "on a machine with access (it is cached under ~/.cache/huggingface)."
+            ) from exc
+    files = [str(f) for f in spec["files"]]
+    suffixes = {Path(f).suffix.lower() for f in files}
+    builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) != 1:
+        raise DatasetError(
+            f"files: {files} mix or use unsupported types {sorted(suffixes)}; use one of "
+            f"{', '.join(sorted(LOCAL_BUILDERS))} for all files"
+        )
+    builder = builders.pop()
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+
+
+def document_table(texts: list[str], task: str) -> pd.DataFrame:
+    """Per-document counts on the original text (what word/byte perplexity divide by)."""
+    rows = []
+    for doc_id, text in enumerate(texts):
+        row = {"doc_id": doc_id, "text": text, "words": count_words(text), "bytes": count_bytes(text)}
+        if task == "cloze":
+            row["context"], row["target"] = split_cloze(text)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def window_table(documents: pd.DataFrame, tokenizer, task: str, max_len: int) -> pd.DataFrame:
+    """Tokenize documents and cut them into scored windows (see :mod:`routelab.windows`)."""
+    prefix = tokenizer.eos_token_id
+    if prefix is None:
+        raise DatasetError("the tokenizer has no end-of-text token; rolling windows need one as the first context")
+    rows = []
+    for doc in documents.itertuples(index=False):
+        if task == "cloze":
+            ctx, cont = encode_pair(tokenizer, doc.context, doc.target)
+            windows = [cloze_window(ctx, cont, max_len, prefix)]
+        else:
+            windows = rolling_windows(tokenizer.encode(doc.text, add_special_tokens=False), prefix, max_len)
+        for inputs, labels in windows:
+            rows.append({"window_id": len(rows), "doc_id": doc.doc_id, "input_ids": inputs, "labels": labels})
+    return pd.DataFrame(rows, columns=["window_id", "doc_id", "input_ids", "labels"])

@@ -1,0 +1,209 @@
+"""install_router on a real (tiny, random) OLMoE, for every experts kernel transformers offers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_tiny
+from routelab.nulls import fit_kde_null
+from routelab.patching import UnsupportedModelError, install_router, model_routing_shape
+from routelab.routers import BHRouter, TopKRouter
+
+KERNELS = ("eager", "grouped_mm", "batched_mm")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def batch(seed: int = 0, size: tuple[int, int] = (3, 12)) -> torch.Tensor:
+    return torch.randint(2, 128, size, generator=torch.Generator().manual_seed(seed))
+
+
+class SelectionCapture:
+    """A recorder that keeps the last selection of every layer."""
+
+    def __init__(self):
+        self.selections = {}
+
+    def record(self, layer, router_logits, selection):
+        self.selections[layer] = selection
+
+
+@pytest.fixture(scope="module")
+def kde_null(tiny_olmoe_dir):
+    """A null fitted on the unpatched model's own router logits (independent calibration inputs)."""
+    model = load_tiny(tiny_olmoe_dir, "eager")
+    with torch.no_grad():
+        out = model(input_ids=batch(seed=100, size=(8, 32)), output_router_logits=True)
+    layers = [logits.numpy() for logits in out.router_logits]
+    return fit_kde_null(layers, num_experts=8, grid_size=512)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fixture", ["tiny_olmoe_dir", "tiny_olmoe_norm_dir"])
+def test_topk_router_reproduces_native_logits(request, fixture, kernel, device):
+    model = load_tiny(request.getfixturevalue(fixture), kernel).to(device)
+    _, num_experts, top_k, norm_topk_prob = model_routing_shape(model)
+    assert (num_experts, top_k, norm_topk_prob) == (8, 2, fixture == "tiny_olmoe_norm_dir")
+    inputs = batch().to(device)
+    with torch.no_grad():
+        native = model(input_ids=inputs, output_router_logits=True)
+        with install_router(model, TopKRouter(num_experts, top_k)):
+            patched = model(input_ids=inputs, output_router_logits=True)
+    assert (native.logits - patched.logits).abs().max().item() <= 1e-5
+    # The replacement router subclasses the native one, so transformers' hooks still see it.
+    assert len(patched.router_logits) == len(native.router_logits) == 2
+    for ours, theirs in zip(patched.router_logits, native.router_logits):
+        assert ours.shape == (inputs.numel(), num_experts)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_router_logits_hooks_installed_while_patched(tiny_olmoe_dir):
+    # First forward with output_router_logits happens inside the block: hooks match the subclass.
+    model = load_tiny(tiny_olmoe_dir)
+    with torch.no_grad(), install_router(model, TopKRouter(8, 2)):
+        out = model(input_ids=batch(), output_router_logits=True)
+    assert len(out.router_logits) == 2 and all(r.shape == (36, 8) for r in out.router_logits)
+
+
+def variable_k_logits(model, router, inputs, capture=None):
+    with torch.no_grad(), install_router(model, router, recorder=capture):
+        return model(input_ids=inputs).logits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_variable_k_agrees_across_kernels(tiny_olmoe_dir, kde_null, device):
+    inputs = batch(seed=1, size=(4, 16)).to(device)
+    router = BHRouter(8, kde_null, alpha=0.2, min_k=1, max_k=8)
+    capture = SelectionCapture()
+    reference = variable_k_logits(load_tiny(tiny_olmoe_dir, "eager").to(device), router, inputs, capture)
+    ks = torch.cat([s.k.cpu() for s in capture.selections.values()])
+    # The test is only meaningful if sentinel slots (k < max_k) and several k values occur.
+    assert (ks < 8).any() and len(ks.unique()) >= 3, ks.unique()
+    assert torch.isfinite(reference).all()
+    for kernel in ("grouped_mm", "batched_mm"):
+        logits = variable_k_logits(load_tiny(tiny_olmoe_dir, kernel).to(device), router, inputs)
+        assert not torch.isnan(logits).any(), kernel
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0, msg=kernel)
+
+
+def reference_moe_output(experts, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """OLMoE experts written out in float64: sum over selected experts of w * down(silu(gate) * up)."""
+    num_experts = experts.gate_up_proj.shape[0]
+    gate_up, down = experts.gate_up_proj.double(), experts.down_proj.double()
+    x = hidden.reshape(-1, hidden.shape[-1]).double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t].double()):
+            if e == num_experts:
+                continue
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            out[t] += w * (down[e] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_variable_k_moe_output_matches_written_out_experts(tiny_olmoe_dir, kde_null, kernel):
+    model = load_tiny(tiny_olmoe_dir, kernel)
+    blocks = {}
+
+    def keep(index):
+        def hook(module, args, output):
+            blocks[index] = (args[0].detach(), output.detach())
+        return hook
+
+    handles = [layer.mlp.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    capture = SelectionCapture()
+    try:
+        variable_k_logits(model, BHRouter(8, kde_null, alpha=0.2, min_k=1, max_k=8), batch(seed=2), capture)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, (hidden, output) in blocks.items():
+        selection = capture.selections[layer]
+        assert (selection.indices == 8).any(), "sentinel slots must be exercised"
+        expected = reference_moe_output(model.model.layers[layer].mlp.experts, hidden, selection.indices,
+                                        selection.weights)
+        torch.testing.assert_close(output.reshape(expected.shape).double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def router_state(model):
+    return [(type(layer.mlp.gate), layer.mlp.experts._is_expert_parallel, hasattr(layer.mlp.gate, "_routelab_state"))
+            for layer in model.model.layers]
+
+
+def test_install_router_restores_model(tiny_olmoe_dir):
+    model = load_tiny(tiny_olmoe_dir, "grouped_mm")
+    model.model.layers[1].mlp.experts._is_expert_parallel = True  # a non-default flag must come back too
+    before = router_state(model)
+    native_class = type(model.model.layers[0].mlp.gate)
+    with install_router(model, TopKRouter(8, 2)) as layers:
+        assert [layer.index for layer in layers] == [0, 1]
+        for gate_class, expert_parallel, _ in router_state(model):
+            assert gate_class is not native_class and issubclass(gate_class, native_class)
+            assert expert_parallel is True
+    assert router_state(model) == before
+    assert before[0][1] is False and before[1][1] is True
+
+
+def test_install_router_restores_model_when_block_raises(tiny_olmoe_dir):
+    model = load_tiny(tiny_olmoe_dir, "batched_mm")
+    before = router_state(model)
+    inputs = batch()
+    with torch.no_grad():
+        native = model(input_ids=inputs).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with install_router(model, BHRouter(8, _uniform_null(), alpha=0.5, min_k=1, max_k=8)):
+            raise RuntimeError("boom")
+    assert router_state(model) == before
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=inputs).logits, native, atol=0, rtol=0)
+
+
+def _uniform_null():
+    from routelab.nulls import TabulatedNull
+
+    grid = np.linspace(-5, 5, 11, dtype=np.float32)[None]
+    return TabulatedNull(grid=np.repeat(grid, 2, 0), sf=np.repeat(1 - (grid + 5) / 10, 2, 0),
+                         num_experts=8, min_pvalue=1e-6)
+
+
+def test_unsupported_model_raises_naming_type(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match="llama") as info:
+        with install_router(model, TopKRouter(8, 2)):
+            pass
+    assert "olmoe" in str(info.value)
+
+
+def test_unsupported_moe_model_raises_naming_type():
+    # A different MoE architecture with *TopKRouter gates is still refused (its experts contract is unverified).
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                             num_local_experts=4, num_experts_per_tok=2))
+    with pytest.raises(UnsupportedModelError, match="mixtral") as info:
+        model_routing_shape(model)
+    assert "olmoe" in str(info.value)
+
+
+def test_nested_install_router_refuses_or_keeps_the_outer_router(tiny_olmoe_dir):
+    model = load_tiny(tiny_olmoe_dir)
+    native = router_state(model)
+    inputs = batch()
+    with torch.no_grad(), install_router(model, TopKRouter(8, 2)):
+        outer = model(input_ids=inputs).logits
+        inner = install_router(model, TopKRouter(8, 1))
+        try:
+            inner.__enter__()
+        except (ValueError, RuntimeError):  # refusing to nest, with a clear error, is also acceptable
+            return
+        inner.__exit__(None, None, None)
+        torch.testing.assert_close(model(input_ids=inputs).logits, outer, atol=0, rtol=0)
+    assert router_state(model) == native

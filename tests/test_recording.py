@@ -1,0 +1,193 @@
+"""Routing records: summary reductions on a hand-made histogram, Parquet rows from a real run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy.stats import false_discovery_control
+
+from conftest import load_tiny
+from routelab.evaluate import score_windows
+from routelab.nulls import fit_kde_null
+from routelab.patching import install_router
+from routelab.recording import SCHEMA, RoutingRecorder, routing_summary
+from routelab.routers import BHRouter, TopKRouter
+
+# --- routing_summary on a hand-made histogram ----------------------------------------------------
+
+# 4 experts (histogram columns k = 0..4), min_k 1, max_k 3.
+#   layer 0: k = 1, 1, 2, 3      -> [0, 2, 1, 1, 0]
+#   layer 1: k = 2, 2, 2, 3      -> [0, 0, 3, 1, 0]
+#   overall: k = 1,1,2,2,2,2,3,3 -> [0, 2, 4, 2, 0]
+K_HIST = np.array([[0, 2, 1, 1, 0], [0, 0, 3, 1, 0]])
+EXPERT_COUNTS = np.array([[3, 2, 1, 1], [4, 3, 2, 0]])
+# p moments: p over all experts = 0.1, 0.2, 0.3, 0.4; selected p = 0.1, 0.2
+#   [sum p, sum p^2, count, sum selected p, count selected] = [1.0, 0.3, 4, 0.3, 2]
+P_MOMENTS = np.array([1.0, 0.3, 4.0, 0.3, 2.0])
+
+
+def test_routing_summary_hand_worked():
+    summary = routing_summary(K_HIST, EXPERT_COUNTS, min_k=1, max_k=3, p_moments=P_MOMENTS)
+    assert summary["total_decisions"] == 8
+    # mean = (2*1 + 4*2 + 2*3) / 8 = 2; var = (2*1 + 4*0 + 2*1) / 8 = 0.5 -> std 0.70710678
+    assert summary["experts_mean"] == pytest.approx(2.0)
+    assert summary["experts_std"] == pytest.approx(0.70710678, rel=1e-8)
+    assert summary["experts_median"] == 2
+    assert (summary["experts_min"], summary["experts_max"]) == (1, 3)
+    # 2 of 8 decisions at max_k = 3 and 2 of 8 at min_k = 1: 25 % each.
+    assert summary["ceiling_hit_rate"] == pytest.approx(25.0)
+    assert summary["floor_hit_rate"] == pytest.approx(25.0)
+    assert (summary["min_k"], summary["max_k"]) == (1, 3)
+    # p: mean 1.0 / 4 = 0.25; var = 0.3 / 4 - 0.25^2 = 0.0125 -> std 0.11180340; selected mean 0.3 / 2 = 0.15
+    assert summary["pvalue_mean"] == pytest.approx(0.25)
+    assert summary["pvalue_std"] == pytest.approx(0.11180340, rel=1e-7)
+    assert summary["selected_pvalue_mean"] == pytest.approx(0.15)
+    assert summary["k_histogram"] == {"1": 2, "2": 4, "3": 2}
+    assert summary["expert_counts"] == EXPERT_COUNTS.tolist()
+
+    layer0, layer1 = summary["per_layer"]
+    # layer 0: k = 1, 1, 2, 3: mean 7/4 = 1.75; var = (0.5625*2 + 0.0625 + 1.5625) / 4 = 0.6875 -> 0.82915620
+    assert layer0["layer"] == 0 and layer0["decisions"] == 4
+    assert layer0["experts_mean"] == pytest.approx(1.75)
+    assert layer0["experts_std"] == pytest.approx(0.82915620, rel=1e-8)
+    assert (layer0["ceiling_hit_rate"], layer0["floor_hit_rate"]) == pytest.approx((25.0, 50.0))
+    # layer 1: k = 2, 2, 2, 3: mean 2.25; var = (3*0.0625 + 0.5625) / 4 = 0.1875 -> 0.43301270; floor 0 %
+    assert layer1["experts_mean"] == pytest.approx(2.25)
+    assert layer1["experts_std"] == pytest.approx(0.43301270, rel=1e-8)
+    assert (layer1["ceiling_hit_rate"], layer1["floor_hit_rate"]) == pytest.approx((25.0, 0.0))
+    assert (layer1["experts_min"], layer1["experts_max"]) == (2, 3)
+
+
+def test_routing_summary_median_is_the_lower_median():
+    # Layer 0's k values 1, 1, 2, 3 have an even count: the median reported is a k that occurred (the
+    # lower median, numpy's inverted-CDF percentile), not the midpoint 1.5.
+    summary = routing_summary(K_HIST, EXPERT_COUNTS, min_k=1, max_k=3)
+    assert summary["per_layer"][0]["experts_median"] == np.percentile([1, 1, 2, 3], 50, method="inverted_cdf") == 1
+    assert summary["per_layer"][1]["experts_median"] == 2
+
+
+def test_routing_summary_without_pvalues():
+    summary = routing_summary(K_HIST, EXPERT_COUNTS, min_k=1, max_k=3, p_moments=None)
+    assert summary["pvalue_mean"] is None and summary["pvalue_std"] is None and summary["selected_pvalue_mean"] is None
+
+
+# --- RoutingRecorder on a real run ---------------------------------------------------------------
+
+NUM_EXPERTS, NUM_LAYERS = 8, 2
+ALPHA, MIN_K, MAX_K = 0.2, 1, 6
+
+
+@pytest.fixture(scope="module")
+def run(tiny_olmoe_dir, tmp_path_factory):
+    """Score 5 windows of unequal length (so batches are padded) through a BH router with a recorder."""
+    model = load_tiny(tiny_olmoe_dir, "grouped_mm")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        calibration = model(input_ids=torch.randint(2, 128, (8, 32), generator=gen), output_router_logits=True)
+    null = fit_kde_null([r.numpy() for r in calibration.router_logits], NUM_EXPERTS, grid_size=512)
+    router = BHRouter(NUM_EXPERTS, null, alpha=ALPHA, min_k=MIN_K, max_k=MAX_K)
+
+    lengths = [12, 7, 12, 3, 9]
+    inputs = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in lengths]
+    windows = pd.DataFrame({"window_id": range(5), "doc_id": [0, 0, 1, 2, 2], "input_ids": inputs,
+                            "labels": [row[1:] + [5] for row in inputs]})
+    path = tmp_path_factory.mktemp("recording") / "routing.parquet"
+    recorder = RoutingRecorder(NUM_LAYERS, NUM_EXPERTS, MIN_K, MAX_K, path=path, row_group_size=16)
+    with install_router(model, router, recorder=recorder):
+        score_windows(model, windows, batch_size=2, pad_token_id=1, recorder=recorder, progress=False)
+        # Router logits of every window alone (no padding), under the same routing, for the reference.
+        with torch.no_grad():
+            logits = [model(input_ids=torch.tensor([row]), output_router_logits=True).router_logits
+                      for row in inputs]
+    recorder.close()
+    return {"windows": windows, "table": pq.read_table(path), "df": pd.read_parquet(path),
+            "summary": recorder.summary(), "null": null, "router_logits": logits}
+
+
+def test_recorder_writes_one_row_per_real_token_and_layer(run):
+    windows, df, table = run["windows"], run["df"], run["table"]
+    assert table.schema.equals(SCHEMA)
+    real_tokens = sum(len(row) for row in windows["input_ids"])  # padding excluded
+    assert len(df) == real_tokens * NUM_LAYERS
+    assert sorted(df["layer"].unique()) == [0, 1]
+    for window in windows.itertuples():
+        rows = df[df["window_id"] == window.window_id]
+        assert (rows["doc_id"] == window.doc_id).all()
+        for layer in range(NUM_LAYERS):
+            layer_rows = rows[rows["layer"] == layer].sort_values("position")
+            assert layer_rows["position"].tolist() == list(range(len(window.input_ids)))
+            assert layer_rows["token_id"].tolist() == window.input_ids
+
+
+def test_recorded_experts_are_valid(run):
+    df = run["df"]
+    assert (df["experts"].map(len) == df["k"]).all()
+    assert (df["weights"].map(len) == df["k"]).all()
+    assert df["k"].between(MIN_K, MAX_K).all()
+    for experts, weights in zip(df["experts"], df["weights"]):
+        assert len(set(experts)) == len(experts) and all(0 <= e < NUM_EXPERTS for e in experts)
+        assert all(w > 0 for w in weights)
+    assert df["k"].nunique() >= 3, "the run should exercise variable k"
+
+
+def test_recorded_summary_matches_parquet(run):
+    df, summary = run["df"], run["summary"]
+    counts = df["k"].value_counts()
+    assert summary["k_histogram"] == {str(k): int(c) for k, c in sorted(counts.items())}
+    assert summary["total_decisions"] == len(df)
+    assert summary["experts_mean"] == pytest.approx(df["k"].mean())
+    assert summary["experts_std"] == pytest.approx(df["k"].std(ddof=0))
+    assert summary["ceiling_hit_rate"] == pytest.approx(100 * (df["k"] == MAX_K).mean())
+    assert summary["floor_hit_rate"] == pytest.approx(100 * (df["k"] == MIN_K).mean())
+    for layer in range(NUM_LAYERS):
+        rows = df[df["layer"] == layer]
+        assert summary["per_layer"][layer]["experts_mean"] == pytest.approx(rows["k"].mean())
+        expert_counts = np.bincount(np.concatenate(rows["experts"].to_numpy()), minlength=NUM_EXPERTS)
+        assert summary["expert_counts"][layer] == expert_counts.tolist()
+
+
+def test_recorded_decisions_match_reference_bh(run):
+    """Recompute every decision from the router logits with numpy/scipy and compare with the Parquet rows."""
+    df, null = run["df"].set_index(["window_id", "position", "layer"]), run["null"]
+    all_p, chosen_p = [], []
+    for window_id, per_layer in enumerate(run["router_logits"]):
+        for layer, logits in enumerate(per_layer):
+            logits = logits.double().numpy()
+            p = np.clip(np.interp(logits, null.grid[layer], null.sf[layer]), null.min_pvalue, 1.0)
+            k = np.clip((false_discovery_control(p, axis=-1, method="bh") <= ALPHA).sum(-1), MIN_K, MAX_K)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            for position in range(len(logits)):
+                order = np.lexsort((-logits[position], p[position]))[: k[position]]
+                row = df.loc[(window_id, position, layer)]
+                assert row["k"] == k[position], (window_id, position, layer)
+                assert list(row["experts"]) == order.tolist(), (window_id, position, layer)
+                # OLMoE has norm_topk_prob False: weights are the raw softmax probabilities.
+                np.testing.assert_allclose(row["weights"], probs[position, order], rtol=1e-4, atol=1e-6)
+                chosen_p.extend(p[position, order])
+            all_p.append(p.ravel())
+    all_p = np.concatenate(all_p)
+    summary = run["summary"]
+    assert summary["pvalue_mean"] == pytest.approx(all_p.mean(), rel=1e-4)
+    assert summary["pvalue_std"] == pytest.approx(all_p.std(), rel=1e-3)
+    assert summary["selected_pvalue_mean"] == pytest.approx(np.mean(chosen_p), rel=1e-4)
+
+
+def test_recorder_ignores_calls_outside_a_batch():
+    recorder = RoutingRecorder(1, 4, 1, 4)
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        recorder.summary()
+    selection = TopKRouter(4, 2)(torch.randn(3, 4))
+    recorder.record(0, torch.randn(3, 4), selection)  # no begin_batch: nothing is counted
+    with pytest.raises(RuntimeError):
+        recorder.summary()
+    recorder.begin_batch(torch.tensor([[1, 1, 0]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([[5, 6, 1]]))
+    recorder.record(0, torch.randn(3, 4), selection)
+    recorder.end_batch()
+    summary = recorder.summary()
+    assert summary["total_decisions"] == 2  # the padded third token is not counted
+    assert summary["k_histogram"] == {"2": 2}
+    assert sum(summary["expert_counts"][0]) == 4

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Stage route: run the model with its router replaced on one dataset; evaluate and record routing.
+
+Writes into ``--out`` (one run = one routing config x one dataset):
+
+- ``metrics.json``     quality (token / word / byte perplexity, bits per byte; cloze acc) and speed;
+- ``summary.json``     routing statistics (experts selected mean/std/min/max, ceiling and floor hits,
+                       p-value mean/std, per-layer statistics, k histogram, expert counts);
+- ``routing.parquet``  every (token, layer) decision: k, expert ids, weights;
+- ``scores.parquet``   per-document log-likelihood, token / word / byte counts, correctness;
+- ``provenance.json``  routing spec, model, versions, seed.
+
+    python workflow/scripts/route.py --model results/demo/model --data results/demo/data/code \
+        --null results/demo/calibration/null.npz --out results/demo/runs/bh/code \
+        --routing '{"name": "bh", "method": "bh", "alpha": 0.05, "min_k": 1, "max_k": 8}'
+"""
+
+import argparse
+import logging
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import routelab
+from routelab.cli import json_arg, run
+from routelab.config import normalise_routing
+from routelab.evaluate import Stopwatch, document_scores, score_windows
+from routelab.io import atomic_path, read_json, write_json, write_parquet
+from routelab.modeling import load_model, load_tokenizer
+from routelab.nulls import TabulatedNull
+from routelab.patching import install_router, model_routing_shape
+from routelab.quality import quality_metrics
+from routelab.recording import RoutingRecorder
+from routelab.routers import build_router
+
+log = logging.getLogger("route")
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    spec = normalise_routing(args.routing, "--routing")
+    data = Path(args.data)
+    info = read_json(data / "info.json")
+    windows, documents = pd.read_parquet(data / "windows.parquet"), pd.read_parquet(data / "documents.parquet")
+    model = load_model(args.model, args.dtype, args.device, args.experts_implementation)
+    tokenizer = load_tokenizer(args.model)
+    num_layers, num_experts, top_k, norm_topk_prob = model_routing_shape(model)
+    null = None
+    if spec["method"] == "bh":
+        if args.null is None:
+            raise ValueError(f"--null: routing method {spec['method']!r} needs a calibrated null (null.npz)")
+        null = TabulatedNull.load(args.null)
+        null.check_model(num_layers, num_experts)
+    router = build_router(spec, num_experts, top_k, null)
+    log.info("routing %s on %s: %s (model top-k %d, norm_topk_prob %s)", spec["name"], data.name,
+             router.describe(), top_k, norm_topk_prob)
+
+    out = Path(args.out)
+    with atomic_path(out / "routing.parquet") as parquet_tmp:
+        recorder = RoutingRecorder(num_layers, num_experts, router.min_k, router.max_k, path=parquet_tmp)
+        with install_router(model, router, recorder), Stopwatch() as clock:
+            window_scores = score_windows(model, windows, args.batch_size, tokenizer.pad_token_id or 0, recorder)
+        recorder.close()
+
+    scores = document_scores(window_scores, documents)
+    metrics = {"routing": spec["name"], "dataset": data.name, "task": info["task"],
+               **quality_metrics(scores, info["task"]),
+               "wall_time_s": clock.seconds, "tokens_per_s": int(window_scores["tokens"].sum()) / clock.seconds,
+               "device": str(next(model.parameters()).device)}
+    params = {k: v for k, v in router.describe().items() if k != "method"}
+    if spec["method"] == "topk":
+        params = {"k": router.max_k, "weights": router.weight_policy}
+    summary = {"routing": spec["name"], "dataset": data.name, "method": spec["method"], "params": params,
+               "num_layers": num_layers, "num_experts": num_experts, "model_top_k": top_k,
+               "norm_topk_prob": norm_topk_prob, **recorder.summary()}
+    provenance = {"routing": spec, "dataset_info": info, "model": str(args.model), "dtype": args.dtype,
+                  "experts_implementation": model.config._experts_implementation, "seed": args.seed,
+                  "git_commit": git_commit(), "python": platform.python_version(),
+                  "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
+                               "transformers": __import__("transformers").__version__}}
+    write_parquet(out / "scores.parquet", scores)
+    write_json(out / "summary.json", summary)
+    write_json(out / "provenance.json", provenance)
+    write_json(out / "metrics.json", metrics)
+    log.info("metrics %s", metrics)
+    log.info("experts selected: mean %.3f std %.3f (min %d, max %d); ceiling %.1f%%, floor %.1f%%",
+             summary["experts_mean"], summary["experts_std"], summary["experts_min"], summary["experts_max"],
+             summary["ceiling_hit_rate"], summary["floor_hit_rate"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory or hub id")
+    parser.add_argument("--data", required=True, help="prepared dataset directory (windows.parquet, ...)")
+    parser.add_argument("--routing", type=json_arg, required=True, help="routing config as JSON (or @file.json)")
+    parser.add_argument("--null", default=None, help="null.npz from calibrate_null (p-value routers)")
+    parser.add_argument("--out", required=True, help="run output directory")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--experts-implementation", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    run(main, parser)
