@@ -45,10 +45,10 @@ def key_path(parts: Any) -> str:
 
 def describe_schema_error(error: Any) -> str:
     """One line for a ``jsonschema.ValidationError``: the key, the bad value and what is valid."""
-    from jsonschema.exceptions import best_match
-
-    if error.validator in ("anyOf", "oneOf") and error.context:
-        error = best_match(error.context)
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        # The alternative that got furthest into the value (e.g. into a list's bad item) explains it best.
+        # On a tie, a type mismatch ("not a number") explains less than the matching branch's own error.
+        error = max(error.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
     where = key_path(error.absolute_path)
     value, rule, schema = error.instance, error.validator_value, error.schema
     hint = f" ({schema['description'].strip()})" if isinstance(schema, dict) and schema.get("description") else ""
@@ -69,7 +69,7 @@ def describe_schema_error(error: Any) -> str:
     if error.validator == "pattern":
         return f"{where}: {value!r} is not a valid name; use letters, digits and _ . + - only"
     if error.validator in ("minItems", "minProperties", "minLength"):
-        return f"{where}: must not be empty{hint}"
+        return f"{where}: {value!r} must not be empty{hint}"
     return f"{where}: {error.message}{hint}"
 
 
@@ -90,10 +90,9 @@ def validate_schema(config: dict, schema: str | os.PathLike = DEFAULT_SCHEMA) ->
     try:
         validate(config, schema=str(Path(schema).resolve()))
     except WorkflowError as exc:
-        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
-        if cause is None:
-            cause = exc.__cause__ if isinstance(exc.__cause__, jsonschema.ValidationError) else None
-        if cause is None:
+        # snakemake raises its WorkflowError inside `except ValidationError`, so the original is the context.
+        cause = exc.__cause__ or exc.__context__
+        if not isinstance(cause, jsonschema.ValidationError):
             raise
         raise ConfigError(f"invalid config: {describe_schema_error(cause)}") from None
     return config
@@ -144,7 +143,8 @@ def normalise_routing(run: dict, where: str = "routing") -> dict:
     for key in run:
         if key not in ("name", "method") and key not in allowed:
             raise ConfigError(
-                f"{where}.{key}: not a parameter of method {method!r}; valid: {', '.join(allowed)}"
+                f"{where}.{key}: {run[key]!r} given, but {key!r} is not a parameter of method {method!r}; "
+                f"valid: {', '.join(allowed)}"
             )
     spec = {"name": run["name"], "method": method, **allowed, **{k: v for k, v in run.items() if k in allowed}}
     if method == "bh":

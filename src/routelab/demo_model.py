@@ -124,7 +124,7 @@ def train(settings: dict, out_dir: str | Path, seed: int = 0, progress: bool = T
             lm_loss = float(out.loss) - settings["router_aux_loss_coef"] * aux
             tracker.log(step, loss=float(out.loss), lm_loss=lm_loss, aux_loss=aux, lr=lr,
                         grad_norm=float(grad_norm), tokens_per_s=batch * seq / elapsed)
-            bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux:.3f}")
+            bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux:.3f}", refresh=False)
             if step % max(1, steps // 10) == 0 or step == steps - 1:
                 log.info("step %d/%d loss %.4f aux %.4f lr %.2e grad_norm %.3f tok/s %.0f", step + 1, steps,
                          lm_loss, aux, lr, float(grad_norm), batch * seq / elapsed)

@@ -78,7 +78,9 @@ def main(args: argparse.Namespace) -> None:
     scores = document_scores(window_scores, documents)
     metrics = {"routing": spec["name"], "dataset": data.name, "task": info["task"],
                **quality_metrics(scores, info["task"]),
-               "wall_time_s": clock.seconds, "tokens_per_s": int(window_scores["tokens"].sum()) / clock.seconds,
+               "wall_time_s": clock.seconds,
+               # Throughput counts every token the model processed (context included), not only scored ones.
+               "tokens_per_s": int(windows["input_ids"].map(len).sum()) / clock.seconds,
                "device": str(next(model.parameters()).device)}
     params = {k: v for k, v in router.describe().items() if k != "method"}
     if spec["method"] == "topk":

@@ -1,0 +1,274 @@
+"""Config validation: a bad config stops with one message naming the key, the value and what is valid.
+
+Unit tests go through ``load_config`` on files written into ``tmp_path`` (the shipped config, then one
+change each); the last few run ``snakemake -n --configfile BAD.yaml`` from the repository root, the path
+a user takes, and check that the same message comes out before any job is scheduled.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from routelab.config import ConfigError, load_config, routing_configs
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = REPO / "config" / "config.yaml"
+
+SHIPPED_RUNS = ["topk8", "topk4"] + [
+    f"bh_a{alpha}_k{max_k}" for alpha in (0.1, 0.3, 0.5) for max_k in (8, 16)
+]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    with open(SHIPPED_CONFIG) as fh:
+        return yaml.safe_load(fh)
+
+
+@pytest.fixture
+def config(shipped) -> dict:
+    """A fresh, modifiable copy of config/config.yaml."""
+    return copy.deepcopy(shipped)
+
+
+def write_config(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load(tmp_path: Path, config: dict) -> dict:
+    return load_config(write_config(tmp_path, config), base_dir=tmp_path)
+
+
+def config_error(tmp_path: Path, config: dict) -> str:
+    """The message of the ConfigError that loading ``config`` raises; it must be a single line."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, config)
+    message = str(info.value)
+    assert "\n" not in message, f"expected one line, got:\n{message}"
+    return message
+
+
+def assert_names(message: str, *parts: str) -> None:
+    for part in parts:
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+# --- the shipped config and defaults -------------------------------------------------------------
+
+
+def test_shipped_config_validates_and_expands_to_named_runs():
+    loaded = load_config(SHIPPED_CONFIG, base_dir=REPO)
+    assert list(routing_configs(loaded)) == SHIPPED_RUNS
+
+
+def test_grid_is_the_cartesian_product_of_its_list_values(tmp_path, config):
+    runs = routing_configs(load(tmp_path, config))
+    for alpha in (0.1, 0.3, 0.5):
+        for max_k in (8, 16):
+            run = runs[f"bh_a{alpha}_k{max_k}"]
+            assert (run["method"], run["alpha"], run["max_k"], run["min_k"]) == ("bh", alpha, max_k, 1)
+    assert runs["topk4"] == {"name": "topk4", "method": "topk", "k": 4, "weights": "model"}
+
+
+def test_defaults_are_filled_from_the_schema(tmp_path, config):
+    del config["evaluation"], config["calibration"], config["seed"]
+    del config["model"]["dtype"], config["model"]["device"]
+    assert "task" not in config["datasets"]["arithmetic"]
+    loaded = load(tmp_path, config)
+    assert loaded["seed"] == 0
+    assert loaded["evaluation"] == {"window": None, "batch_size": 16}
+    assert loaded["calibration"] == {"method": "kde", "grid_size": 2048, "max_logits_per_layer": 1000000}
+    assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"
+    assert loaded["datasets"]["arithmetic"]["task"] == "perplexity"
+    assert loaded["datasets"]["cloze"]["task"] == "cloze"  # a set value is kept
+    assert loaded["report"]["baseline"] == "topk8"
+
+
+def test_bh_run_gets_the_method_defaults(tmp_path, config):
+    config["routing"].append({"name": "bh_plain", "method": "bh"})
+    runs = routing_configs(load(tmp_path, config))
+    assert runs["bh_plain"] == {"name": "bh_plain", "method": "bh", "alpha": 0.05, "min_k": 1,
+                                "max_k": None, "temperature": 1.0, "weights": "model"}
+    grid_run = runs["bh_a0.3_k16"]
+    assert grid_run["temperature"] == 1.0 and grid_run["weights"] == "model"
+
+
+def test_alpha_one_is_accepted(tmp_path, config):
+    config["routing"].append({"name": "bh_all", "method": "bh", "alpha": 1})
+    config["routing_grid"][0]["alpha"] = [0.5, 1.0]
+    runs = routing_configs(load(tmp_path, config))
+    assert runs["bh_all"]["alpha"] == 1
+    assert runs["bh_a1.0_k16"]["alpha"] == 1.0
+
+
+def test_local_dataset_with_existing_file_is_accepted(tmp_path, config):
+    (tmp_path / "mine.txt").write_text("some text\n")
+    config["datasets"]["mine"] = {"source": "local", "files": ["mine.txt"]}
+    loaded = load(tmp_path, config)
+    assert loaded["datasets"]["mine"]["files"] == ["mine.txt"]
+
+
+# --- bad configs: one message with the key, the value and what is valid --------------------------
+
+
+def test_unknown_routing_method(tmp_path, config):
+    config["routing"][0]["method"] = "magic"
+    assert_names(config_error(tmp_path, config), "routing[0].method", "'magic'", "topk", "bh")
+
+
+@pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
+def test_alpha_outside_zero_one_in_routing(tmp_path, config, alpha):
+    config["routing"].append({"name": "bh_bad", "method": "bh", "alpha": alpha})
+    assert_names(config_error(tmp_path, config), "routing[2].alpha", repr(alpha), "> 0", "<= 1")
+
+
+@pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
+def test_alpha_outside_zero_one_in_grid_list(tmp_path, config, alpha):
+    config["routing_grid"][0]["alpha"] = [0.1, alpha]
+    assert_names(config_error(tmp_path, config), "routing_grid[0].alpha[1]", repr(alpha), "> 0", "<= 1")
+
+
+def test_alpha_outside_zero_one_as_grid_scalar(tmp_path, config):
+    config["routing_grid"][0]["alpha"] = 1.5
+    assert_names(config_error(tmp_path, config), "routing_grid[0].alpha", "1.5", "> 0", "<= 1")
+
+
+def test_min_k_greater_than_max_k(tmp_path, config):
+    config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 8, "max_k": 4})
+    assert_names(config_error(tmp_path, config), "routing[2].min_k", "8", "max_k = 4", "min_k <= max_k")
+
+
+def test_min_k_greater_than_a_swept_max_k(tmp_path, config):
+    config["routing_grid"][0]["min_k"] = 12  # fine for max_k 16, not for max_k 8
+    assert_names(config_error(tmp_path, config), "routing_grid[0].min_k", "12", "max_k = 8", "min_k <= max_k")
+
+
+def test_min_k_zero(tmp_path, config):
+    config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 0})
+    assert_names(config_error(tmp_path, config), "routing[2].min_k", "0", ">= 1")
+
+
+def test_unknown_dataset_source(tmp_path, config):
+    config["datasets"]["mine"] = {"source": "ftp"}
+    assert_names(config_error(tmp_path, config), "datasets.mine.source", "'ftp'", "demo", "hub", "local")
+
+
+def test_local_dataset_with_missing_file(tmp_path, config):
+    (tmp_path / "present.txt").write_text("some text\n")
+    config["datasets"]["mine"] = {"source": "local", "files": ["present.txt", "absent.txt"]}
+    assert_names(config_error(tmp_path, config), "datasets.mine.files[1]", "'absent.txt'", "does not exist",
+                 str(tmp_path.resolve()))
+
+
+def test_demo_dataset_without_domain(tmp_path, config):
+    config["datasets"]["mine"] = {"source": "demo"}
+    assert_names(config_error(tmp_path, config), "datasets.mine.domain", "missing",
+                 "arithmetic, grammar, code, cloze")
+
+
+def test_hub_dataset_without_path(tmp_path, config):
+    config["datasets"]["mine"] = {"source": "hub", "split": "test"}
+    assert_names(config_error(tmp_path, config), "datasets.mine.path", "missing", "dataset id")
+
+
+def test_unknown_top_level_key(tmp_path, config):
+    config["routnig"] = []
+    assert_names(config_error(tmp_path, config), "unknown key 'routnig'", "routing", "routing_grid", "datasets")
+
+
+def test_unknown_key_in_routing_entry(tmp_path, config):
+    config["routing"][1]["beta"] = 0.1
+    assert_names(config_error(tmp_path, config), "routing[1]", "unknown key 'beta'", "alpha", "min_k", "max_k")
+
+
+def test_duplicate_routing_names(tmp_path, config):
+    config["routing"].append({"name": "topk8", "method": "topk", "k": 2})
+    assert_names(config_error(tmp_path, config), "routing[2].name", "'topk8'", "used twice", "unique")
+
+
+def test_grid_name_clashing_with_an_explicit_one(tmp_path, config):
+    config["routing"].append({"name": "bh_a0.3_k8", "method": "bh"})
+    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.3_k8'", "used twice", "unique")
+
+
+def test_grid_name_template_missing_a_swept_key_gives_duplicate_names(tmp_path, config):
+    config["routing_grid"][0]["name"] = "bh_a{alpha}"  # max_k is swept but not in the name
+    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.1'", "used twice", "unique")
+
+
+def test_empty_grid_list(tmp_path, config):
+    config["routing_grid"][0]["alpha"] = []
+    assert_names(config_error(tmp_path, config), "routing_grid[0].alpha", "[]", "empty")
+
+
+def test_grid_name_template_with_a_key_not_swept(tmp_path, config):
+    config["routing_grid"][0]["name"] = "bh_a{alpha}_t{temperature}"
+    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a{alpha}_t{temperature}'",
+                 "temperature", "{alpha}", "{max_k}", "{min_k}")
+
+
+def test_report_baseline_naming_a_missing_config(tmp_path, config):
+    config["report"]["baseline"] = "topk2"
+    assert_names(config_error(tmp_path, config), "report.baseline", "'topk2'", "topk8", "topk4", "bh_a0.1_k8")
+
+
+def test_bh_parameter_on_a_topk_entry(tmp_path, config):
+    config["routing"][1]["alpha"] = 0.1
+    assert_names(config_error(tmp_path, config), "routing[1].alpha", "'topk'", "valid: k, weights")
+
+
+def test_experiment_name_with_a_slash(tmp_path, config):
+    config["experiment"] = "demo/v2"
+    assert_names(config_error(tmp_path, config), "experiment", "'demo/v2'", "letters, digits and _ . + -")
+
+
+def test_invalid_model_dtype(tmp_path, config):
+    config["model"]["dtype"] = "float64"
+    assert_names(config_error(tmp_path, config), "model.dtype", "'float64'", "float32", "bfloat16", "float16")
+
+
+# --- the user path: snakemake -n --configfile BAD.yaml ---------------------------------------------
+
+# --configfile extends config/config.yaml: each file holds only the bad section (lists are replaced,
+# dicts merged). The experiment name is unique so a stray results/ folder would be noticed.
+EXPERIMENT = "config_validation_test"
+SNAKEMAKE_CASES = {
+    "unknown_method": (
+        {"routing": [{"name": "x", "method": "magic"}]},
+        ["routing[0].method", "'magic'", '"topk", "bh"'],
+    ),
+    "alpha_in_grid": (
+        {"routing_grid": [{"name": "bh_a{alpha}", "method": "bh", "alpha": [0.1, 1.5]}]},
+        ["routing_grid[0].alpha[1]", "1.5", "> 0 and <= 1"],
+    ),
+    "missing_local_file": (
+        {"datasets": {"mine": {"source": "local", "files": ["no_such_file_for_config_test.txt"]}}},
+        ["datasets.mine.files[0]", "'no_such_file_for_config_test.txt'", "does not exist"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SNAKEMAKE_CASES))
+def test_snakemake_dry_run_stops_on_bad_config(tmp_path, case):
+    section, expected = SNAKEMAKE_CASES[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiment": EXPERIMENT, **section}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["snakemake", "-n", "--configfile", str(bad)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    lines = [line for line in output.splitlines() if expected[0] in line]
+    assert len(lines) == 1, f"expected the message once, got:\n{output}"
+    assert_names(lines[0], *expected)
+    assert "rule route" not in output and "Job stats" not in output, output
+    assert not (REPO / "results" / EXPERIMENT).exists()

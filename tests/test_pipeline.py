@@ -1,0 +1,162 @@
+"""End to end: the whole Snakemake pipeline on a reduced demo config, in a temporary directory.
+
+One pipeline run (about a minute on 2 cores) is shared by the tests of this module; they check the
+artifact tree, the report, that a rerun does nothing and that changing one alpha reruns exactly that
+config's jobs plus aggregation and report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = Path(__file__).parent / "data" / "pipeline_config.yaml"
+RUNS = ["topk4", "bh_main", "bh_a0.5"]
+DATASETS = ["arithmetic", "cloze"]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+
+
+def planned_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job in a ``snakemake -n`` listing."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        match = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not match:
+            continue
+        wildcards = re.search(r"wildcards: (.*)", block)
+        pairs = dict(p.split("=", 1) for p in wildcards.group(1).split(", ")) if wildcards else {}
+        jobs.append((match.group(1), pairs))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(CONFIG, workdir / "config.yaml")
+    result = snakemake(workdir)
+    if result.returncode != 0:
+        pytest.fail(f"pipeline failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    workdir.joinpath("first_run.log").write_text(result.stdout + result.stderr)
+    return workdir
+
+
+def test_pipeline_writes_the_artifact_tree(workdir):
+    root = workdir / "results" / "mini"
+    for dataset in DATASETS:
+        for name in ("documents.parquet", "windows.parquet", "calibration.parquet", "info.json"):
+            assert (root / "data" / dataset / name).is_file(), name
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_metrics.csv", "train_hparams.json"):
+        assert (root / "model" / name).is_file(), name
+    assert (root / "calibration" / "null.npz").is_file()
+    for run in RUNS:
+        for dataset in DATASETS:
+            run_dir = root / "runs" / run / dataset
+            for name in ("metrics.json", "summary.json", "routing.parquet", "scores.parquet", "provenance.json"):
+                assert (run_dir / name).is_file(), run_dir / name
+            for name in ("experts_histogram.png", "expert_heatmap.png"):
+                assert (root / "plots" / run / dataset / name).stat().st_size > 1000
+    for name in ("runs.csv", "runs.parquet", "layers.csv"):
+        assert (root / "aggregate" / name).is_file()
+    for name in ("comparison.csv", "comparison.md", "report.html", "figures/experts_vs_alpha.png",
+                 "figures/quality_vs_experts.png"):
+        assert (root / "report" / name).is_file(), name
+    assert not list(root.rglob("*.tmp")), "a temporary file was left behind"
+    assert (workdir / "logs" / "mini" / "train_demo_model.log").stat().st_size > 0
+
+
+def test_training_log_records_every_step(workdir):
+    log = pd.read_csv(workdir / "results/mini/model/train_metrics.csv")
+    assert list(log["step"]) == list(range(15))
+    assert {"loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"} <= set(log.columns)
+    assert log["lm_loss"].iloc[-3:].mean() < log["lm_loss"].iloc[:3].mean()  # it learns
+
+
+def test_runs_record_every_token_and_layer(workdir):
+    root = workdir / "results/mini"
+    for run in RUNS:
+        for dataset in DATASETS:
+            run_dir = root / "runs" / run / dataset
+            summary = json.loads((run_dir / "summary.json").read_text())
+            table = pq.read_table(run_dir / "routing.parquet").to_pandas()
+            windows = pd.read_parquet(root / "data" / dataset / "windows.parquet")
+            tokens = int(windows["input_ids"].map(len).sum())
+            assert len(table) == summary["total_decisions"] == tokens * summary["num_layers"]
+            assert (table["experts"].map(len) == table["k"]).all()
+            assert table["k"].between(summary["min_k"], summary["max_k"]).all()
+            assert summary["experts_mean"] == pytest.approx(table["k"].mean())
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert metrics["perplexity"] > 1 and metrics["tokens"] > 0
+            if dataset == "cloze":
+                assert 0 <= metrics["acc"] <= 1
+
+
+def test_topk_with_the_models_k_matches_the_unrouted_model(workdir):
+    """The topk4 run (the model's own k) scores exactly what the native model scores."""
+    import torch
+
+    from routelab.evaluate import document_scores, score_windows
+    from routelab.modeling import load_model
+
+    root = workdir / "results/mini"
+    model = load_model(root / "model")
+    windows = pd.read_parquet(root / "data/arithmetic/windows.parquet")
+    documents = pd.read_parquet(root / "data/arithmetic/documents.parquet")
+    with torch.no_grad():
+        native = document_scores(score_windows(model, windows, 8, 0, progress=False), documents)
+    routed = pd.read_parquet(root / "runs/topk4/arithmetic/scores.parquet")
+    assert routed["loglik"].to_numpy() == pytest.approx(native["loglik"].to_numpy(), abs=1e-4)
+
+
+def test_report_shows_table_and_figures(workdir):
+    report = workdir / "results/mini/report"
+    html = (report / "report.html").read_text()
+    for run in RUNS:
+        assert run in html
+    assert "<table" in html and html.count("data:image/png;base64,") >= 2
+    comparison = pd.read_csv(report / "comparison.csv")
+    assert len(comparison) == len(RUNS) * len(DATASETS)
+    assert f"routing report: {report / 'report.html'}" in (workdir / "first_run.log").read_text()
+
+
+def test_rerun_with_nothing_changed_does_nothing(workdir):
+    result = snakemake(workdir, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_alpha_reruns_only_that_config(workdir):
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["routing"][1]["alpha"] = 0.4
+    changed = workdir / "changed"
+    changed.mkdir(exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        result = snakemake(workdir, "-n")
+    finally:
+        shutil.copy(CONFIG, workdir / "config.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    counts = Counter(rule for rule, _ in jobs)
+    assert counts == {"route": 2, "plot_run": 2, "aggregate": 1, "report": 1, "all": 1}, counts
+    rerouted = {(w["routing"], w["dataset"]) for rule, w in jobs if rule in ("route", "plot_run")}
+    assert rerouted == {("bh_main", "arithmetic"), ("bh_main", "cloze")}
