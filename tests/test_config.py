@@ -238,8 +238,8 @@ def test_invalid_model_dtype(tmp_path, config):
 
 # --- the user path: snakemake -n --configfile BAD.yaml ---------------------------------------------
 
-# --configfile extends config/config.yaml: each file holds only the bad section (lists are replaced,
-# dicts merged). The experiment name is unique so a stray results/ folder would be noticed.
+# --configfile replaces config/config.yaml: each file is the demo config with one bad section
+# (replacing that key). The experiment name is unique so a stray results/ folder would be noticed.
 EXPERIMENT = "config_validation_test"
 SNAKEMAKE_CASES = {
     "unknown_method": (
@@ -261,7 +261,8 @@ SNAKEMAKE_CASES = {
 def test_snakemake_dry_run_stops_on_bad_config(tmp_path, case):
     section, expected = SNAKEMAKE_CASES[case]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"experiment": EXPERIMENT, **section}))
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    bad.write_text(yaml.safe_dump({**demo, "experiment": EXPERIMENT, **section}))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run(["snakemake", "-n", "--configfile", str(bad)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)

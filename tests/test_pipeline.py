@@ -31,8 +31,7 @@ DATASETS = ["arithmetic", "cloze"]
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config.yaml", "--cores", "2", *args]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -51,7 +50,11 @@ def planned_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
+    # A checkout of the workflow, as a user has it: the pipeline runs from the repository root.
     workdir = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(REPO / "Snakefile", workdir)
+    for folder in ("workflow", "config", "profiles", "envs"):
+        shutil.copytree(REPO / folder, workdir / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(CONFIG, workdir / "config.yaml")
     result = snakemake(workdir)
     if result.returncode != 0:
@@ -147,8 +150,6 @@ def test_rerun_with_nothing_changed_does_nothing(workdir):
 def test_changing_one_alpha_reruns_only_that_config(workdir):
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["routing"][1]["alpha"] = 0.4
-    changed = workdir / "changed"
-    changed.mkdir(exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         result = snakemake(workdir, "-n")

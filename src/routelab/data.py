@@ -42,6 +42,9 @@ def load_texts(spec: dict, count: int, start: int = 0, seed: int = 0, split: str
             f"available: {', '.join(dataset.column_names)}"
         )
     texts = [t for t in dataset[column] if isinstance(t, str) and t.strip()]
+    if dataset.builder_name == "text":
+        # Paragraphs of a plain-text file keep their line breaks but not the blank-line separator.
+        texts = [t.strip("\n") for t in texts]
     if start >= len(texts):
         raise DatasetError(
             f"documents: asked for documents {start}..{start + count - 1} but the dataset has {len(texts)} non-empty ones"

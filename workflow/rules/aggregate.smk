@@ -17,5 +17,5 @@ rule aggregate:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/aggregate.py --runs {params.runs}"
+        "python workflow/scripts/aggregate.py --runs {params.runs}"
         " --out-dir results/{wildcards.experiment}/aggregate > {log} 2>&1"

@@ -23,7 +23,7 @@ rule calibrate_null:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/calibrate_null.py --model {params.model:q} --calibration {input.calibration}"
+        "python workflow/scripts/calibrate_null.py --model {params.model:q} --calibration {input.calibration}"
         " --method {params.method} --grid-size {params.grid_size} --max-logits-per-layer {params.max_logits}"
         " --batch-size {params.batch_size} {params.options} --seed {params.seed}"
         " --out results/{wildcards.experiment}/calibration > {log} 2>&1"

@@ -12,5 +12,5 @@ rule train_demo_model:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/train_demo_model.py --settings {params.settings:q} --seed {params.seed}"
+        "python workflow/scripts/train_demo_model.py --settings {params.settings:q} --seed {params.seed}"
         " --threads {threads} --out {output.model} > {log} 2>&1"

@@ -23,5 +23,5 @@ rule plot_run:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/plot_run.py --run-dir results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset}"
+        "python workflow/scripts/plot_run.py --run-dir results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset}"
         " --out-dir results/{wildcards.experiment}/plots/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"

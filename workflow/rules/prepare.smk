@@ -17,6 +17,6 @@ rule prepare_dataset:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/prepare_dataset.py --spec {params.spec:q} --model {params.model:q}"
+        "python workflow/scripts/prepare_dataset.py --spec {params.spec:q} --model {params.model:q}"
         " --seed {params.seed} $( [ -n '{params.window}' ] && echo --window {params.window} )"
         " --out results/{wildcards.experiment}/data/{wildcards.dataset} > {log} 2>&1"

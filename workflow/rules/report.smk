@@ -24,6 +24,6 @@ rule report:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/report.py --runs {input.runs} --plots-root results/{wildcards.experiment}/plots"
+        "python workflow/scripts/report.py --runs {input.runs} --plots-root results/{wildcards.experiment}/plots"
         " --experiment {wildcards.experiment} --baseline {params.baseline}"
         " --out-dir results/{wildcards.experiment}/report > {log} 2>&1"

@@ -28,7 +28,7 @@ rule route:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python {workflow.basedir}/workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+        "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
         " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
         " --batch-size {params.batch_size} {params.options} --seed {params.seed} --threads {threads}"
         " --out results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"

@@ -43,8 +43,12 @@ def main(args: argparse.Namespace) -> None:
     window = resolve_window(args.window, args.model)
     texts = load_texts(spec, n_eval, start=0, seed=args.seed, split="eval")
     # Demo calibration text comes from its own random stream; real data uses the documents after the eval ones.
-    calibration = (load_texts(spec, n_cal, start=0, seed=args.seed, split="calibration") if spec["source"] == "demo"
-                   else load_texts(spec, n_cal, start=n_eval, seed=args.seed))
+    if spec["source"] == "demo":
+        calibration = load_texts(spec, n_cal, start=0, seed=args.seed, split="calibration")
+    elif spec.get("calibration_split"):
+        calibration = load_texts({**spec, "split": spec["calibration_split"]}, n_cal, start=0)
+    else:
+        calibration = load_texts(spec, n_cal, start=n_eval)
     documents = document_table(texts, task)
     windows = window_table(documents, tokenizer, task, window)
     cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window)

@@ -1,0 +1,82 @@
+"""Dataset loading through the `datasets` library (local files) and the deterministic demo corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from routelab import demo_corpus
+from routelab.data import DatasetError, document_table, load_texts
+
+DOCS = ["the first document .", "a second one , longer than the first .", "third"]
+
+
+def test_demo_corpus_is_deterministic_and_splits_are_disjoint():
+    for domain in demo_corpus.DOMAINS:
+        eval_docs = demo_corpus.generate(domain, "eval", 20, seed=3)
+        assert eval_docs == demo_corpus.generate(domain, "eval", 20, seed=3)
+        assert demo_corpus.generate(domain, "eval", 5, seed=3, start=10) == eval_docs[10:15]
+        assert not set(eval_docs) & set(demo_corpus.generate(domain, "calibration", 20, seed=3))
+        assert eval_docs != demo_corpus.generate(domain, "eval", 20, seed=4)
+
+
+def test_demo_cloze_target_appears_earlier_in_the_passage():
+    for text in demo_corpus.generate("cloze", "eval", 50):
+        context, _, last = text.rpartition(" ")
+        assert f" {last} " in context
+
+
+def test_demo_arithmetic_is_correct():
+    for text in demo_corpus.generate("arithmetic", "eval", 20):
+        for equation in text.split(" . "):
+            left, right = equation.rstrip(" .").split(" = ")
+            assert eval(left) == int(right)  # noqa: S307 - generated digits and + - * only
+
+
+def test_unknown_demo_domain_is_named():
+    with pytest.raises(ValueError, match="domain: 'poetry'"):
+        demo_corpus.generate("poetry", "eval", 1)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+def test_local_files_load_through_datasets(tmp_path, fmt):
+    path = tmp_path / f"docs.{fmt}"
+    if fmt == "txt":
+        path.write_text("\n\n".join(DOCS) + "\n")  # one document per paragraph
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    else:
+        pd.DataFrame({"text": DOCS}).to_parquet(path)
+    spec = {"source": "local", "files": [str(path)], "text_column": "text"}
+    assert load_texts(spec, 2) == DOCS[:2]
+    assert load_texts(spec, 5, start=2) == DOCS[2:]
+
+
+def test_local_file_with_wrong_text_column_names_the_columns(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=r"text_column: 'text'.*available: body"):
+        load_texts({"source": "local", "files": [str(path)], "text_column": "text"}, 1)
+
+
+def test_mixed_local_file_types_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.csv").write_text("b")
+    with pytest.raises(DatasetError, match="files"):
+        load_texts({"source": "local", "files": [str(tmp_path / "a.txt"), str(tmp_path / "b.csv")]}, 1)
+
+
+def test_unavailable_hub_dataset_says_what_to_fetch(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetError, match="routelab/no-such-dataset"):
+        load_texts({"source": "hub", "path": "routelab/no-such-dataset", "split": "test"}, 1)
+
+
+def test_document_table_counts_words_and_bytes_on_the_original_text():
+    table = document_table(["héllo  wide\nworld", "one two three four"], "cloze")
+    assert table["words"].tolist() == [3, 4]
+    assert table["bytes"].tolist() == [18, 18]
+    assert table["target"].tolist() == [" wide\nworld", " four"]
