@@ -57,10 +57,17 @@ class Router:
         """Return ``(order [tokens, max_k], k [tokens], pvalues or None)``; ``order`` most preferred first."""
         raise NotImplementedError
 
-    def __call__(self, logits: torch.Tensor, layer: int = 0, norm_topk_prob: bool = False) -> Selection:
+    def __call__(self, logits: torch.Tensor, layer: int = 0, norm_topk_prob: bool = False,
+                 probs: torch.Tensor | None = None) -> Selection:
+        """Select experts for ``logits`` ``[tokens, experts]`` of MoE layer ``layer``.
+
+        ``probs`` ``[tokens, experts]`` are the probabilities the weights are taken from; default the
+        softmax of the logits in float32 (model families that score experts otherwise pass their own).
+        """
         if logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits: expected shape [tokens, {self.num_experts}], got {tuple(logits.shape)}")
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         order, k, pvalues = self.rank(logits, layer)
         used = torch.arange(self.max_k, device=logits.device) < k.unsqueeze(-1)
         weights = probs.gather(-1, order) * used
