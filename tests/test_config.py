@@ -21,8 +21,8 @@ from routelab.config import ConfigError, load_config, routing_configs
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "config.yaml"
 
-SHIPPED_RUNS = ["topk8", "topk4"] + [
-    f"bh_a{alpha}_k{max_k}" for alpha in (0.1, 0.3, 0.5) for max_k in (8, 16)
+SHIPPED_RUNS = ["topk8", "topk4", "topp0.4", "hc_k16"] + [
+    f"bh_a{alpha}_k{max_k}" for alpha in (0.2, 0.5) for max_k in (8, 16)
 ]
 
 
@@ -72,7 +72,7 @@ def test_shipped_config_validates_and_expands_to_named_runs():
 
 def test_grid_is_the_cartesian_product_of_its_list_values(tmp_path, config):
     runs = routing_configs(load(tmp_path, config))
-    for alpha in (0.1, 0.3, 0.5):
+    for alpha in (0.2, 0.5):
         for max_k in (8, 16):
             run = runs[f"bh_a{alpha}_k{max_k}"]
             assert (run["method"], run["alpha"], run["max_k"], run["min_k"]) == ("bh", alpha, max_k, 1)
@@ -86,7 +86,7 @@ def test_defaults_are_filled_from_the_schema(tmp_path, config):
     loaded = load(tmp_path, config)
     assert loaded["seed"] == 0
     assert loaded["evaluation"] == {"window": None, "batch_size": 16}
-    assert loaded["calibration"] == {"method": "kde", "grid_size": 2048, "max_logits_per_layer": 1000000}
+    assert loaded["calibration"] == {"grid_size": 2048, "max_logits_per_layer": 1000000}
     assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"
     assert loaded["datasets"]["arithmetic"]["task"] == "perplexity"
     assert loaded["datasets"]["cloze"]["task"] == "cloze"  # a set value is kept
@@ -97,9 +97,26 @@ def test_bh_run_gets_the_method_defaults(tmp_path, config):
     config["routing"].append({"name": "bh_plain", "method": "bh"})
     runs = routing_configs(load(tmp_path, config))
     assert runs["bh_plain"] == {"name": "bh_plain", "method": "bh", "alpha": 0.05, "min_k": 1,
-                                "max_k": None, "temperature": 1.0, "weights": "model"}
-    grid_run = runs["bh_a0.3_k16"]
-    assert grid_run["temperature"] == 1.0 and grid_run["weights"] == "model"
+                                "max_k": None, "temperature": 1.0, "null_model": "kde", "weights": "model"}
+    grid_run = runs["bh_a0.5_k16"]
+    assert grid_run["temperature"] == 1.0 and grid_run["weights"] == "model" and grid_run["null_model"] == "kde"
+
+
+def test_topp_and_hc_runs_get_their_defaults(tmp_path, config):
+    config["routing"] += [{"name": "tp", "method": "topp"}, {"name": "hc", "method": "hc", "null_model": "gaussian"}]
+    runs = routing_configs(load(tmp_path, config))
+    assert runs["tp"] == {"name": "tp", "method": "topp", "p": 0.4, "min_k": 1, "max_k": None, "weights": "model"}
+    assert runs["hc"]["null_model"] == "gaussian" and runs["hc"]["alpha0"] == 0.5
+
+
+def test_topp_p_outside_unit_interval_names_the_key(tmp_path, config):
+    config["routing"].append({"name": "tp", "method": "topp", "p": 1.5})
+    assert_names(config_error(tmp_path, config), "routing[4].p", "1.5", "<= 1")
+
+
+def test_unknown_null_model_names_the_valid_ones(tmp_path, config):
+    config["routing"].append({"name": "b", "method": "bh", "null_model": "student"})
+    assert_names(config_error(tmp_path, config), "routing[4].null_model", "'student'", "kde", "per_expert", "gaussian")
 
 
 def test_alpha_one_is_accepted(tmp_path, config):
@@ -128,7 +145,7 @@ def test_unknown_routing_method(tmp_path, config):
 @pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
 def test_alpha_outside_zero_one_in_routing(tmp_path, config, alpha):
     config["routing"].append({"name": "bh_bad", "method": "bh", "alpha": alpha})
-    assert_names(config_error(tmp_path, config), "routing[2].alpha", repr(alpha), "> 0", "<= 1")
+    assert_names(config_error(tmp_path, config), "routing[4].alpha", repr(alpha), "> 0", "<= 1")
 
 
 @pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
@@ -144,7 +161,7 @@ def test_alpha_outside_zero_one_as_grid_scalar(tmp_path, config):
 
 def test_min_k_greater_than_max_k(tmp_path, config):
     config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 8, "max_k": 4})
-    assert_names(config_error(tmp_path, config), "routing[2].min_k", "8", "max_k = 4", "min_k <= max_k")
+    assert_names(config_error(tmp_path, config), "routing[4].min_k", "8", "max_k = 4", "min_k <= max_k")
 
 
 def test_min_k_greater_than_a_swept_max_k(tmp_path, config):
@@ -154,7 +171,7 @@ def test_min_k_greater_than_a_swept_max_k(tmp_path, config):
 
 def test_min_k_zero(tmp_path, config):
     config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 0})
-    assert_names(config_error(tmp_path, config), "routing[2].min_k", "0", ">= 1")
+    assert_names(config_error(tmp_path, config), "routing[4].min_k", "0", ">= 1")
 
 
 def test_unknown_dataset_source(tmp_path, config):
@@ -192,17 +209,17 @@ def test_unknown_key_in_routing_entry(tmp_path, config):
 
 def test_duplicate_routing_names(tmp_path, config):
     config["routing"].append({"name": "topk8", "method": "topk", "k": 2})
-    assert_names(config_error(tmp_path, config), "routing[2].name", "'topk8'", "used twice", "unique")
+    assert_names(config_error(tmp_path, config), "routing[4].name", "'topk8'", "used twice", "unique")
 
 
 def test_grid_name_clashing_with_an_explicit_one(tmp_path, config):
-    config["routing"].append({"name": "bh_a0.3_k8", "method": "bh"})
-    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.3_k8'", "used twice", "unique")
+    config["routing"].append({"name": "bh_a0.5_k8", "method": "bh"})
+    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.5_k8'", "used twice", "unique")
 
 
 def test_grid_name_template_missing_a_swept_key_gives_duplicate_names(tmp_path, config):
     config["routing_grid"][0]["name"] = "bh_a{alpha}"  # max_k is swept but not in the name
-    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.1'", "used twice", "unique")
+    assert_names(config_error(tmp_path, config), "routing_grid[0].name", "'bh_a0.2'", "used twice", "unique")
 
 
 def test_empty_grid_list(tmp_path, config):
@@ -218,7 +235,7 @@ def test_grid_name_template_with_a_key_not_swept(tmp_path, config):
 
 def test_report_baseline_naming_a_missing_config(tmp_path, config):
     config["report"]["baseline"] = "topk2"
-    assert_names(config_error(tmp_path, config), "report.baseline", "'topk2'", "topk8", "topk4", "bh_a0.1_k8")
+    assert_names(config_error(tmp_path, config), "report.baseline", "'topk2'", "topk8", "topk4", "bh_a0.2_k8")
 
 
 def test_bh_parameter_on_a_topk_entry(tmp_path, config):

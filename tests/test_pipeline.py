@@ -70,7 +70,7 @@ def test_pipeline_writes_the_artifact_tree(workdir):
             assert (root / "data" / dataset / name).is_file(), name
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_metrics.csv", "train_hparams.json"):
         assert (root / "model" / name).is_file(), name
-    assert (root / "calibration" / "null.npz").is_file()
+    assert (root / "calibration" / "kde" / "null.npz").is_file()
     for run in RUNS:
         for dataset in DATASETS:
             run_dir = root / "runs" / run / dataset

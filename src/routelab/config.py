@@ -16,18 +16,21 @@ from typing import Any
 
 import yaml
 
-ROUTING_METHODS = ("topk", "bh")
-ROUTING_PARAMS = ("k", "alpha", "min_k", "max_k", "temperature", "weights")
+ROUTING_METHODS = ("topk", "bh", "topp", "hc")
+ROUTING_PARAMS = ("k", "alpha", "min_k", "max_k", "temperature", "weights", "p", "alpha0", "null_model")
+CALIBRATED_NULLS = ("kde", "empirical", "per_expert")
 DEMO_MODEL_ID = "demo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # Where the schema lives in a source checkout (the package is installed editable from it).
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-# Defaults of the routing parameters a method uses; `None` for max_k means "the model's own top-k".
+# Defaults of the routing parameters a method uses; `None` for k / max_k means "the model's own top-k".
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": None, "weights": "model"},
-    "bh": {"alpha": 0.05, "min_k": 1, "max_k": None, "temperature": 1.0, "weights": "model"},
+    "bh": {"alpha": 0.05, "min_k": 1, "max_k": None, "temperature": 1.0, "null_model": "kde", "weights": "model"},
+    "topp": {"p": 0.4, "min_k": 1, "max_k": None, "weights": "model"},
+    "hc": {"alpha0": 0.5, "min_k": 1, "max_k": None, "temperature": 1.0, "null_model": "kde", "weights": "model"},
 }
 
 
@@ -134,6 +137,11 @@ def routing_configs(config: dict) -> dict[str, dict]:
     return runs
 
 
+def needed_nulls(runs: dict[str, dict]) -> list[str]:
+    """Calibrated null methods the routing configs use (each is fitted once per experiment)."""
+    return sorted({spec["null_model"] for spec in runs.values() if spec.get("null_model") in CALIBRATED_NULLS})
+
+
 def normalise_routing(run: dict, where: str = "routing") -> dict:
     """Check one routing config's parameters against its method and fill the method's defaults."""
     method = run["method"]
@@ -147,9 +155,9 @@ def normalise_routing(run: dict, where: str = "routing") -> dict:
                 f"valid: {', '.join(allowed)}"
             )
     spec = {"name": run["name"], "method": method, **allowed, **{k: v for k, v in run.items() if k in allowed}}
-    if method == "bh":
-        if not (0 < spec["alpha"] <= 1):
-            raise ConfigError(f"{where}.alpha: {spec['alpha']!r} is out of range; valid: 0 < alpha <= 1")
+    if method == "bh" and not (0 < spec["alpha"] <= 1):
+        raise ConfigError(f"{where}.alpha: {spec['alpha']!r} is out of range; valid: 0 < alpha <= 1")
+    if "min_k" in spec:
         if spec["max_k"] is not None and spec["min_k"] > spec["max_k"]:
             raise ConfigError(
                 f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"

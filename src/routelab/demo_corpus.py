@@ -92,10 +92,12 @@ def _cloze(rng: np.random.Generator) -> str:
     owner, friend = (str(n) for n in rng.choice(NAMES, size=2, replace=False))
     thing, place = _pick(rng, OBJECTS), _pick(rng, PLACES)
     fillers = [_sentence(rng) for _ in range(int(rng.integers(1, 3)))]
+    # The object is named twice before the end, so copying it is learnable by a small model in minutes.
     return " ".join([
         f"{owner} found an old {thing} in the {place} .",
+        f"the {thing} was {_pick(rng, ADJECTIVES)} .",
         *fillers,
-        f"{owner} showed it to {friend} .",
+        f"{owner} showed the {thing} to {friend} .",
         f"at the end of the day , {friend} gave {owner} back the {thing}",
     ])
 

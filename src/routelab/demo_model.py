@@ -120,7 +120,7 @@ def train(settings: dict, out_dir: str | Path, seed: int = 0, progress: bool = T
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             elapsed = time.perf_counter() - start
-            aux = float(out.aux_loss)
+            aux = float(out.aux_loss.detach())
             lm_loss = float(out.loss) - settings["router_aux_loss_coef"] * aux
             tracker.log(step, loss=float(out.loss), lm_loss=lm_loss, aux_loss=aux, lr=lr,
                         grad_norm=float(grad_norm), tokens_per_s=batch * seq / elapsed)

@@ -1,38 +1,74 @@
-"""Per-layer null distributions of router logits and the p-values routers derive from them.
+"""Null distributions of router logits: fit, save, load, and the p-values routers derive from them.
 
-``calibrate_null`` collects router logits of the unpatched model on held-out text, pools all experts
-of a layer, and fits a Gaussian KDE (statsmodels, FFT on a grid, Scott bandwidth). The KDE is
-tabulated as a survival function ``sf(x) = P(logit > x)`` on a grid, saved to ``null.npz``, and
-interpolated on the model's device at routing time: ``p = sf(logit / temperature)``.
+Four kinds (``NULL_METHODS``), one interface: ``num_experts``, ``num_layers``, ``check_model``,
+``pvalues(logits [tokens, experts], layer, temperature) -> float32 [tokens, experts] in (0, 1]`` on the
+logits' device, ``save(path)``; ``load_null(path)`` reads any of them back (the ``.npz`` stores ``kind``).
 
-Because all experts of a layer share one pooled null, the p-values are not independent tests of
-exchangeable nulls, and BH on them is a calibrated heuristic for choosing k, not an FDR guarantee.
+- ``kde`` (default): per layer, a Gaussian KDE of the logits of all experts pooled, tabulated as a
+  survival function ``sf(x) = P(logit > x)``; ``p = sf(logit / temperature)``.
+- ``empirical``: per layer, the pooled empirical survival function (fraction of calibration logits
+  greater than x) tabulated at quantiles and interpolated between them.
+- ``per_expert``: the same, but one table per (layer, expert), so an expert that is habitually loud is
+  judged against its own history rather than the layer's.
+- ``gaussian``: no calibration; each token's logits are standardised over experts and
+  ``p = 1 - Phi(z / temperature)``.
+
+None of these makes the experts' p-values independent tests of exchangeable nulls: BH on them is a
+calibrated heuristic for choosing k, not an FDR guarantee.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .io import atomic_path
 
+NULL_METHODS = ("kde", "empirical", "per_expert", "gaussian")
+CALIBRATED_METHODS = ("kde", "empirical", "per_expert")
+
 
 class NullMismatchError(ValueError):
     """A null fitted for a different model (layer or expert count differs)."""
 
 
+def _check_counts(fitted: tuple[int, int], model_name: str, num_layers: int, num_experts: int) -> None:
+    if (num_layers, num_experts) != fitted:
+        raise NullMismatchError(
+            f"null: fitted for {fitted[0]} MoE layers x {fitted[1]} experts (model {model_name!r}) but the "
+            f"model has {num_layers} x {num_experts}; rerun calibrate_null for this model"
+        )
+
+
+def _save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _device_tables(cache: dict, device: torch.device, grid: np.ndarray,
+                   sf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of the tables on ``device``, made once per device (routing calls this per layer)."""
+    key = str(device)
+    if key not in cache:
+        cache[key] = (torch.as_tensor(grid, dtype=torch.float32, device=device).contiguous(),
+                      torch.as_tensor(sf, dtype=torch.float32, device=device).contiguous())
+    return cache[key]
+
+
 @dataclass
 class TabulatedNull:
-    """Survival functions of router logits, one tabulated curve per MoE layer.
+    """Survival functions of router logits, one tabulated curve per MoE layer (kinds kde, empirical).
 
-    ``grid`` and ``sf`` are ``[layers, points]``; ``grid`` rows increase, ``sf`` rows decrease from
-    ~1 to ~0. ``min_pvalue`` floors p so it stays in ``(0, 1]`` beyond the fitted range.
+    ``grid`` and ``sf`` are ``[layers, points]``; ``grid`` rows do not decrease, ``sf`` rows do not
+    increase, from ~1 to ~0. ``min_pvalue`` floors p so it stays in ``(0, 1]`` beyond the fitted range.
     """
 
     grid: np.ndarray
@@ -40,6 +76,7 @@ class TabulatedNull:
     num_experts: int
     min_pvalue: float
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "kde"
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -48,21 +85,10 @@ class TabulatedNull:
 
     def check_model(self, num_layers: int, num_experts: int) -> None:
         """Refuse to route a model this null was not fitted for."""
-        if (num_layers, num_experts) != (self.num_layers, self.num_experts):
-            raise NullMismatchError(
-                f"null: fitted for {self.num_layers} MoE layers x {self.num_experts} experts "
-                f"(model {self.meta.get('model', '?')!r}) but the model has {num_layers} x {num_experts}; "
-                "rerun calibrate_null for this model"
-            )
+        _check_counts((self.num_layers, self.num_experts), self.meta.get("model", "?"), num_layers, num_experts)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._device_cache:
-            self._device_cache[key] = (
-                torch.as_tensor(self.grid, dtype=torch.float32, device=device).contiguous(),
-                torch.as_tensor(self.sf, dtype=torch.float32, device=device).contiguous(),
-            )
-        return self._device_cache[key]
+        return _device_tables(self._device_cache, device, self.grid, self.sf)
 
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
@@ -71,26 +97,180 @@ class TabulatedNull:
         return interpolate(x, grid[layer], sf[layer]).clamp_(min=self.min_pvalue, max=1.0)
 
     def save(self, path: str | os.PathLike) -> None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, grid=self.grid, sf=self.sf, num_experts=self.num_experts,
-                         min_pvalue=self.min_pvalue, meta=json.dumps(self.meta))
+        _save_npz(path, kind=self.kind, grid=self.grid, sf=self.sf, num_experts=self.num_experts,
+                  min_pvalue=self.min_pvalue, meta=json.dumps(self.meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TabulatedNull":
-        with np.load(Path(path)) as data:
-            return cls(grid=data["grid"], sf=data["sf"], num_experts=int(data["num_experts"]),
-                       min_pvalue=float(data["min_pvalue"]), meta=json.loads(str(data["meta"])))
+        """Read a per-layer tabulated null (kde or empirical); ``load_null`` reads every kind."""
+        null = load_null(path)
+        if not isinstance(null, cls):
+            raise ValueError(f"{path}: holds a {null.kind!r} null, not a per-layer tabulated one "
+                             "('kde', 'empirical'); read it with routelab.nulls.load_null")
+        return null
+
+
+@dataclass
+class PerExpertNull:
+    """Empirical survival function of each expert's own logits, per layer (kind per_expert).
+
+    ``grid`` and ``sf`` are ``[layers, experts, points]``, ``grid`` non-decreasing and ``sf``
+    non-increasing along the last axis. ``min_pvalue`` floors p at ``1 / (tokens + 1)``.
+    """
+
+    grid: np.ndarray
+    sf: np.ndarray
+    min_pvalue: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "per_expert"
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.grid.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.grid.shape[1])
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """Refuse to route a model this null was not fitted for."""
+        _check_counts((self.num_layers, self.num_experts), self.meta.get("model", "?"), num_layers, num_experts)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return _device_tables(self._device_cache, device, self.grid, self.sf)
+
+    def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
+        """``P(expert e's null logit > x[:, e])`` for ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
+        if logits.shape[-1] != self.num_experts:
+            raise NullMismatchError(f"null: fitted for {self.num_experts} experts but the logits have "
+                                    f"{logits.shape[-1]}; rerun calibrate_null for this model")
+        grid, sf = self._tables(logits.device)
+        x = (logits.float() / temperature).t().contiguous()  # [experts, tokens]: one searchsorted row each
+        return interpolate_rows(x, grid[layer], sf[layer]).clamp_(min=self.min_pvalue, max=1.0).t().contiguous()
+
+    def save(self, path: str | os.PathLike) -> None:
+        _save_npz(path, kind=self.kind, grid=self.grid, sf=self.sf, min_pvalue=self.min_pvalue,
+                  meta=json.dumps(self.meta))
+
+
+@dataclass
+class GaussianNull:
+    """Within-token null (kind gaussian): ``z = (x - mean) / std`` over the token's experts
+    (population std), ``p = 1 - Phi(z / temperature)``. Needs no calibration.
+
+    ``num_layers`` is None (any layer count). ``num_experts`` is None (works for any expert count)
+    unless given, in which case ``check_model`` and routers check it. A token whose logits are all
+    equal gets p = 0.5 everywhere. ``min_pvalue`` keeps p > 0 where ``Phi`` underflows.
+    """
+
+    num_experts: int | None = None
+    min_pvalue: float = float(torch.finfo(torch.float32).tiny)
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "gaussian"
+    num_layers: ClassVar[None] = None
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """Any layer count fits; the expert count only if this null was built for one."""
+        if self.num_experts is not None and num_experts != self.num_experts:
+            raise NullMismatchError(f"null: gaussian null built for any number of MoE layers x "
+                                    f"{self.num_experts} experts but the model has {num_layers} x {num_experts}")
+
+    def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
+        """``1 - Phi(z / temperature)`` of the within-token standardised ``logits`` ``[tokens, experts]``."""
+        x = logits.float()
+        mean = x.mean(dim=-1, keepdim=True)
+        std = x.std(dim=-1, correction=0, keepdim=True)
+        # A std at the level of float rounding means "all equal": call it z = 0 rather than noise / noise.
+        flat = std <= torch.finfo(torch.float32).eps * x.abs().amax(dim=-1, keepdim=True)
+        z = torch.where(flat, 0.0, (x - mean) / torch.where(flat, 1.0, std))
+        return torch.special.ndtr(-z / temperature).clamp_(min=self.min_pvalue, max=1.0)
+
+    def save(self, path: str | os.PathLike) -> None:
+        extra = {} if self.num_experts is None else {"num_experts": self.num_experts}
+        _save_npz(path, kind=self.kind, min_pvalue=self.min_pvalue, meta=json.dumps(self.meta), **extra)
+
+
+Null = TabulatedNull | PerExpertNull | GaussianNull
+
+
+def _null_from_fields(kind: str, fields: dict[str, np.ndarray]) -> Null:
+    """Build the null a saved file describes; raises KeyError for a missing field, ValueError for bad shapes."""
+    meta = json.loads(str(fields["meta"]))
+    if kind == "gaussian":
+        num_experts = int(fields["num_experts"]) if "num_experts" in fields else None
+        return GaussianNull(num_experts=num_experts, min_pvalue=float(fields["min_pvalue"]), meta=meta)
+    grid, sf = fields["grid"], fields["sf"]
+    ndim = 3 if kind == "per_expert" else 2
+    if grid.ndim != ndim or grid.shape != sf.shape or grid.shape[-1] < 2:
+        raise ValueError(f"grid {grid.shape} and sf {sf.shape} must be equal {ndim}-D shapes with >= 2 points")
+    if kind == "per_expert":
+        return PerExpertNull(grid=grid, sf=sf, min_pvalue=float(fields["min_pvalue"]), meta=meta)
+    return TabulatedNull(grid=grid, sf=sf, num_experts=int(fields["num_experts"]),
+                         min_pvalue=float(fields["min_pvalue"]), meta=meta, kind=kind)
+
+
+def load_null(path: str | os.PathLike) -> Null:
+    """Read a null of any kind saved by ``save``. A file without ``kind`` (older kde nulls) reads as kde."""
+    path = Path(path)
+    valid = f"valid kinds: {', '.join(NULL_METHODS)}"
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a readable null .npz ({exc}); {valid}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not a null .npz with a 'kind' field; {valid}")
+    with data:
+        try:
+            fields = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: corrupt null .npz ({exc}); {valid}") from None
+    kind = str(fields["kind"]) if "kind" in fields else "kde"
+    if kind not in NULL_METHODS:
+        raise ValueError(f"{path}: unknown null kind {kind!r}; {valid}")
+    try:
+        return _null_from_fields(kind, fields)
+    except KeyError as exc:
+        raise ValueError(f"{path}: corrupt {kind!r} null, field {exc} is missing; {valid}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: corrupt {kind!r} null ({exc}); {valid}") from None
+
+
+def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``np.interp`` on device: ``x`` ``[rows, n]``, ``xp``/``fp`` ``[rows, points]``.
+
+    ``xp`` rows must not decrease; repeated knots (ties in the data) are allowed after the first pair.
+    Beyond the ends the end values are returned, as ``np.interp`` does.
+    """
+    right = torch.searchsorted(xp, x).clamp_(1, xp.shape[-1] - 1)
+    left = right - 1
+    x0, x1, y0, y1 = xp.gather(-1, left), xp.gather(-1, right), fp.gather(-1, left), fp.gather(-1, right)
+    width = x1 - x0
+    t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, 1.0), (x >= x1).to(x.dtype))
+    return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)
 
 
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear ``np.interp`` on device: ``x`` any shape, ``xp`` increasing ``[points]``."""
-    flat = x.reshape(-1)
-    right = torch.searchsorted(xp, flat).clamp_(1, xp.numel() - 1)
-    left = right - 1
-    x0, x1, y0, y1 = xp[left], xp[right], fp[left], fp[right]
-    t = ((flat - x0) / (x1 - x0)).clamp_(0.0, 1.0)
-    return (y0 + t * (y1 - y0)).reshape(x.shape)
+    """Piecewise-linear ``np.interp`` on device: ``x`` any shape, ``xp`` non-decreasing ``[points]``."""
+    flat = x.reshape(1, -1)
+    return interpolate_rows(flat, xp.reshape(1, -1), fp.reshape(1, -1)).reshape(x.shape)
+
+
+def _layer_values(layer: int, values: Any, num_experts: int) -> np.ndarray:
+    """One layer's calibration logits as float64, checked: finite, and ``[tokens, num_experts]`` if 2-D."""
+    array = np.asarray(values, dtype=np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise ValueError(f"calibration logits of layer {layer}: {bad} of {array.size} values are NaN or "
+                         "infinite; check the model dtype (overflow) and the calibration inputs")
+    if array.ndim == 2 and array.shape[1] != num_experts:
+        raise ValueError(f"calibration logits of layer {layer}: shape {list(array.shape)} but num_experts is "
+                         f"{num_experts}; valid: [tokens, {num_experts}]")
+    if array.size < 2:
+        raise ValueError(f"calibration logits of layer {layer}: {array.size} values; need at least 2")
+    return array
 
 
 def fit_kde_layer(logits: np.ndarray, grid_size: int, cut: float = 4.0) -> tuple[np.ndarray, np.ndarray, float]:
@@ -125,16 +305,110 @@ def fit_kde_layer(logits: np.ndarray, grid_size: int, cut: float = 4.0) -> tuple
 def fit_kde_null(layer_logits: list[np.ndarray], num_experts: int, grid_size: int = 2048,
                  meta: dict[str, Any] | None = None) -> TabulatedNull:
     """Fit one KDE per layer from ``layer_logits[layer]`` (any shape, all experts pooled)."""
+    layer_logits = [_layer_values(layer, v, num_experts) for layer, v in enumerate(_non_empty(layer_logits))]
     grids, sfs, bandwidths = [], [], []
     for layer, values in enumerate(layer_logits):
-        if np.ptp(np.asarray(values)) == 0:
+        if np.ptp(values) == 0:
             raise ValueError(f"calibration logits of layer {layer}: all equal; a KDE needs spread (is the router trained?)")
         grid, sf, bw = fit_kde_layer(values, grid_size)
         grids.append(grid)
         sfs.append(sf)
         bandwidths.append(bw)
-    samples = min(int(np.asarray(v).size) for v in layer_logits)
-    info = {**(meta or {}), "method": "kde", "bandwidths": bandwidths,
-            "samples_per_layer": [int(np.asarray(v).size) for v in layer_logits]}
+    samples = [int(v.size) for v in layer_logits]
+    info = {**(meta or {}), "method": "kde", "bandwidths": bandwidths, "samples_per_layer": samples}
     return TabulatedNull(grid=np.stack(grids).astype(np.float32), sf=np.stack(sfs).astype(np.float32),
-                         num_experts=num_experts, min_pvalue=1.0 / (samples + 1), meta=info)
+                         num_experts=num_experts, min_pvalue=1.0 / (min(samples) + 1), meta=info)
+
+
+def quantile_ranks(n: int, quantiles: int) -> np.ndarray:
+    """Sorted ranks (0-based, repeats allowed) of the order statistics an empirical table keeps.
+
+    Half are evenly spaced over the sample; half are log-spaced towards the largest value, because
+    the small p-values BH compares with ``alpha * i / N`` live in the upper tail: there the table
+    keeps each of the top order statistics, so p is exact down to ``1 / n``.
+    """
+    body = np.linspace(0, n - 1, quantiles - quantiles // 2)
+    tail = n - np.geomspace(1, max(n / 2, 1), quantiles // 2)  # distance 1 from the top is the maximum
+    return np.sort(np.rint(np.concatenate([body, tail])).astype(np.int64).clip(0, n - 1))
+
+
+def ecdf_table(sorted_values: np.ndarray, quantiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tabulated empirical survival function of one ascending sample -> float32 ``(grid, sf)``,
+    ``[quantiles + 1]`` each.
+
+    Knots are order statistics (as float32, the routing dtype); ``sf`` at a knot is the exact fraction
+    of the sample greater than it. A first knot one float32 step below the minimum carries ``sf = 1``,
+    so logits below the sample get p = 1 and the first interval is never empty.
+    """
+    n = sorted_values.size
+    knots = sorted_values[quantile_ranks(n, quantiles)].astype(np.float32)
+    grid = np.concatenate([[np.nextafter(knots[0], np.float32(-np.inf))], knots]).astype(np.float32)
+    greater = n - np.searchsorted(sorted_values, grid.astype(np.float64), side="right")
+    return grid, (greater / n).astype(np.float32)
+
+
+def _check_quantiles(quantiles: int) -> None:
+    if quantiles < 2:
+        raise ValueError(f"quantiles: {quantiles!r} is too small; valid: an integer >= 2 (e.g. 4096)")
+
+
+def _non_empty(layer_logits: list[np.ndarray]) -> list[np.ndarray]:
+    if layer_logits is None or len(layer_logits) == 0:
+        raise ValueError("calibration logits: no layers; need one array of logits per MoE layer")
+    return list(layer_logits)
+
+
+def fit_empirical_null(layer_logits: list[np.ndarray], num_experts: int, quantiles: int = 4096,
+                       meta: dict[str, Any] | None = None) -> TabulatedNull:
+    """Per layer, the empirical survival function of all experts' logits pooled (any shape), tabulated
+    at ``quantiles`` order statistics; p is floored at ``1 / (n + 1)`` (n: the smallest layer sample)."""
+    _check_quantiles(quantiles)
+    tables, samples = [], []
+    for layer, values in enumerate(_non_empty(layer_logits)):
+        values = _layer_values(layer, values, num_experts)
+        tables.append(ecdf_table(np.sort(values, axis=None), quantiles))
+        samples.append(int(values.size))
+    info = {**(meta or {}), "method": "empirical", "quantiles": quantiles, "samples_per_layer": samples}
+    return TabulatedNull(grid=np.stack([g for g, _ in tables]), sf=np.stack([s for _, s in tables]),
+                         num_experts=num_experts, min_pvalue=1.0 / (min(samples) + 1), meta=info, kind="empirical")
+
+
+def fit_per_expert_null(layer_logits: list[np.ndarray], num_experts: int, quantiles: int = 4096,
+                        meta: dict[str, Any] | None = None) -> PerExpertNull:
+    """Per layer and expert, the empirical survival function of that expert's logits.
+
+    ``layer_logits[layer]`` is ``[tokens, num_experts]``. Tables are ``[layers, experts, quantiles + 1]``;
+    p is floored at ``1 / (tokens + 1)`` (the smallest layer's token count).
+    """
+    _check_quantiles(quantiles)
+    grids, sfs, tokens = [], [], []
+    for layer, values in enumerate(_non_empty(layer_logits)):
+        values = _layer_values(layer, values, num_experts)
+        if values.ndim != 2 or values.shape[0] < 2:
+            raise ValueError(f"calibration logits of layer {layer}: shape {list(values.shape)}; a per-expert "
+                             f"null needs [tokens >= 2, {num_experts}]")
+        columns = np.sort(values, axis=0).T  # [experts, tokens], each row ascending
+        layer_tables = [ecdf_table(np.ascontiguousarray(row), quantiles) for row in columns]
+        grids.append(np.stack([g for g, _ in layer_tables]))
+        sfs.append(np.stack([s for _, s in layer_tables]))
+        tokens.append(int(values.shape[0]))
+    info = {**(meta or {}), "method": "per_expert", "quantiles": quantiles, "tokens_per_layer": tokens}
+    return PerExpertNull(grid=np.stack(grids), sf=np.stack(sfs), min_pvalue=1.0 / (min(tokens) + 1), meta=info)
+
+
+def fit_null(method: str, layer_logits: list[np.ndarray] | None, num_experts: int, *, grid_size: int = 2048,
+             quantiles: int = 4096, meta: dict[str, Any] | None = None) -> Null:
+    """Fit the null ``method`` names (one of ``NULL_METHODS``) from per-layer calibration logits.
+
+    ``grid_size`` applies to kde, ``quantiles`` to empirical and per_expert; gaussian ignores
+    ``layer_logits`` (pass None) and is built for ``num_experts``.
+    """
+    if method == "kde":
+        return fit_kde_null(layer_logits, num_experts, grid_size, meta)
+    if method == "empirical":
+        return fit_empirical_null(layer_logits, num_experts, quantiles, meta)
+    if method == "per_expert":
+        return fit_per_expert_null(layer_logits, num_experts, quantiles, meta)
+    if method == "gaussian":
+        return GaussianNull(num_experts=num_experts, meta={**(meta or {}), "method": "gaussian"})
+    raise ValueError(f"null method: {method!r} is not a null; choose one of {', '.join(NULL_METHODS)}")

@@ -133,13 +133,15 @@ def per_run_links(runs: pd.DataFrame, plots_root: str | os.PathLike,
 
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1280px;
        margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; }
 .meta { color: #555; margin-top: 0; }
 nav { background: #f6f6f6; padding: 0.6em 1.2em; border-radius: 6px; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.8em 0; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
+.table-wrap { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
+tbody tr:hover { background: #fafafa; }
 th { background: #f0f0f0; }
 td:nth-child(-n+4), th:nth-child(-n+4) { text-align: left; }
 figure { margin: 1em 0; }
@@ -195,7 +197,7 @@ def render_html(comparison: pd.DataFrame, experiment: str, baseline: str, figure
         f"<b>{html.escape(baseline)}</b> · {len(comparison)} runs</p>",
         f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>",
         f'<section><h2 id="comparison">Comparison table</h2><p class="caption">{html.escape(caption)}'
-        f"</p>{table_html}</section>",
+        f'</p><div class="table-wrap">{table_html}</div></section>',
         _figure_section(EXPERTS_VS_ALPHA, figures_dir / "experts_vs_alpha.png",
                         drawn["experts_vs_alpha.png"],
                         "Skipped: there are no BH runs in this experiment."),

@@ -8,22 +8,34 @@ any device, any floating dtype.
 Weights are the model's softmax probabilities of the selected experts. The ``weights`` policy says
 what happens next: ``model`` renormalises them over the selected experts exactly when the model's
 ``norm_topk_prob`` says so (OLMoE-1B-7B: no), ``renormalize`` always does, ``none`` never does.
+
+Logits must be finite: a call whose logits contain NaN or +-inf raises ``ValueError`` naming the
+layer and how many tokens are affected, instead of routing those tokens on garbage.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from numbers import Integral, Real
+from typing import Any, ClassVar, Protocol
 
 import torch
-
-from .nulls import TabulatedNull
 
 WEIGHT_POLICIES = ("model", "renormalize", "none")
 
 
 class RouterConfigError(ValueError):
     """Router parameters that cannot work for this model."""
+
+
+class PValueNull(Protocol):
+    """What a p-value router needs of a null (every kind in :mod:`routelab.nulls` has it)."""
+
+    num_experts: int | None  # None: fits any expert count
+
+    def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
+        """``[tokens, experts]`` float32 p-values in (0, 1] on the logits' device."""
 
 
 @dataclass
@@ -36,6 +48,24 @@ class Selection:
     pvalues: torch.Tensor | None = None  # [tokens, experts] float32 for p-value routers
 
 
+def check_fraction(key: str, value: Any) -> float:
+    """``value`` as a float in ``(0, 1]`` or a :class:`RouterConfigError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
+        raise RouterConfigError(f"{key}: {value!r} is out of range; valid: 0 < {key} <= 1")
+    return float(value)
+
+
+def check_finite_logits(logits: torch.Tensor, layer: int) -> None:
+    """Raise ``ValueError`` if any logit is NaN or infinite; one reduction when all is well."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
+    raise ValueError(
+        f"logits of layer {layer}: {bad} of {logits.shape[0]} tokens have NaN or infinite router logits; "
+        "routers need finite logits (look for overflow in the model's dtype or a broken checkpoint)"
+    )
+
+
 class Router:
     """Base class: subclasses implement :meth:`rank` (preference order and k per token)."""
 
@@ -45,13 +75,16 @@ class Router:
     def __init__(self, num_experts: int, max_k: int, min_k: int = 1, weights: str = "model"):
         if weights not in WEIGHT_POLICIES:
             raise RouterConfigError(f"weights: {weights!r} is not valid; choose one of {', '.join(WEIGHT_POLICIES)}")
+        for key, value in (("min_k", min_k), ("max_k", max_k)):
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise RouterConfigError(f"{key}: {value!r} is not valid; need an integer in 1..{num_experts}")
         if not 1 <= min_k:
             raise RouterConfigError(f"min_k: {min_k} is not valid; need min_k >= 1")
         if min_k > max_k:
             raise RouterConfigError(f"min_k: {min_k} is greater than max_k = {max_k}; need min_k <= max_k")
         if max_k > num_experts:
             raise RouterConfigError(f"max_k: {max_k} exceeds the model's {num_experts} experts; need max_k <= {num_experts}")
-        self.num_experts, self.max_k, self.min_k, self.weight_policy = num_experts, max_k, min_k, weights
+        self.num_experts, self.max_k, self.min_k, self.weight_policy = num_experts, int(max_k), int(min_k), weights
 
     def rank(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return ``(order [tokens, max_k], k [tokens], pvalues or None)``; ``order`` most preferred first."""
@@ -63,9 +96,11 @@ class Router:
 
         ``probs`` ``[tokens, experts]`` are the probabilities the weights are taken from; default the
         softmax of the logits in float32 (model families that score experts otherwise pass their own).
+        Raises ``ValueError`` if any logit is NaN or infinite.
         """
         if logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits: expected shape [tokens, {self.num_experts}], got {tuple(logits.shape)}")
+        check_finite_logits(logits, layer)
         if probs is None:
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         order, k, pvalues = self.rank(logits, layer)
@@ -86,10 +121,10 @@ class TopKRouter(Router):
     method = "topk"
 
     def __init__(self, num_experts: int, k: int, weights: str = "model"):
-        if not 1 <= k <= num_experts:
-            raise RouterConfigError(f"k: {k} is out of range; valid: 1 <= k <= {num_experts} (the model's experts)")
+        if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= num_experts:
+            raise RouterConfigError(f"k: {k!r} is out of range; valid: 1 <= k <= {num_experts} (the model's experts)")
         super().__init__(num_experts, max_k=k, min_k=k, weights=weights)
-        self.k = k
+        self.k = int(k)
 
     def rank(self, logits, layer):
         # Same ops as the native routers (softmax in float32, then topk) so ties break identically.
@@ -97,6 +132,47 @@ class TopKRouter(Router):
         order = torch.topk(probs, self.k, dim=-1).indices
         k = torch.full(logits.shape[:1], self.k, dtype=torch.long, device=logits.device)
         return order, k, None
+
+
+def top_p_count(sorted_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Experts needed to cover probability ``p`` per row: ``min(N, 1 + #{j : c_j < p})``.
+
+    ``sorted_probs`` is ``[tokens, N]`` descending along the last axis; ``c_j`` is its cumulative sum,
+    taken in float64 so the boundary is decided by the probabilities themselves rather than by float32
+    rounding of the sum (which also differs between CPU and GPU scans). An expert whose cumulative sum
+    lands exactly on ``p`` reaches it. ``p = 1`` returns ``N``: every softmax probability is positive,
+    so in exact arithmetic the mass is covered only by all experts (float sums may reach 1 earlier).
+    Returns ``[tokens]`` int64.
+    """
+    n = sorted_probs.shape[-1]
+    if p >= 1:
+        return torch.full(sorted_probs.shape[:-1], n, dtype=torch.long, device=sorted_probs.device)
+    cumulative = torch.cumsum(sorted_probs.to(torch.float64), dim=-1)
+    return ((cumulative < p).sum(dim=-1) + 1).clamp_(max=n)
+
+
+class TopPRouter(Router):
+    """Top-p (Huang et al. 2024, "Harder Tasks Need More Experts"): the most probable experts until
+    their cumulative probability reaches ``p``, the crossing expert included, clamped to [min_k, max_k].
+
+    Probabilities are the softmax of the logits in float32, ordered descending (ties: lower expert
+    index first); ``k`` is :func:`top_p_count`. ``p = 1`` selects ``max_k`` experts for every token.
+    """
+
+    method = "topp"
+
+    def __init__(self, num_experts: int, p: float, min_k: int, max_k: int, weights: str = "model"):
+        super().__init__(num_experts, max_k=max_k, min_k=min_k, weights=weights)
+        self.p = check_fraction("p", p)
+
+    def rank(self, logits, layer):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        k = top_p_count(sorted_probs, self.p).clamp_(self.min_k, self.max_k)
+        return order[:, : self.max_k].contiguous(), k, None
+
+    def describe(self):
+        return {**super().describe(), "p": self.p}
 
 
 def bh_count(sorted_pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -111,6 +187,31 @@ def bh_count(sorted_pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     return (passing * ranks).amax(dim=-1)
 
 
+def hc_search_size(n: int, alpha0: float) -> int:
+    """Ranks higher criticism searches: ``max(1, floor(alpha0 * n))`` (``0.57 * 100`` counts as 57)."""
+    return max(1, math.floor(round(alpha0 * n, 9)))
+
+
+def hc_count(sorted_pvalues: torch.Tensor, alpha0: float = 0.5) -> torch.Tensor:
+    """Higher-criticism count per row (Donoho & Jin 2004): the rank ``i`` that maximises
+
+    ``HC_i = sqrt(N) * (i/N - p_(i)) / sqrt(p_(i) * (1 - p_(i)))`` over ``i = 1..hc_search_size(N, alpha0)``,
+
+    in float64, with ``HC_i = +inf`` where ``p_(i) = 0`` and ``-inf`` where ``p_(i) = 1`` (no evidence;
+    ``0/0`` at ``i = N``). Ties in the maximum go to the largest ``i`` (so a block of equal p-values is
+    kept together); a row whose searched p-values are all 1 gets 0. ``sorted_pvalues`` is
+    ``[tokens, N]`` ascending along the last axis; returns ``[tokens]`` int64.
+    """
+    n = sorted_pvalues.shape[-1]
+    m = hc_search_size(n, alpha0)
+    p = sorted_pvalues[..., :m].to(torch.float64)
+    ranks = torch.arange(1, m + 1, device=p.device, dtype=torch.float64)
+    hc = math.sqrt(n) * (ranks / n - p) / torch.sqrt(p * (1 - p))
+    hc = torch.where(p <= 0, math.inf, torch.where(p >= 1, -math.inf, hc))
+    best = m - torch.argmax(hc.flip(-1), dim=-1)  # argmax returns the first maximum: flip for the last
+    return torch.where(hc.amax(dim=-1) == -math.inf, 0, best)
+
+
 def order_by_pvalue(pvalues: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Expert order by ascending p-value, ties broken by descending logit. ``[tokens, experts]``."""
     by_logit = torch.argsort(logits, dim=-1, descending=True, stable=True)
@@ -118,7 +219,41 @@ def order_by_pvalue(pvalues: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return by_logit.gather(-1, by_p)
 
 
-class BHRouter(Router):
+class PValueRouter(Router):
+    """Base of routers that count significant experts in p-values ``p = sf_null(logit / temperature)``.
+
+    Subclasses implement :meth:`count` on p-values sorted ascending; the count is clamped to
+    [min_k, max_k] and the experts with the smallest p-values (ties: larger logit first) are taken.
+    """
+
+    needs_null = True
+
+    def __init__(self, num_experts: int, null: PValueNull, min_k: int, max_k: int,
+                 temperature: float = 1.0, weights: str = "model"):
+        super().__init__(num_experts, max_k=max_k, min_k=min_k, weights=weights)
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
+            raise RouterConfigError(f"temperature: {temperature!r} is out of range; valid: temperature > 0")
+        if null.num_experts is not None and null.num_experts != num_experts:
+            raise RouterConfigError(
+                f"null: fitted for {null.num_experts} experts but the model has {num_experts}; rerun calibrate_null"
+            )
+        self.null, self.temperature = null, float(temperature)
+
+    def count(self, sorted_pvalues: torch.Tensor) -> torch.Tensor:
+        """Experts selected per token before clamping, ``[tokens]`` int64."""
+        raise NotImplementedError
+
+    def rank(self, logits, layer):
+        pvalues = self.null.pvalues(logits, layer, self.temperature)
+        order = order_by_pvalue(pvalues, logits)
+        k = self.count(pvalues.gather(-1, order)).clamp(self.min_k, self.max_k)
+        return order[:, : self.max_k].contiguous(), k, pvalues
+
+    def describe(self):
+        return {**super().describe(), "temperature": self.temperature}
+
+
+class BHRouter(PValueRouter):
     """Adaptive k: BH step-up at level ``alpha`` on p-values against a per-layer null, clamped.
 
     ``p = sf_null(logit / temperature)``. If fewer than ``min_k`` experts pass, the ``min_k`` with the
@@ -126,46 +261,74 @@ class BHRouter(Router):
     """
 
     method = "bh"
-    needs_null = True
 
-    def __init__(self, num_experts: int, null: TabulatedNull, alpha: float, min_k: int, max_k: int,
+    def __init__(self, num_experts: int, null: PValueNull, alpha: float, min_k: int, max_k: int,
                  temperature: float = 1.0, weights: str = "model"):
-        super().__init__(num_experts, max_k=max_k, min_k=min_k, weights=weights)
-        if not 0 < alpha <= 1:
-            raise RouterConfigError(f"alpha: {alpha!r} is out of range; valid: 0 < alpha <= 1")
-        if not temperature > 0:
-            raise RouterConfigError(f"temperature: {temperature!r} is out of range; valid: temperature > 0")
-        if null.num_experts != num_experts:
-            raise RouterConfigError(
-                f"null: fitted for {null.num_experts} experts but the model has {num_experts}; rerun calibrate_null"
-            )
-        self.null, self.alpha, self.temperature = null, alpha, temperature
+        super().__init__(num_experts, null, min_k=min_k, max_k=max_k, temperature=temperature, weights=weights)
+        self.alpha = check_fraction("alpha", alpha)
 
-    def rank(self, logits, layer):
-        pvalues = self.null.pvalues(logits, layer, self.temperature)
-        order = order_by_pvalue(pvalues, logits)
-        k = bh_count(pvalues.gather(-1, order), self.alpha).clamp(self.min_k, self.max_k)
-        return order[:, : self.max_k].contiguous(), k, pvalues
+    def count(self, sorted_pvalues):
+        return bh_count(sorted_pvalues, self.alpha)
 
     def describe(self):
-        return {**super().describe(), "alpha": self.alpha, "temperature": self.temperature}
+        return {**super().describe(), "alpha": self.alpha}
 
 
-ROUTERS: dict[str, type[Router]] = {cls.method: cls for cls in (TopKRouter, BHRouter)}
+class HCRouter(PValueRouter):
+    """Adaptive k by higher criticism (Donoho & Jin 2004) on the same p-values as :class:`BHRouter`.
+
+    ``k`` is the HC-maximising rank among the ``alpha0`` fraction of smallest p-values
+    (:func:`hc_count`; the threshold is ``p_(k)``), clamped to [min_k, max_k]. Unlike BH there is no
+    level: HC picks where the excess of small p-values over the uniform is most significant.
+    """
+
+    method = "hc"
+
+    def __init__(self, num_experts: int, null: PValueNull, min_k: int, max_k: int,
+                 temperature: float = 1.0, weights: str = "model", alpha0: float = 0.5):
+        super().__init__(num_experts, null, min_k=min_k, max_k=max_k, temperature=temperature, weights=weights)
+        self.alpha0 = check_fraction("alpha0", alpha0)
+
+    def count(self, sorted_pvalues):
+        return hc_count(sorted_pvalues, self.alpha0)
+
+    def describe(self):
+        return {**super().describe(), "alpha0": self.alpha0}
 
 
-def build_router(spec: dict, num_experts: int, model_top_k: int, null: TabulatedNull | None = None) -> Router:
+ROUTERS: dict[str, type[Router]] = {cls.method: cls for cls in (TopKRouter, BHRouter, TopPRouter, HCRouter)}
+
+
+def _or_model_top_k(value: int | None, model_top_k: int) -> int:
+    return model_top_k if value is None else value
+
+
+def _required(spec: dict, key: str) -> Any:
+    if key not in spec:
+        raise RouterConfigError(f"{key}: missing; method {spec['method']!r} needs it")
+    return spec[key]
+
+
+def build_router(spec: dict, num_experts: int, model_top_k: int, null: PValueNull | None = None) -> Router:
     """Instantiate the router a (normalised) routing config describes for a model.
 
-    ``k`` / ``max_k`` left at ``None`` mean the model's own top-k.
+    ``k`` / ``max_k`` left at ``None`` mean the model's own top-k, for every method (so an adaptive
+    router never uses more experts per token than the model was trained with unless asked to).
     """
     method = spec["method"]
     if method not in ROUTERS:
         raise RouterConfigError(f"method: {method!r} is not a router; choose one of {', '.join(ROUTERS)}")
+    weights = spec.get("weights", "model")
     if method == "topk":
-        return TopKRouter(num_experts, k=spec.get("k") or model_top_k, weights=spec.get("weights", "model"))
+        return TopKRouter(num_experts, k=_or_model_top_k(spec.get("k"), model_top_k), weights=weights)
+    min_k, max_k = spec.get("min_k", 1), _or_model_top_k(spec.get("max_k"), model_top_k)
+    if method == "topp":
+        return TopPRouter(num_experts, p=_required(spec, "p"), min_k=min_k, max_k=max_k, weights=weights)
     if null is None:
         raise RouterConfigError(f"method {method!r} needs a calibrated null; run calibrate_null first")
-    return BHRouter(num_experts, null, alpha=spec["alpha"], min_k=spec.get("min_k", 1),
-                    max_k=spec.get("max_k") or model_top_k, temperature=spec.get("temperature", 1.0),
-                    weights=spec.get("weights", "model"))
+    temperature = spec.get("temperature", 1.0)
+    if method == "hc":
+        return HCRouter(num_experts, null, min_k=min_k, max_k=max_k, temperature=temperature, weights=weights,
+                        alpha0=spec.get("alpha0", 0.5))
+    return BHRouter(num_experts, null, alpha=_required(spec, "alpha"), min_k=min_k, max_k=max_k,
+                    temperature=temperature, weights=weights)

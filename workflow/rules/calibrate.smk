@@ -3,15 +3,14 @@ rule calibrate_null:
         model_dir,
         calibration=expand("results/{{experiment}}/data/{dataset}/calibration.parquet", dataset=DATASETS),
     output:
-        null="results/{experiment}/calibration/null.npz",
-        info="results/{experiment}/calibration/null.json",
+        null="results/{experiment}/calibration/{null}/null.npz",
+        info="results/{experiment}/calibration/{null}/null.json",
     log:
-        "logs/{experiment}/calibrate_null.log",
+        "logs/{experiment}/calibrate_null/{null}.log",
     benchmark:
-        "benchmarks/{experiment}/calibrate_null.tsv"
+        "benchmarks/{experiment}/calibrate_null/{null}.tsv"
     params:
         model=model_ref,
-        method=config["calibration"]["method"],
         grid_size=config["calibration"]["grid_size"],
         max_logits=config["calibration"]["max_logits_per_layer"],
         batch_size=config["evaluation"]["batch_size"],
@@ -24,6 +23,6 @@ rule calibrate_null:
         "../../envs/routelab.yaml"
     shell:
         "python workflow/scripts/calibrate_null.py --model {params.model:q} --calibration {input.calibration}"
-        " --method {params.method} --grid-size {params.grid_size} --max-logits-per-layer {params.max_logits}"
+        " --method {wildcards.null} --grid-size {params.grid_size} --max-logits-per-layer {params.max_logits}"
         " --batch-size {params.batch_size} {params.options} --seed {params.seed}"
-        " --out results/{wildcards.experiment}/calibration > {log} 2>&1"
+        " --out results/{wildcards.experiment}/calibration/{wildcards.null} > {log} 2>&1"

@@ -5,7 +5,14 @@ import os
 
 from snakemake.exceptions import WorkflowError
 
-from routelab.config import DEMO_MODEL_ID, ConfigError, baseline_name, check_config, validate_schema
+from routelab.config import (
+    CALIBRATED_NULLS,
+    DEMO_MODEL_ID,
+    ConfigError,
+    baseline_name,
+    check_config,
+    validate_schema,
+)
 
 try:
     validate_schema(config, schema=workflow.source_path("../schemas/config.schema.yaml"))
@@ -23,6 +30,7 @@ wildcard_constraints:
     experiment=EXPERIMENT,
     dataset="|".join(DATASETS),
     routing="|".join(ROUTING),
+    null="|".join(CALIBRATED_NULLS),
 
 
 def as_json(value):
@@ -49,14 +57,19 @@ def routing_spec(wildcards):
 
 
 def null_input(wildcards):
-    """Only p-value routers depend on the calibrated null (top-k runs do not rerun when it changes)."""
-    if ROUTING[wildcards.routing]["method"] == "topk":
+    """The calibrated null a p-value router uses; other runs do not depend on (or rerun for) any null."""
+    null = ROUTING[wildcards.routing].get("null_model")
+    if null not in CALIBRATED_NULLS:
         return []
-    return f"results/{wildcards.experiment}/calibration/null.npz"
+    return f"results/{wildcards.experiment}/calibration/{null}/null.npz"
 
 
 def null_arg(wildcards, input):
-    return f"--null {input.null}" if input.get("null") else ""
+    """--null: the calibrated null's file, the name of a null that needs no calibration, or nothing."""
+    if input.get("null"):
+        return f"--null {input.null}"
+    null = ROUTING[wildcards.routing].get("null_model")
+    return f"--null {null}" if null else ""
 
 
 def model_options():

@@ -11,7 +11,7 @@ Writes into ``--out`` (one run = one routing config x one dataset):
 - ``provenance.json``  routing spec, model, versions, seed.
 
     python workflow/scripts/route.py --model results/demo/model --data results/demo/data/code \
-        --null results/demo/calibration/null.npz --out results/demo/runs/bh/code \
+        --null results/demo/calibration/kde/null.npz --out results/demo/runs/bh/code \
         --routing '{"name": "bh", "method": "bh", "alpha": 0.05, "min_k": 1, "max_k": 8}'
 """
 
@@ -30,7 +30,7 @@ from routelab.config import normalise_routing
 from routelab.evaluate import Stopwatch, document_scores, score_windows
 from routelab.io import atomic_path, read_json, write_json, write_parquet
 from routelab.modeling import load_model, load_tokenizer
-from routelab.nulls import TabulatedNull
+from routelab.nulls import fit_null, load_null
 from routelab.patching import install_router, model_routing_shape
 from routelab.quality import quality_metrics
 from routelab.recording import RoutingRecorder
@@ -59,10 +59,11 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     num_layers, num_experts, top_k, norm_topk_prob = model_routing_shape(model)
     null = None
-    if spec["method"] == "bh":
+    if spec.get("null_model"):
         if args.null is None:
-            raise ValueError(f"--null: routing method {spec['method']!r} needs a calibrated null (null.npz)")
-        null = TabulatedNull.load(args.null)
+            raise ValueError(f"--null: routing method {spec['method']!r} needs a null: a null.npz from "
+                             "calibrate_null, or 'gaussian' (no calibration)")
+        null = fit_null("gaussian", None, num_experts) if args.null == "gaussian" else load_null(args.null)
         null.check_model(num_layers, num_experts)
     router = build_router(spec, num_experts, top_k, null)
     log.info("routing %s on %s: %s (model top-k %d, norm_topk_prob %s)", spec["name"], data.name,
@@ -85,6 +86,8 @@ def main(args: argparse.Namespace) -> None:
     params = {k: v for k, v in router.describe().items() if k != "method"}
     if spec["method"] == "topk":
         params = {"k": router.max_k, "weights": router.weight_policy}
+    if spec.get("null_model"):
+        params["null_model"] = spec["null_model"]
     summary = {"routing": spec["name"], "dataset": data.name, "method": spec["method"], "params": params,
                "num_layers": num_layers, "num_experts": num_experts, "model_top_k": top_k,
                "norm_topk_prob": norm_topk_prob, **recorder.summary()}
@@ -108,7 +111,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True, help="model directory or hub id")
     parser.add_argument("--data", required=True, help="prepared dataset directory (windows.parquet, ...)")
     parser.add_argument("--routing", type=json_arg, required=True, help="routing config as JSON (or @file.json)")
-    parser.add_argument("--null", default=None, help="null.npz from calibrate_null (p-value routers)")
+    parser.add_argument("--null", default=None,
+                        help="p-value routers: null.npz from calibrate_null, or 'gaussian' (needs no calibration)")
     parser.add_argument("--out", required=True, help="run output directory")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32")

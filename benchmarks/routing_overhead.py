@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Forward-time cost of routelab routers relative to the model's native router, measured in one run.
+
+Variants are interleaved (every repetition runs each variant once, in a rotating order) so drift in
+machine load affects them alike; the printed ratios are medians of per-repetition times.
+
+- ``bh k=k``: BH with min_k = max_k = the model's k (same experts as native; pure routing overhead).
+  Target: <= 1.05.
+- ``bh ~k/2``: BH with alpha chosen so that about half of the model's k experts are selected on
+  average, experts kernel ``grouped_mm`` (fewer experts must mean less compute). Target: <= 0.70.
+
+Models: the demo architecture (random weights; routing cost does not depend on training) on the CPU,
+and, when CUDA is available, an OLMoE-1B-7B-sized layer stack (16 layers, 64 experts, top-8,
+hidden 2048, expert size 1024) in bfloat16.
+
+    python benchmarks/routing_overhead.py [--repeats 20] [--tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from routelab.nulls import fit_kde_null
+from routelab.patching import install_router, model_routing_shape
+from routelab.routers import BHRouter
+
+DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
+OLMOE = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+             num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+             max_position_embeddings=4096)
+
+
+def build(shape: dict, device: str, dtype: torch.dtype, kernel: str):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(**shape, norm_topk_prob=False)
+    config._experts_implementation = kernel
+    model = OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.set_experts_implementation(kernel)
+    return model
+
+
+def timed(model, inputs, router=None) -> float:
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        sync()
+        start = time.perf_counter()
+        if router is None:
+            model(input_ids=inputs)
+        else:
+            with install_router(model, router):
+                model(input_ids=inputs)
+        sync()
+    return time.perf_counter() - start
+
+
+def alpha_for_mean_k(model, inputs, null, num_layers, num_experts, k, target):
+    """Bisection on alpha so that BH selects about ``target`` experts per token on ``inputs``."""
+    from routelab.recording import RoutingRecorder
+
+    low, high = 1e-6, 1.0
+    for _ in range(20):
+        alpha = (low * high) ** 0.5
+        recorder = RoutingRecorder(num_layers, num_experts, 1, k)
+        mask = torch.ones_like(inputs)
+        recorder.begin_batch(mask, torch.zeros(inputs.shape[0], dtype=torch.long),
+                             torch.zeros(inputs.shape[0], dtype=torch.long), inputs)
+        with torch.inference_mode(), install_router(model, BHRouter(num_experts, null, alpha, 1, k), recorder):
+            model(input_ids=inputs)
+        mean = recorder.summary()["experts_mean"]
+        if abs(mean - target) < 0.1:
+            break
+        low, high = (alpha, high) if mean < target else (low, alpha)
+    return alpha, mean
+
+
+def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, repeats: int) -> None:
+    model = build(shape, device, dtype, "grouped_mm")
+    num_layers, num_experts, k, _ = model_routing_shape(model)
+    seq = min(512, shape["max_position_embeddings"])
+    inputs = torch.randint(0, shape["vocab_size"], (max(1, tokens // seq), seq), device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=inputs, output_router_logits=True).router_logits
+    null = fit_kde_null([layer.float().cpu().numpy() for layer in logits], num_experts)
+    alpha, mean = alpha_for_mean_k(model, inputs, null, num_layers, num_experts, k, k / 2)
+    variants = {
+        "native": None,
+        "bh k=k": BHRouter(num_experts, null, 0.05, k, k),
+        f"bh ~k/2 (alpha={alpha:.3g}, mean k={mean:.2f})": BHRouter(num_experts, null, alpha, 1, k),
+    }
+    for router in variants.values():  # warm-up
+        timed(model, inputs, router)
+    times = {label: [] for label in variants}
+    labels = list(variants)
+    for rep in range(repeats):
+        for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
+            times[label].append(timed(model, inputs, variants[label]))
+    native = statistics.median(times["native"])
+    print(f"\n{name}: {num_layers} layers x {num_experts} experts, top-{k}, {inputs.numel()} tokens/forward, "
+          f"{device} {str(dtype).removeprefix('torch.')}, experts kernel grouped_mm, {repeats} interleaved repeats")
+    print(f"  {'variant':45s} {'median ms':>10s} {'ratio vs native':>16s}")
+    for label in labels:
+        median = statistics.median(times[label])
+        print(f"  {label:45s} {1000 * median:10.2f} {median / native:16.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    bench("demo model (CPU)", DEMO, "cpu", torch.float32, args.tokens, args.repeats)
+    if torch.cuda.is_available():
+        bench("OLMoE-sized stack (GPU)", OLMOE, "cuda", torch.bfloat16, 4 * args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
