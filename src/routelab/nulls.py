@@ -90,11 +90,19 @@ class TabulatedNull:
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return _device_tables(self._device_cache, device, self.grid, self.sf)
 
+    # p is a non-increasing function of the logit, the same for every expert: sorting a token's logits
+    # sorts its p-values (routers use this to sort once).
+    monotone_in_logit = True
+
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
         grid, sf = self._tables(logits.device)
-        x = (logits.float() / temperature).contiguous()
-        return interpolate(x, grid[layer], sf[layer]).clamp_(min=self.min_pvalue, max=1.0)
+        x = logits.float() / temperature
+        if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
+            p = interpolate_uniform(x, grid[layer], sf[layer])
+        else:
+            p = interpolate(x.contiguous(), grid[layer], sf[layer])
+        return p.clamp_(min=self.min_pvalue, max=1.0)
 
     def save(self, path: str | os.PathLike) -> None:
         _save_npz(path, kind=self.kind, grid=self.grid, sf=self.sf, num_experts=self.num_experts,
@@ -168,6 +176,7 @@ class GaussianNull:
     min_pvalue: float = float(torch.finfo(torch.float32).tiny)
     meta: dict[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "gaussian"
+    monotone_in_logit: ClassVar[bool] = True  # one mean and std per token: p falls as the logit rises
     num_layers: ClassVar[None] = None
 
     def check_model(self, num_layers: int, num_experts: int) -> None:
@@ -247,6 +256,27 @@ def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> tor
     right = torch.searchsorted(xp, x).clamp_(1, xp.shape[-1] - 1)
     left = right - 1
     x0, x1, y0, y1 = xp.gather(-1, left), xp.gather(-1, right), fp.gather(-1, left), fp.gather(-1, right)
+    width = x1 - x0
+    t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, 1.0), (x >= x1).to(x.dtype))
+    return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)
+
+
+def interpolate_uniform(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding), without a binary search.
+
+    The knot index is computed from the spacing and then corrected by one step against the stored
+    knots, so the result equals the ``searchsorted`` one exactly, including at the knots.
+    """
+    last = xp.numel() - 1
+    scale = last / (xp[-1] - xp[0])
+    guess = ((x - xp[0]) * scale).clamp_(0.0, float(last)).floor_().long()
+    # right = first knot >= x (searchsorted, side="left"): the guess is within one knot of it.
+    right = (guess + 1).clamp_(max=last)
+    right = right - (x <= xp.take(right - 1)).long() * (right > 0)
+    right = right + (x > xp.take(right)).long() * (right < last)
+    right = right.clamp_(1, last)
+    left = right - 1
+    x0, x1, y0, y1 = xp.take(left), xp.take(right), fp.take(left), fp.take(right)
     width = x1 - x0
     t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, 1.0), (x >= x1).to(x.dtype))
     return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)

@@ -244,9 +244,16 @@ class PValueRouter(Router):
         raise NotImplementedError
 
     def rank(self, logits, layer):
-        pvalues = self.null.pvalues(logits, layer, self.temperature)
-        order = order_by_pvalue(pvalues, logits)
-        k = self.count(pvalues.gather(-1, order)).clamp(self.min_k, self.max_k)
+        if getattr(self.null, "monotone_in_logit", False):
+            # One sort: descending logits are ascending p-values, ties already in logit order.
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+            sorted_p = self.null.pvalues(sorted_logits, layer, self.temperature)
+            pvalues = torch.empty_like(sorted_p).scatter_(-1, order, sorted_p)
+        else:
+            pvalues = self.null.pvalues(logits, layer, self.temperature)
+            order = order_by_pvalue(pvalues, logits)
+            sorted_p = pvalues.gather(-1, order)
+        k = self.count(sorted_p).clamp(self.min_k, self.max_k)
         return order[:, : self.max_k].contiguous(), k, pvalues
 
     def describe(self):

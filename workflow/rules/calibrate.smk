@@ -23,6 +23,7 @@ rule calibrate_null:
         "../../envs/routelab.yaml"
     shell:
         "python workflow/scripts/calibrate_null.py --model {params.model:q} --calibration {input.calibration}"
-        " --method {wildcards.null} --grid-size {params.grid_size} --max-logits-per-layer {params.max_logits}"
+        " --method {wildcards.null} --grid-size {params.grid_size} --quantiles {params.grid_size}"
+        " --max-logits-per-layer {params.max_logits}"
         " --batch-size {params.batch_size} {params.options} --seed {params.seed}"
         " --out results/{wildcards.experiment}/calibration/{wildcards.null} > {log} 2>&1"
