@@ -71,8 +71,8 @@ def write_runs(root: Path, routings=(TOPK, BH, BH_LOOSE),
 def test_collect_runs_gives_one_flat_row_per_run(tmp_path):
     runs = collect_runs(write_runs(tmp_path))
     assert len(runs) == 6
-    assert list(runs.columns[:10]) == ["routing", "dataset", "method", "k", "alpha", "min_k", "max_k",
-                                       "temperature", "weights", "task"]
+    assert list(runs.columns[:13]) == ["routing", "dataset", "method", "k", "alpha", "min_k", "max_k",
+                                       "temperature", "weights", "p", "alpha0", "null_model", "task"]
     assert list(zip(runs["routing"], runs["dataset"])) == sorted(zip(runs["routing"], runs["dataset"]))
     topk = runs[runs["routing"] == "topk8"].iloc[0]
     assert topk["k"] == 8 and pd.isna(topk["alpha"]) and pd.isna(topk["min_k"]) and pd.isna(topk["max_k"])

@@ -13,10 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from .config import ROUTING_PARAMS
+
 from routelab.io import read_json
 
 # Routing parameters, one column each; NaN where a method does not have the parameter.
-ROUTING_PARAMS = ("k", "alpha", "min_k", "max_k", "temperature", "weights")
 # Non-scalar entries of summary.json; per_layer goes to collect_layers, the rest to the plots.
 SUMMARY_COLLECTIONS = ("per_layer", "k_histogram", "expert_counts")
 RUN_KEYS = ("routing", "dataset", "method")

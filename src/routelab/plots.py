@@ -188,7 +188,7 @@ def _baseline_for(baseline: float | Mapping[str, float] | None, dataset: str) ->
 
 def _line_keys(table: pd.DataFrame) -> list[str]:
     """max_k plus any other routing parameter that varies, so each line is one alpha sweep."""
-    extra = [c for c in ("min_k", "temperature", "weights")
+    extra = [c for c in ("min_k", "temperature", "weights", "null_model")
              if c in table.columns and table[c].nunique(dropna=False) > 1]
     return ["max_k", *extra]
 
