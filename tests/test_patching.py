@@ -130,22 +130,25 @@ def test_variable_k_moe_output_matches_written_out_experts(tiny_olmoe_dir, kde_n
 
 
 def router_state(model):
-    return [(type(layer.mlp.gate), layer.mlp.experts._is_expert_parallel, hasattr(layer.mlp.gate, "_routelab_state"))
+    """Per layer: the gate's class, whether the experts carry a routelab forward, whether the gate has state."""
+    return [(type(layer.mlp.gate), "forward" in vars(layer.mlp.experts), hasattr(layer.mlp.gate, "_routelab_state"))
             for layer in model.model.layers]
 
 
 def test_install_router_restores_model(tiny_olmoe_dir):
     model = load_tiny(tiny_olmoe_dir, "grouped_mm")
-    model.model.layers[1].mlp.experts._is_expert_parallel = True  # a non-default flag must come back too
     before = router_state(model)
     native_class = type(model.model.layers[0].mlp.gate)
     with install_router(model, TopKRouter(8, 2)) as layers:
         assert [layer.index for layer in layers] == [0, 1]
-        for gate_class, expert_parallel, _ in router_state(model):
-            assert gate_class is not native_class and issubclass(gate_class, native_class)
-            assert expert_parallel is True
+        for gate_class, compacting, has_state in router_state(model):
+            assert gate_class is not native_class and issubclass(gate_class, native_class) and has_state
+            assert not compacting  # fixed k: no padded slots, the experts stay native
     assert router_state(model) == before
-    assert before[0][1] is False and before[1][1] is True
+    with install_router(model, BHRouter(8, _uniform_null(), alpha=0.5, min_k=1, max_k=8)):
+        assert all(compacting for _, compacting, _ in router_state(model))  # variable k: compacted pairs
+    assert router_state(model) == before
+    assert before == [(native_class, False, False)] * 2
 
 
 def test_install_router_restores_model_when_block_raises(tiny_olmoe_dir):

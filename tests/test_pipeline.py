@@ -74,7 +74,8 @@ def test_pipeline_writes_the_artifact_tree(workdir):
     for run in RUNS:
         for dataset in DATASETS:
             run_dir = root / "runs" / run / dataset
-            for name in ("metrics.json", "summary.json", "routing.parquet", "scores.parquet", "provenance.json"):
+            for name in ("metrics.json", "summary.json", "routing.parquet", "scores.parquet", "provenance.json",
+                         "decisions.parquet"):
                 assert (run_dir / name).is_file(), run_dir / name
             for name in ("experts_histogram.png", "expert_heatmap.png"):
                 assert (root / "plots" / run / dataset / name).stat().st_size > 1000
@@ -107,6 +108,12 @@ def test_runs_record_every_token_and_layer(workdir):
             assert (table["experts"].map(len) == table["k"]).all()
             assert table["k"].between(summary["min_k"], summary["max_k"]).all()
             assert summary["experts_mean"] == pytest.approx(table["k"].mean())
+            # The sampled detail is every 7th token's full record, consistent with the complete log.
+            detail = pq.read_table(run_dir / "decisions.parquet").to_pandas()
+            assert len(detail) == -(-tokens // 7) * summary["num_layers"]
+            keys = ["window_id", "position", "layer"]
+            joined = detail.merge(table, on=keys, suffixes=("", "_full"))
+            assert len(joined) == len(detail) and (joined["k"] == joined["k_full"]).all()
             metrics = json.loads((run_dir / "metrics.json").read_text())
             assert metrics["perplexity"] > 1 and metrics["tokens"] > 0
             if dataset == "cloze":
@@ -161,3 +168,16 @@ def test_changing_one_alpha_reruns_only_that_config(workdir):
     assert counts == {"route": 2, "plot_run": 2, "aggregate": 1, "report": 1, "all": 1}, counts
     rerouted = {(w["routing"], w["dataset"]) for rule, w in jobs if rule in ("route", "plot_run")}
     assert rerouted == {("bh_main", "arithmetic"), ("bh_main", "cloze")}
+
+
+def test_decisions_export_to_json_logs(workdir, tmp_path):
+    run_dir = workdir / "results/mini/runs/bh_main/cloze"
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/export_decisions.py"), "--run-dir",
+                             str(run_dir), "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    detailed = json.loads((tmp_path / "decisions_detailed.json").read_text())
+    summary = json.loads((tmp_path / "decisions_summary.json").read_text())
+    assert detailed["config"]["method"] == "bh" and detailed["entries"]
+    assert summary["total_decisions"] == json.loads((run_dir / "summary.json").read_text())["total_decisions"]
+    entry = detailed["entries"][0]
+    assert entry["bh_results"]["num_selected"] == len(entry["bh_results"]["selected_experts"])

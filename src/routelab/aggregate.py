@@ -19,7 +19,7 @@ from routelab.io import read_json
 
 # Routing parameters, one column each; NaN where a method does not have the parameter.
 # Non-scalar entries of summary.json; per_layer goes to collect_layers, the rest to the plots.
-SUMMARY_COLLECTIONS = ("per_layer", "k_histogram", "expert_counts")
+SUMMARY_COLLECTIONS = ("per_layer", "k_histogram", "expert_counts", "top1_counts")
 RUN_KEYS = ("routing", "dataset", "method")
 
 

@@ -13,13 +13,12 @@ reproduces each supported family's native forward. Families whose native selecti
 over one per-token score, or whose weights are not a function of per-expert probabilities, are
 refused with the reason (:data:`REFUSED_MODEL_TYPES`).
 
-Variable k pads unused slots with the sentinel index ``num_experts``. Most eager experts paths skip
-it, but ``grouped_mm`` leaves sentinel rows uninitialised and ``batched_mm`` indexes out of range;
-both handle sentinels correctly when the experts module is flagged ``_is_expert_parallel`` (then
-``grouped_mm`` sorts sentinels to the tail and skips them, ``batched_mm`` clamps and zeroes them),
-so we set that flag on every experts module while the router is installed. An eager path that
-cannot skip the sentinel (gpt_oss) gets padded slots pointing at expert 0 with weight 0 instead:
-the same output, at the cost of computing expert 0 for those slots.
+Variable k pads unused slots with the sentinel index ``num_experts`` (weight 0). transformers'
+experts kernels do not all accept it (``grouped_mm`` leaves sentinel rows uninitialised, ``batched_mm``
+indexes out of range, gpt_oss's eager path has no class for it), so while a variable-k router is
+installed each experts module gets a forward that hands its kernel only the real (token, expert)
+pairs (:func:`_compacting_forward`): correct on every kernel, and compute proportional to the experts
+actually selected. Fixed-k routers produce no sentinel and leave the experts untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .routers import Router
 
@@ -56,8 +56,15 @@ class Family:
     router_attr: str = "gate"
     renormalize: str = "config"
     weights_dtype: str = "logits"
-    eager_skips_sentinel: bool = True
     expert_probs: Callable[[torch.Tensor], torch.Tensor] = softmax_probs
+    logits_float32: bool = False  # the native router casts its logits to float32 (granitemoe)
+
+    def router_logits(self, router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The native router's logits ``[tokens, experts]``, computed directly: every supported router
+        is one linear layer, and skipping its own softmax and top-k saves work on every MoE layer."""
+        flat = hidden_states.reshape(-1, router.weight.shape[-1])
+        logits = F.linear(flat, router.weight, getattr(router, "bias", None))
+        return logits.float() if self.logits_float32 else logits
 
     def norm_topk_prob(self, router: nn.Module) -> bool:
         if self.renormalize == "config":
@@ -76,11 +83,11 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("qwen3_moe"),
     Family("qwen3_next"),
     Family("mixtral", renormalize="always", weights_dtype="float32"),
-    Family("gpt_oss", router_attr="router", renormalize="always", eager_skips_sentinel=False),
-    Family("granitemoe", router_attr="router", renormalize="always", weights_dtype="hidden"),
-    Family("granitemoeshared", router_attr="router", renormalize="always", weights_dtype="hidden"),
-    Family("granitemoe_swa", router_attr="router", renormalize="always", weights_dtype="hidden"),
-    Family("granitemoehybrid", router_attr="router", renormalize="always", weights_dtype="hidden"),
+    Family("gpt_oss", router_attr="router", renormalize="always"),
+    Family("granitemoe", router_attr="router", renormalize="always", weights_dtype="hidden", logits_float32=True),
+    Family("granitemoeshared", router_attr="router", renormalize="always", weights_dtype="hidden", logits_float32=True),
+    Family("granitemoe_swa", router_attr="router", renormalize="always", weights_dtype="hidden", logits_float32=True),
+    Family("granitemoehybrid", router_attr="router", renormalize="always", weights_dtype="hidden", logits_float32=True),
     Family("mellum"),
     Family("minimax", renormalize="always", weights_dtype="float32"),
     Family("jamba", router_attr="router", renormalize="never", weights_dtype="hidden"),
@@ -162,28 +169,19 @@ _PATCHED_CLASSES: dict[type, type] = {}
 def _patched_class(original: type) -> type:
     if original not in _PATCHED_CLASSES:
         def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-            router_logits = original.forward(self, hidden_states, *args, **kwargs)[0]
             state = self._routelab_state
             family: Family = state["family"]
+            router_logits = family.router_logits(self, hidden_states)
             selection = state["router"](router_logits, state["layer"], family.norm_topk_prob(self),
                                         probs=family.expert_probs(router_logits))
             if state["recorder"] is not None:
                 state["recorder"].record(state["layer"], router_logits, selection)
             indices = selection.indices
-            if state["pad_index"] != self.num_experts:
-                indices = indices.masked_fill(indices == self.num_experts, state["pad_index"])
             weights = selection.weights.to(family.weights_dtype_for(router_logits, hidden_states))
             return router_logits, weights, indices
 
         _PATCHED_CLASSES[original] = type(f"Routelab{original.__name__}", (original,), {"forward": forward})
     return _PATCHED_CLASSES[original]
-
-
-def _pad_index(family: Family, layer: MoELayer) -> int:
-    """Index the experts receive in unused slots: the sentinel, or expert 0 (weight 0) where unsupported."""
-    implementation = getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
-    eager = implementation in (None, "eager")
-    return 0 if eager and not family.eager_skips_sentinel else int(layer.gate.num_experts)
 
 
 @contextlib.contextmanager
@@ -196,18 +194,44 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
     layers = find_moe_layers(model)
     if any(hasattr(layer.gate, "_routelab_state") for layer in layers):
         raise RuntimeError("a routelab router is already installed in this model; leave that block first")
-    saved = [(layer.gate.__class__, getattr(layer.experts, "_is_expert_parallel", None)) for layer in layers]
+    saved = [layer.gate.__class__ for layer in layers]
+    variable_k = router.min_k < router.max_k
     try:
         for layer in layers:
             layer.gate._routelab_state = {"router": router, "layer": layer.index, "recorder": recorder,
-                                          "family": family, "pad_index": _pad_index(family, layer)}
+                                          "family": family}
             layer.gate.__class__ = _patched_class(layer.gate.__class__)
-            if hasattr(layer.experts, "_is_expert_parallel"):
-                layer.experts._is_expert_parallel = True
+            if variable_k:
+                layer.experts.forward = _compacting_forward(layer.experts)
         yield layers
     finally:
-        for layer, (gate_class, expert_parallel) in zip(layers, saved):
+        for layer, gate_class in zip(layers, saved):
             layer.gate.__class__ = gate_class
             layer.gate.__dict__.pop("_routelab_state", None)
-            if expert_parallel is not None:
-                layer.experts._is_expert_parallel = expert_parallel
+            layer.experts.__dict__.pop("forward", None)
+
+
+def _compacting_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
+    """Experts forward for variable k: only real (token, expert) pairs reach the experts kernel.
+
+    The padded ``[tokens, max_k]`` selection is flattened to its ``P`` real pairs and passed to the
+    module's own forward as a top-1 problem (``[P, 1]`` index and weight), so every experts kernel
+    (eager, grouped_mm, batched_mm, ...) sees no sentinel and computes only the selected experts; the
+    pair outputs are then put back in their slots and summed per token. Finding the pairs is one
+    data-dependent step (a host sync per MoE layer on GPU).
+    """
+    native = type(experts).forward
+    num_experts = int(experts.num_experts)
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens, slots = top_k_index.shape
+        flat_index = top_k_index.reshape(-1)
+        pairs = (flat_index < num_experts).nonzero().squeeze(-1)
+        pair_tokens = torch.div(pairs, slots, rounding_mode="floor")
+        out = native(experts, hidden_states[pair_tokens], flat_index[pairs].unsqueeze(-1),
+                     top_k_weights.reshape(-1)[pairs].unsqueeze(-1), *args, **kwargs)
+        slotted = out.new_zeros(tokens * slots, out.shape[-1]).index_copy_(0, pairs, out)
+        return slotted.view(tokens, slots, -1).sum(dim=1)
+
+    return forward

@@ -11,6 +11,7 @@ rule route:
         routing="results/{experiment}/runs/{routing}/{dataset}/routing.parquet",
         scores="results/{experiment}/runs/{routing}/{dataset}/scores.parquet",
         provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
+        decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
     log:
         "logs/{experiment}/route/{routing}/{dataset}.log",
     benchmark:
@@ -20,6 +21,7 @@ rule route:
         routing=routing_spec,
         null=null_arg,
         batch_size=config["evaluation"]["batch_size"],
+        sample_every=config["evaluation"]["decision_sample_every"],
         options=model_options(),
         seed=config["seed"],
     threads: 1
@@ -30,5 +32,6 @@ rule route:
     shell:
         "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
         " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
-        " --batch-size {params.batch_size} {params.options} --seed {params.seed} --threads {threads}"
+        " --batch-size {params.batch_size} --sample-every {params.sample_every} {params.options}"
+        " --seed {params.seed} --threads {threads}"
         " --out results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"

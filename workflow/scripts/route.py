@@ -7,6 +7,8 @@ Writes into ``--out`` (one run = one routing config x one dataset):
 - ``summary.json``     routing statistics (experts selected mean/std/min/max, ceiling and floor hits,
                        p-value mean/std, per-layer statistics, k histogram, expert counts);
 - ``routing.parquet``  every (token, layer) decision: k, expert ids, weights;
+- ``decisions.parquet`` full detail for every n-th token (all logits and p-values, BH thresholds and
+                       passing rank; ``export_decisions.py`` turns it into JSON logs);
 - ``scores.parquet``   per-document log-likelihood, token / word / byte counts, correctness;
 - ``provenance.json``  routing spec, model, versions, seed.
 
@@ -33,7 +35,8 @@ from routelab.modeling import load_model, load_tokenizer
 from routelab.nulls import fit_null, load_null
 from routelab.patching import install_router, model_routing_shape
 from routelab.quality import quality_metrics
-from routelab.recording import RoutingRecorder
+from routelab.decisions import DecisionSampler
+from routelab.recording import RecorderGroup, RoutingRecorder
 from routelab.routers import build_router
 
 log = logging.getLogger("route")
@@ -70,11 +73,13 @@ def main(args: argparse.Namespace) -> None:
              router.describe(), top_k, norm_topk_prob)
 
     out = Path(args.out)
-    with atomic_path(out / "routing.parquet") as parquet_tmp:
+    with atomic_path(out / "routing.parquet") as parquet_tmp, atomic_path(out / "decisions.parquet") as sample_tmp:
         recorder = RoutingRecorder(num_layers, num_experts, router.min_k, router.max_k, path=parquet_tmp)
-        with install_router(model, router, recorder), Stopwatch() as clock:
-            window_scores = score_windows(model, windows, args.batch_size, tokenizer.pad_token_id or 0, recorder)
-        recorder.close()
+        sampler = DecisionSampler(sample_tmp, num_experts, args.sample_every, alpha=getattr(router, "alpha", None))
+        recorders = RecorderGroup(recorder, sampler)
+        with install_router(model, router, recorders), Stopwatch() as clock:
+            window_scores = score_windows(model, windows, args.batch_size, tokenizer.pad_token_id or 0, recorders)
+        recorders.close()
 
     scores = document_scores(window_scores, documents)
     metrics = {"routing": spec["name"], "dataset": data.name, "task": info["task"],
@@ -118,6 +123,8 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--experts-implementation", default=None)
+    parser.add_argument("--sample-every", type=int, default=100,
+                        help="full routing detail for every n-th token into decisions.parquet (0 = none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     run(main, parser)

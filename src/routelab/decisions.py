@@ -1,0 +1,212 @@
+"""Sampled routing detail: every n-th real token's full decision (logits, p-values, BH steps) to Parquet.
+
+:class:`DecisionSampler` has the recorder interface (``begin_batch``, ``record``, ``end_batch``,
+``close``). It keeps every ``every_n``-th real (non-padding) token, counted by one global counter over
+all batches in row-major order (batch row, then position), so the sample is deterministic and holds
+``ceil(real tokens / every_n)`` tokens. Kept tokens are picked on the model's device; each batch is
+copied to the host once. ``decisions.parquet`` has one row per (kept token, MoE layer), token-major:
+
+``window_id, doc_id, position, token_id int32; layer, k int16;
+logit_mean, logit_std, logit_min, logit_max float32`` (over the experts; std is the population std);
+``logits list<float32>`` (all experts, by expert index);
+``pvalues list<float32>`` (all experts, by expert index; null for routers without p-values);
+``sorted_pvalues list<float32>`` (ascending; null without p-values);
+``bh_thresholds list<float32>`` (``i * alpha / N`` for ``i = 1..N``; null when no ``alpha`` is given);
+``passing_rank int16`` (BH step-up rank ``max{i : p_(i) <= i * alpha / N}``, 0 if none; null without
+``alpha`` or without p-values); ``selected list<int16>``, ``selected_weights list<float32>`` (the ``k``
+selected experts, most preferred first, and their weights).
+
+``every_n = 0`` samples nothing but still writes a valid, empty file with the schema, so a pipeline
+output exists whether or not sampling is switched on.
+
+:func:`detailed_log` and :func:`summary_log` lay the sample out as the JSON routing logs researchers
+read (``decisions_detailed.json``, ``decisions_summary.json``).
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .routers import Selection, bh_count, check_fraction
+
+_F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
+SCHEMA = pa.schema([
+    ("window_id", pa.int32()), ("doc_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
+    ("layer", pa.int16()), ("k", pa.int16()),
+    ("logit_mean", pa.float32()), ("logit_std", pa.float32()), ("logit_min", pa.float32()),
+    ("logit_max", pa.float32()),
+    ("logits", _F32_LIST), ("pvalues", _F32_LIST), ("sorted_pvalues", _F32_LIST), ("bh_thresholds", _F32_LIST),
+    ("passing_rank", pa.int16()), ("selected", _I16_LIST), ("selected_weights", _F32_LIST),
+])
+
+_META = ("window_id", "doc_id", "position", "token_id")
+
+
+class DecisionSampler:
+    """Writes the full routing detail of every ``every_n``-th real token to Parquet at ``path``.
+
+    ``alpha`` (the BH level, in (0, 1]) adds ``bh_thresholds`` and ``passing_rank``; leave it ``None``
+    for routers that are not BH. Pass the sampler to :func:`routelab.patching.install_router` as the
+    recorder and call :meth:`begin_batch` / :meth:`end_batch` around each forward, :meth:`close` at the end.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_experts: int, every_n: int, alpha: float | None = None,
+                 row_group_size: int = 1 << 16):
+        if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n < 0:
+            raise ValueError(f"every_n: {every_n!r} is not valid; need an integer >= 0 (0 disables sampling)")
+        self.num_experts, self.every_n = num_experts, int(every_n)
+        self.alpha = None if alpha is None else check_fraction("alpha", alpha)
+        self.tokens_seen = 0  # real tokens of all batches so far: the global sampling counter
+        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd")
+        self._row_group_size = row_group_size
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._layers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
+                    input_ids: torch.Tensor) -> None:
+        """``attention_mask`` / ``input_ids`` ``[batch, seq]``; ids ``[batch]``. Picks this batch's sample."""
+        self._layers = {}
+        self._batch = None
+        if self.every_n == 0:
+            return
+        valid_flat = attention_mask.bool().reshape(-1).nonzero().squeeze(-1)  # flat [B*S] index of real tokens
+        ordinal = self.tokens_seen + torch.arange(valid_flat.numel(), device=valid_flat.device)
+        self.tokens_seen += valid_flat.numel()
+        kept = valid_flat[ordinal % self.every_n == 0]
+        seq = attention_mask.shape[1]
+        rows, cols = kept // seq, kept % seq
+        self._batch = {"kept": kept, "window_id": window_ids.to(kept.device)[rows],
+                       "doc_id": doc_ids.to(kept.device)[rows], "position": cols, "token_id": input_ids[rows, cols]}
+
+    def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
+        """Called from the patched router for every layer of every forward pass; gathers the sample on device."""
+        if self._batch is None:
+            return
+        kept = self._batch["kept"].to(router_logits.device)
+        logits = router_logits[kept].float()
+        detail = {"logits": logits, "k": selection.k[kept], "indices": selection.indices[kept],
+                  "weights": selection.weights[kept].float(),
+                  "logit_stats": torch.stack([logits.mean(-1), logits.std(-1, unbiased=False),
+                                              logits.amin(-1), logits.amax(-1)], dim=-1)}
+        if selection.pvalues is not None:
+            pvalues = selection.pvalues[kept].float()
+            detail["pvalues"] = pvalues
+            detail["sorted_pvalues"] = torch.sort(pvalues, dim=-1).values
+            if self.alpha is not None:
+                detail["passing_rank"] = bh_count(detail["sorted_pvalues"], self.alpha)
+        self._layers[layer] = detail
+
+    def end_batch(self) -> None:
+        """Copy this batch's sample to the host (one copy per field) and queue its rows."""
+        batch, self._batch = self._batch, None
+        if batch is None or not self._layers or batch["kept"].numel() == 0:
+            return
+        layers = sorted(self._layers)
+        host = {name: torch.stack([self._layers[i][name] for i in layers], dim=1).cpu().numpy()
+                for name in self._layers[layers[0]]}  # each [tokens, layers, ...]
+        meta = {key: batch[key].cpu().numpy().astype(np.int32) for key in _META}
+        self._pending.append(self._rows(host, meta, layers))
+        self._pending_rows += self._pending[-1].num_rows
+        if self._pending_rows >= self._row_group_size:
+            self._flush()
+
+    def _rows(self, host: dict[str, np.ndarray], meta: dict[str, np.ndarray], layers: list[int]) -> pa.RecordBatch:
+        """One Parquet row per (token, layer) from host arrays ``[tokens, layers, ...]``."""
+        tokens, n_layers = host["k"].shape
+        rows = tokens * n_layers
+        k = host["k"].reshape(-1)
+        used = np.arange(host["indices"].shape[-1]) < host["k"][..., None]
+        offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
+        stats = host["logit_stats"].reshape(rows, 4).astype(np.float32)
+        columns: dict[str, Any] = {key: np.repeat(value, n_layers) for key, value in meta.items()}
+        columns["layer"] = np.tile(np.asarray(layers, dtype=np.int16), tokens)
+        columns["k"] = k.astype(np.int16)
+        for j, name in enumerate(("logit_mean", "logit_std", "logit_min", "logit_max")):
+            columns[name] = stats[:, j]
+        columns["logits"] = _fixed_lists(host["logits"].reshape(rows, -1))
+        for name in ("pvalues", "sorted_pvalues"):  # absent for routers without p-values
+            columns[name] = _fixed_lists(host[name].reshape(rows, -1)) if name in host else pa.nulls(rows, _F32_LIST)
+        columns["bh_thresholds"] = (_fixed_lists(np.tile(bh_thresholds(self.num_experts, self.alpha), (rows, 1)))
+                                    if self.alpha is not None else pa.nulls(rows, _F32_LIST))
+        columns["passing_rank"] = (pa.array(host["passing_rank"].reshape(-1).astype(np.int16))
+                                   if "passing_rank" in host else pa.nulls(rows, pa.int16()))
+        columns["selected"] = pa.ListArray.from_arrays(offsets, host["indices"][used].astype(np.int16))
+        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
+        return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, schema=SCHEMA),
+                                     row_group_size=self._row_group_size)
+            self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+
+
+def bh_thresholds(num_experts: int, alpha: float) -> np.ndarray:
+    """BH step-up thresholds ``i * alpha / N`` for ``i = 1..N``, float32 ``[N]``."""
+    return (np.arange(1, num_experts + 1, dtype=np.float64) * (alpha / num_experts)).astype(np.float32)
+
+
+def _fixed_lists(values: np.ndarray) -> pa.ListArray:
+    """``[rows, width]`` array -> list column, one list of ``width`` values per row."""
+    rows, width = values.shape
+    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    return pa.ListArray.from_arrays(offsets, np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+
+
+# --- JSON routing logs -----------------------------------------------------------------------------
+
+def _stats(values: list[float] | None) -> dict[str, float] | None:
+    """mean / population std / min / max of one row's list, or ``None`` for a null list."""
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std()), "min": float(array.min()),
+            "max": float(array.max())}
+
+
+def decision_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One ``decisions.parquet`` row as an entry of the detailed JSON log."""
+    return {
+        "layer": row["layer"], "token_position": row["position"], "window_id": row["window_id"],
+        "token_id": row["token_id"],
+        "logits_stats": {"mean": row["logit_mean"], "std": row["logit_std"], "min": row["logit_min"],
+                         "max": row["logit_max"]},
+        "pvalues_stats": _stats(row["pvalues"]),
+        "bh_results": {"sorted_pvalues": row["sorted_pvalues"], "thresholds": row["bh_thresholds"],
+                       "passing_rank": row["passing_rank"], "selected_experts": row["selected"],
+                       "num_selected": row["k"]},
+    }
+
+
+def detailed_log(decisions: pa.Table, experiment_name: str, config: dict[str, Any], total_decisions: int,
+                 timestamp: str) -> dict[str, Any]:
+    """The detailed JSON log: header plus one entry per sampled (token, layer) decision."""
+    return {"experiment_name": experiment_name, "config": config, "timestamp": timestamp,
+            "total_decisions": total_decisions, "entries": [decision_entry(row) for row in decisions.to_pylist()]}
+
+
+def summary_log(summary: dict[str, Any], sampled_decisions: int, experiment_name: str, config: dict[str, Any],
+                timestamp: str) -> dict[str, Any]:
+    """The summary JSON log, from a run's ``summary.json`` (all decisions) and the sample size."""
+    return {"experiment_name": experiment_name, "config": config, "timestamp": timestamp,
+            "total_decisions": summary["total_decisions"], "sampled_decisions": sampled_decisions,
+            "avg_experts": summary["experts_mean"], "std_experts": summary["experts_std"],
+            "min_experts": summary["experts_min"], "max_experts": summary["experts_max"],
+            "ceiling_hit_rate": summary["ceiling_hit_rate"], "floor_hit_rate": summary["floor_hit_rate"],
+            "pvalue_mean": summary["pvalue_mean"], "pvalue_std": summary["pvalue_std"]}
