@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from .io import BatchedParquetWriter
 from .routers import Selection, bh_count, check_fraction
 
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
@@ -64,10 +64,7 @@ class DecisionSampler:
         self.num_experts, self.every_n = num_experts, int(every_n)
         self.alpha = None if alpha is None else check_fraction("alpha", alpha)
         self.tokens_seen = 0  # real tokens of all batches so far: the global sampling counter
-        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd")
-        self._row_group_size = row_group_size
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
+        self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size)
         self._batch: dict[str, torch.Tensor] | None = None
         self._layers: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -114,10 +111,7 @@ class DecisionSampler:
         host = {name: torch.stack([self._layers[i][name] for i in layers], dim=1).cpu().numpy()
                 for name in self._layers[layers[0]]}  # each [tokens, layers, ...]
         meta = {key: batch[key].cpu().numpy().astype(np.int32) for key in _META}
-        self._pending.append(self._rows(host, meta, layers))
-        self._pending_rows += self._pending[-1].num_rows
-        if self._pending_rows >= self._row_group_size:
-            self._flush()
+        self._writer.append(self._rows(host, meta, layers))
 
     def _rows(self, host: dict[str, np.ndarray], meta: dict[str, np.ndarray], layers: list[int]) -> pa.RecordBatch:
         """One Parquet row per (token, layer) from host arrays ``[tokens, layers, ...]``."""
@@ -143,18 +137,9 @@ class DecisionSampler:
         columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.Table.from_batches(self._pending, schema=SCHEMA),
-                                     row_group_size=self._row_group_size)
-            self._pending, self._pending_rows = [], 0
-
     def close(self) -> None:
         """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
-        if self._writer is not None:
-            self._flush()
-            self._writer.close()
-            self._writer = None
+        self._writer.close()
 
 
 def bh_thresholds(num_experts: int, alpha: float) -> np.ndarray:

@@ -84,3 +84,39 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
     kwargs.setdefault("compression", "zstd")
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **kwargs)
+
+
+class BatchedParquetWriter:
+    """Parquet (zstd) written in large row groups from many small record batches.
+
+    Batches are queued until ``row_group_size`` rows have arrived, then written as one row group;
+    ``close`` writes the rest. The file is valid (possibly empty) once closed.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: Any, row_group_size: int):
+        import pyarrow.parquet as pq
+
+        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+        self.schema, self.row_group_size = schema, row_group_size
+        self._pending: list = []
+        self._pending_rows = 0
+
+    def append(self, batch: Any) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        if self._pending_rows >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, schema=self.schema),
+                                     row_group_size=self.row_group_size)
+            self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None

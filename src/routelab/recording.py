@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from .io import BatchedParquetWriter
 from .routers import Selection
 from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mean_over_layers
 
@@ -41,10 +41,7 @@ class RoutingRecorder:
     def __init__(self, num_layers: int, num_experts: int, min_k: int, max_k: int,
                  path: str | os.PathLike | None = None, row_group_size: int = 1 << 20):
         self.num_layers, self.num_experts, self.min_k, self.max_k = num_layers, num_experts, min_k, max_k
-        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd") if path is not None else None
-        self._row_group_size = row_group_size
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
+        self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size) if path is not None else None
         self._batch: dict[str, Any] | None = None
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._device: torch.device | None = None
@@ -139,23 +136,12 @@ class RoutingRecorder:
         columns["k"] = k.reshape(-1).astype(np.int16)
         columns["experts"] = pa.ListArray.from_arrays(offsets, idx[used].astype(np.int16))
         columns["weights"] = pa.ListArray.from_arrays(offsets, w[used].astype(np.float32))
-        self._pending.append(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
-        self._pending_rows += tokens * n_layers
-        if self._pending_rows >= self._row_group_size:
-            self._flush()
+        self._writer.append(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
         self._batch = None
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.Table.from_batches(self._pending, schema=SCHEMA),
-                                     row_group_size=self._row_group_size)
-            self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
         if self._writer is not None:
-            self._flush()
             self._writer.close()
-            self._writer = None
 
     def summary(self) -> dict[str, Any]:
         """Routing statistics of everything recorded so far (counts as ints, rates in %)."""
