@@ -137,11 +137,6 @@ def routing_configs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def needed_nulls(runs: dict[str, dict]) -> list[str]:
-    """Calibrated null methods the routing configs use (each is fitted once per experiment)."""
-    return sorted({spec["null_model"] for spec in runs.values() if spec.get("null_model") in CALIBRATED_NULLS})
-
-
 def normalise_routing(run: dict, where: str = "routing") -> dict:
     """Check one routing config's parameters against its method and fill the method's defaults."""
     method = run["method"]

@@ -43,7 +43,3 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
     log.info("loaded %s (%s, %s, experts kernel %s)", path, type(model).__name__, dtype,
              model.config._experts_implementation)
     return model
-
-
-def max_positions(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048))
