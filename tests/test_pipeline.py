@@ -75,7 +75,7 @@ def test_pipeline_writes_the_artifact_tree(workdir):
         for dataset in DATASETS:
             run_dir = root / "runs" / run / dataset
             for name in ("metrics.json", "summary.json", "routing.parquet", "scores.parquet", "provenance.json",
-                         "decisions.parquet"):
+                         "decisions.parquet", "system.json"):
                 assert (run_dir / name).is_file(), run_dir / name
             for name in ("experts_histogram.png", "expert_heatmap.png"):
                 assert (root / "plots" / run / dataset / name).stat().st_size > 1000
@@ -181,3 +181,33 @@ def test_decisions_export_to_json_logs(workdir, tmp_path):
     assert summary["total_decisions"] == json.loads((run_dir / "summary.json").read_text())["total_decisions"]
     entry = detailed["entries"][0]
     assert entry["bh_results"]["num_selected"] == len(entry["bh_results"]["selected_experts"])
+
+
+def test_active_expert_flops_follow_the_expert_shapes(workdir):
+    """OLMoE experts are gated: 2 x (2*I*H + H*I) FLOPs per token per selected expert."""
+    hidden, expert = 32, 16  # tests/data/pipeline_config.yaml
+    for run in RUNS:
+        summary = json.loads((workdir / f"results/mini/runs/{run}/arithmetic/summary.json").read_text())
+        expected = 2 * 3 * hidden * expert * summary["experts_mean"] * summary["num_layers"]
+        assert summary["active_expert_flops_per_token"] == pytest.approx(expected)
+        assert summary["active_expert_flops_vs_topk"] == pytest.approx(summary["experts_mean"] / 4)
+    system = json.loads((workdir / "results/mini/runs/topk4/arithmetic/system.json").read_text())
+    assert system["tokens_per_s"] > 0 and system["peak_rss_mb"] > 10 and system["device"] == "cpu"
+
+
+def test_the_same_run_twice_gives_identical_results(workdir, tmp_path):
+    """Determinism on CPU: rerunning one route job reproduces metrics, summary and the routing log."""
+    run_dir = workdir / "results/mini/runs/bh_main/arithmetic"
+    spec = json.loads((run_dir / "provenance.json").read_text())["routing"]
+    result = subprocess.run(
+        [sys.executable, "workflow/scripts/route.py", "--model", "results/mini/model", "--data",
+         "results/mini/data/arithmetic", "--null", "results/mini/calibration/kde/null.npz", "--routing",
+         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(tmp_path)],
+        cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("metrics.json", "summary.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((run_dir / name).read_text()), name
+    for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
+        assert pq.read_table(tmp_path / name).equals(pq.read_table(run_dir / name)), name
+    first, second = (json.loads((d / "provenance.json").read_text()) for d in (run_dir, tmp_path))
+    assert first["config_hash"] == second["config_hash"]

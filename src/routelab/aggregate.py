@@ -68,7 +68,11 @@ def collect_runs(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
         summary = read_run_file(run_dir, "summary.json")
         metrics = read_run_file(run_dir, "metrics.json")
         _check_same_run(summary, metrics, run_dir)
-        rows.append(run_record(summary, metrics))
+        row = run_record(summary, metrics)
+        system_file = Path(run_dir) / "system.json"  # speed and memory, when the route stage wrote them
+        if system_file.is_file():
+            row.update(_scalars(read_json(system_file), skip=RUN_KEYS))
+        rows.append(row)
     if not rows:
         raise ValueError("run_dirs is empty: no runs to collect")
     table = pd.DataFrame(rows)

@@ -235,3 +235,15 @@ def _compacting_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
         return slotted.view(tokens, slots, -1).sum(dim=1)
 
     return forward
+
+
+def expert_flops_per_selection(model: nn.Module) -> float:
+    """FLOPs of one token through one selected expert (2 per multiply-add of every expert weight).
+
+    Read off the first MoE block's experts parameters (``[experts, ...]`` tensors), so it holds for
+    any supported family's expert shape (gated or not, with or without biases).
+    """
+    experts = find_moe_layers(model)[0].experts
+    num_experts = int(experts.num_experts)
+    weights = sum(p.numel() for p in experts.parameters() if p.dim() >= 2 and p.shape[0] == num_experts)
+    return 2.0 * weights / num_experts

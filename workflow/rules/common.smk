@@ -91,7 +91,7 @@ def run_dirs(wildcards):
 
 
 def run_summaries(wildcards):
-    return [f"{d}/summary.json" for d in run_dirs(wildcards)] + [f"{d}/metrics.json" for d in run_dirs(wildcards)]
+    return [f"{d}/{name}" for d in run_dirs(wildcards) for name in ("summary.json", "metrics.json", "system.json")]
 
 
 def run_plots(wildcards):

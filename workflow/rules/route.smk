@@ -11,6 +11,7 @@ rule route:
         routing="results/{experiment}/runs/{routing}/{dataset}/routing.parquet",
         scores="results/{experiment}/runs/{routing}/{dataset}/scores.parquet",
         provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
+        system="results/{experiment}/runs/{routing}/{dataset}/system.json",
         decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
     log:
         "logs/{experiment}/route/{routing}/{dataset}.log",

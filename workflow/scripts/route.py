@@ -10,7 +10,9 @@ Writes into ``--out`` (one run = one routing config x one dataset):
 - ``decisions.parquet`` full detail for every n-th token (all logits and p-values, BH thresholds and
                        passing rank; ``export_decisions.py`` turns it into JSON logs);
 - ``scores.parquet``   per-document log-likelihood, token / word / byte counts, correctness;
-- ``provenance.json``  routing spec, model, versions, seed.
+- ``system.json``      wall time, tokens/s, peak memory (process RSS, CUDA), device and experts kernel
+                       (kept apart so metrics.json and summary.json are identical across reruns);
+- ``provenance.json``  routing spec, model, versions, seed, a hash of everything that determines the run.
 
     python workflow/scripts/route.py --model results/demo/model --data results/demo/data/code \
         --null results/demo/calibration/kde/null.npz --out results/demo/runs/bh/code \
@@ -18,8 +20,11 @@ Writes into ``--out`` (one run = one routing config x one dataset):
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -33,7 +38,7 @@ from routelab.evaluate import Stopwatch, document_scores, score_windows
 from routelab.io import atomic_path, read_json, write_json, write_parquet
 from routelab.modeling import load_model, load_tokenizer
 from routelab.nulls import fit_null, load_null
-from routelab.patching import install_router, model_routing_shape
+from routelab.patching import expert_flops_per_selection, install_router, model_routing_shape
 from routelab.quality import quality_metrics
 from routelab.decisions import DecisionSampler
 from routelab.recording import RecorderGroup, RoutingRecorder
@@ -83,11 +88,14 @@ def main(args: argparse.Namespace) -> None:
 
     scores = document_scores(window_scores, documents)
     metrics = {"routing": spec["name"], "dataset": data.name, "task": info["task"],
-               **quality_metrics(scores, info["task"]),
-               "wall_time_s": clock.seconds,
-               # Throughput counts every token the model processed (context included), not only scored ones.
-               "tokens_per_s": int(windows["input_ids"].map(len).sum()) / clock.seconds,
-               "device": str(next(model.parameters()).device)}
+               **quality_metrics(scores, info["task"])}
+    device = next(model.parameters()).device
+    system = {"routing": spec["name"], "dataset": data.name, "wall_time_s": clock.seconds,
+              # Throughput counts every token the model processed (context included), not only scored ones.
+              "tokens_per_s": int(windows["input_ids"].map(len).sum()) / clock.seconds,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+              "device": str(device), "experts_implementation": model.config._experts_implementation}
     params = {k: v for k, v in router.describe().items() if k != "method"}
     if spec["method"] == "topk":
         params = {"k": router.max_k, "weights": router.weight_policy}
@@ -96,7 +104,13 @@ def main(args: argparse.Namespace) -> None:
     summary = {"routing": spec["name"], "dataset": data.name, "method": spec["method"], "params": params,
                "num_layers": num_layers, "num_experts": num_experts, "model_top_k": top_k,
                "norm_topk_prob": norm_topk_prob, **recorder.summary()}
-    provenance = {"routing": spec, "dataset_info": info, "model": str(args.model), "dtype": args.dtype,
+    flops = expert_flops_per_selection(model)
+    summary["active_expert_flops_per_token"] = flops * summary["experts_mean"] * num_layers
+    summary["active_expert_flops_vs_topk"] = summary["experts_mean"] / top_k
+    determining = {"routing": spec, "dataset": info, "model": str(args.model), "dtype": args.dtype,
+                   "batch_size": args.batch_size, "seed": args.seed, "sample_every": args.sample_every}
+    provenance = {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
+                  "routing": spec, "dataset_info": info, "model": str(args.model), "dtype": args.dtype,
                   "experts_implementation": model.config._experts_implementation, "seed": args.seed,
                   "git_commit": git_commit(), "python": platform.python_version(),
                   "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
@@ -104,6 +118,7 @@ def main(args: argparse.Namespace) -> None:
     write_parquet(out / "scores.parquet", scores)
     write_json(out / "summary.json", summary)
     write_json(out / "provenance.json", provenance)
+    write_json(out / "system.json", system)
     write_json(out / "metrics.json", metrics)
     log.info("metrics %s", metrics)
     log.info("experts selected: mean %.3f std %.3f (min %d, max %d); ceiling %.1f%%, floor %.1f%%",
