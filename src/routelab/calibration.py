@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .evaluate import _pad
+from .evaluate import padded_batches
 
 
 @torch.inference_mode()
@@ -14,14 +14,9 @@ def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_tok
                           max_per_layer: int, seed: int = 0, progress: bool = True) -> list[np.ndarray]:
     """Router logits ``[tokens, experts]`` per MoE layer (padding excluded), subsampled by token to at
     most ``max_per_layer`` values per layer with a seeded generator."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
-    for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, mininterval=2):
-        chunk = windows.iloc[start:start + batch_size]
-        inputs = _pad([list(r) for r in chunk["input_ids"]], pad_token_id).to(device)
-        mask = _pad([[1] * len(r) for r in chunk["input_ids"]], 0).to(device)
+    for _, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "calibrate", progress):
         out = model(input_ids=inputs, attention_mask=mask, output_router_logits=True)
         valid = mask.reshape(-1).bool()
         if not per_layer:

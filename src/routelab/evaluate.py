@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,19 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def padded_batches(windows: pd.DataFrame, batch_size: int, pad_token_id: int, device: torch.device,
+                   desc: str, progress: bool = True) -> Iterator[tuple[pd.DataFrame, torch.Tensor, torch.Tensor]]:
+    """``(chunk, input_ids, attention_mask)`` per batch of windows, right-padded, ``[batch, seq]`` on
+    ``device``, with a tqdm progress bar named ``desc``."""
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, mininterval=2):
+        chunk = windows.iloc[start:start + batch_size]
+        inputs = _pad([list(r) for r in chunk["input_ids"]], pad_token_id).to(device)
+        mask = _pad([[1] * len(r) for r in chunk["input_ids"]], 0).to(device)
+        yield chunk, inputs, mask
+
+
 @torch.inference_mode()
 def score_windows(model, windows: pd.DataFrame, batch_size: int, pad_token_id: int, recorder=None,
                   progress: bool = True) -> pd.DataFrame:
@@ -27,16 +41,10 @@ def score_windows(model, windows: pd.DataFrame, batch_size: int, pad_token_id: i
     Windows are right-padded into batches; padding is masked from attention and from the recorder.
     Returns one row per window: ``window_id, doc_id, loglik, tokens, correct``.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     out = []
-    starts = range(0, len(windows), batch_size)
-    for start in tqdm(starts, desc="evaluate", disable=not progress, mininterval=2):
-        chunk = windows.iloc[start:start + batch_size]
-        inputs = _pad([list(r) for r in chunk["input_ids"]], pad_token_id).to(device)
+    for chunk, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "evaluate", progress):
         labels = _pad([list(r) for r in chunk["labels"]], IGNORE).to(device)
-        mask = _pad([[1] * len(r) for r in chunk["input_ids"]], 0).to(device)
         if recorder is not None:
             recorder.begin_batch(mask, torch.as_tensor(chunk["window_id"].to_numpy()),
                                  torch.as_tensor(chunk["doc_id"].to_numpy()), inputs)

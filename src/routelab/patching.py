@@ -32,12 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .routers import Router
-
-
-def softmax_probs(router_logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over experts in float32: ``[tokens, experts]`` logits -> probabilities."""
-    return torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+from .routers import Router, softmax_float32
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class Family:
     router_attr: str = "gate"
     renormalize: str = "config"
     weights_dtype: str = "logits"
-    expert_probs: Callable[[torch.Tensor], torch.Tensor] = softmax_probs
+    expert_probs: Callable[[torch.Tensor], torch.Tensor] = softmax_float32
     logits_float32: bool = False  # the native router casts its logits to float32 (granitemoe)
 
     def router_logits(self, router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,11 @@ def check_finite_logits(logits: torch.Tensor, layer: int) -> None:
     )
 
 
+def softmax_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Expert probabilities ``[tokens, experts]``: softmax over experts in float32, as native routers."""
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
 class Router:
     """Base class: subclasses implement :meth:`rank` (preference order and k per token)."""
 
@@ -86,8 +91,12 @@ class Router:
             raise RouterConfigError(f"max_k: {max_k} exceeds the model's {num_experts} experts; need max_k <= {num_experts}")
         self.num_experts, self.max_k, self.min_k, self.weight_policy = num_experts, int(max_k), int(min_k), weights
 
-    def rank(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return ``(order [tokens, max_k], k [tokens], pvalues or None)``; ``order`` most preferred first."""
+    def rank(self, logits: torch.Tensor, layer: int,
+             probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(order [tokens, max_k], k [tokens], pvalues or None)``; ``order`` most preferred first.
+
+        ``probs`` are the expert probabilities :meth:`__call__` already computed (None: compute them).
+        """
         raise NotImplementedError
 
     def __call__(self, logits: torch.Tensor, layer: int = 0, norm_topk_prob: bool = False,
@@ -102,8 +111,8 @@ class Router:
             raise ValueError(f"logits: expected shape [tokens, {self.num_experts}], got {tuple(logits.shape)}")
         check_finite_logits(logits, layer)
         if probs is None:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        order, k, pvalues = self.rank(logits, layer)
+            probs = softmax_float32(logits)
+        order, k, pvalues = self.rank(logits, layer, probs)
         used = torch.arange(self.max_k, device=logits.device) < k.unsqueeze(-1)
         weights = probs.gather(-1, order) * used
         if self.weight_policy == "renormalize" or (self.weight_policy == "model" and norm_topk_prob):
@@ -126,9 +135,9 @@ class TopKRouter(Router):
         super().__init__(num_experts, max_k=k, min_k=k, weights=weights)
         self.k = int(k)
 
-    def rank(self, logits, layer):
+    def rank(self, logits, layer, probs=None):
         # Same ops as the native routers (softmax in float32, then topk) so ties break identically.
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        probs = softmax_float32(logits) if probs is None else probs
         order = torch.topk(probs, self.k, dim=-1).indices
         k = torch.full(logits.shape[:1], self.k, dtype=torch.long, device=logits.device)
         return order, k, None
@@ -165,8 +174,8 @@ class TopPRouter(Router):
         super().__init__(num_experts, max_k=max_k, min_k=min_k, weights=weights)
         self.p = check_fraction("p", p)
 
-    def rank(self, logits, layer):
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    def rank(self, logits, layer, probs=None):
+        probs = softmax_float32(logits) if probs is None else probs
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         k = top_p_count(sorted_probs, self.p).clamp_(self.min_k, self.max_k)
         return order[:, : self.max_k].contiguous(), k, None
@@ -243,7 +252,7 @@ class PValueRouter(Router):
         """Experts selected per token before clamping, ``[tokens]`` int64."""
         raise NotImplementedError
 
-    def rank(self, logits, layer):
+    def rank(self, logits, layer, probs=None):
         if getattr(self.null, "monotone_in_logit", False):
             # One sort: descending logits are ascending p-values, ties already in logit order.
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
