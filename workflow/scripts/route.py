@@ -55,6 +55,31 @@ def git_commit() -> str | None:
         return None
 
 
+def make_router(spec: dict, null_arg: str | None, model):
+    """The configured router for ``model``, with its null loaded and checked against the model."""
+    num_layers, num_experts, top_k, _ = model_routing_shape(model)
+    null = None
+    if spec.get("null_model"):
+        if null_arg is None:
+            raise ValueError(f"--null: routing method {spec['method']!r} needs a null: a null.npz from "
+                             "calibrate_null, or 'gaussian' (no calibration)")
+        null = fit_null("gaussian", None, num_experts) if null_arg == "gaussian" else load_null(null_arg)
+        null.check_model(num_layers, num_experts)
+    return build_router(spec, num_experts, top_k, null)
+
+
+def provenance_record(args: argparse.Namespace, spec: dict, info: dict, model) -> dict:
+    """What produced the run: inputs, versions, commit, and a hash of everything that determines it."""
+    determining = {"routing": spec, "dataset": info, "model": str(args.model), "dtype": args.dtype,
+                   "batch_size": args.batch_size, "seed": args.seed, "sample_every": args.sample_every}
+    return {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
+            "routing": spec, "dataset_info": info, "model": str(args.model), "dtype": args.dtype,
+            "experts_implementation": model.config._experts_implementation, "seed": args.seed,
+            "git_commit": git_commit(), "python": platform.python_version(),
+            "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
+                         "transformers": __import__("transformers").__version__}}
+
+
 def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,14 +91,7 @@ def main(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.dtype, args.device, args.experts_implementation)
     tokenizer = load_tokenizer(args.model)
     num_layers, num_experts, top_k, norm_topk_prob = model_routing_shape(model)
-    null = None
-    if spec.get("null_model"):
-        if args.null is None:
-            raise ValueError(f"--null: routing method {spec['method']!r} needs a null: a null.npz from "
-                             "calibrate_null, or 'gaussian' (no calibration)")
-        null = fit_null("gaussian", None, num_experts) if args.null == "gaussian" else load_null(args.null)
-        null.check_model(num_layers, num_experts)
-    router = build_router(spec, num_experts, top_k, null)
+    router = make_router(spec, args.null, model)
     log.info("routing %s on %s: %s (model top-k %d, norm_topk_prob %s)", spec["name"], data.name,
              router.describe(), top_k, norm_topk_prob)
 
@@ -107,14 +125,7 @@ def main(args: argparse.Namespace) -> None:
     flops = expert_flops_per_selection(model)
     summary["active_expert_flops_per_token"] = flops * summary["experts_mean"] * num_layers
     summary["active_expert_flops_vs_topk"] = summary["experts_mean"] / top_k
-    determining = {"routing": spec, "dataset": info, "model": str(args.model), "dtype": args.dtype,
-                   "batch_size": args.batch_size, "seed": args.seed, "sample_every": args.sample_every}
-    provenance = {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
-                  "routing": spec, "dataset_info": info, "model": str(args.model), "dtype": args.dtype,
-                  "experts_implementation": model.config._experts_implementation, "seed": args.seed,
-                  "git_commit": git_commit(), "python": platform.python_version(),
-                  "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
-                               "transformers": __import__("transformers").__version__}}
+    provenance = provenance_record(args, spec, info, model)
     write_parquet(out / "scores.parquet", scores)
     write_json(out / "summary.json", summary)
     write_json(out / "provenance.json", provenance)
