@@ -18,6 +18,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/tracking.smk"
 include: "workflow/rules/demo_model.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/calibrate.smk"

@@ -2,18 +2,27 @@
 """Forward-time cost of routelab routers relative to the model's native router, measured in one run.
 
 Variants are interleaved (every repetition runs each variant once, in a rotating order) so drift in
-machine load affects them alike; the printed ratios are medians of per-repetition times.
+machine load affects them alike; the printed ratios are medians of per-repetition times (wall clock,
+the target; the process CPU time is printed beside it because on a shared machine it is the steadier
+of the two).
 
 - ``bh k=k``: BH with min_k = max_k = the model's k (same experts as native; pure routing overhead).
   Target: <= 1.05.
 - ``bh ~k/2``: BH with alpha chosen so that about half of the model's k experts are selected on
   average, experts kernel ``grouped_mm`` (fewer experts must mean less compute). Target: <= 0.70.
 
-Models: the demo architecture (random weights; routing cost does not depend on training) on the CPU,
-and, when CUDA is available, an OLMoE-1B-7B-sized layer stack (16 layers, 64 experts, top-8,
-hidden 2048, expert size 1024) in bfloat16.
+For each model the script also prints the experts' share of the native forward time (hook-timed in
+separate native forwards) and the ratio that share allows at the measured mean k if the experts'
+cost fell exactly in proportion to the experts selected and routing cost nothing:
+``1 - share * (1 - mean_k / k)``. Attention, embeddings, norms and the LM head do not shrink.
 
-    python benchmarks/routing_overhead.py [--repeats 20] [--tokens 2048]
+Models: the demo architecture (random weights; routing cost does not depend on training) on the CPU;
+``--wide``: the same with 8x wider experts (intermediate size 512), an experts-dominated CPU model that
+shows how the ratio scales with the experts' share (not the target model); and, when CUDA is
+available, an OLMoE-1B-7B-sized layer stack (16 layers, 64 experts, top-8, hidden 2048, expert size
+1024) in bfloat16.
+
+    python benchmarks/routing_overhead.py [--repeats 20] [--tokens 2048] [--threads N] [--wide]
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import time
 import torch
 
 from routelab.nulls import fit_kde_null
-from routelab.patching import install_router, model_routing_shape
+from routelab.patching import find_moe_layers, install_router, model_routing_shape
 from routelab.routers import BHRouter
 
 DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -46,34 +55,72 @@ def build(shape: dict, device: str, dtype: torch.dtype, kernel: str):
     return model
 
 
-def timed(model, inputs, router=None) -> float:
+WIDE = {**DEMO, "intermediate_size": 512}
+
+
+def timed(model, inputs, router=None) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one forward."""
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     with torch.inference_mode():
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if router is None:
             model(input_ids=inputs)
         else:
             with install_router(model, router):
                 model(input_ids=inputs)
         sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def alpha_for_mean_k(model, inputs, null, num_layers, num_experts, k, target):
+def experts_share(model, inputs, repeats: int) -> float:
+    """Median share of a native forward's wall time spent inside the MoE experts modules."""
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    spent: list[float] = []
+
+    def enter(module, args):
+        sync()
+        spent.append(-time.perf_counter())
+
+    def leave(module, args, output):
+        sync()
+        spent[-1] += time.perf_counter()
+
+    hooks = []
+    for layer in find_moe_layers(model):
+        hooks += [layer.experts.register_forward_pre_hook(enter), layer.experts.register_forward_hook(leave)]
+    shares = []
+    try:
+        for _ in range(repeats):
+            spent.clear()
+            total = timed(model, inputs)[0]
+            shares.append(sum(spent) / total)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return statistics.median(shares)
+
+
+class MeanK:
+    """A recorder that only averages the experts selected per (token, layer)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0, 0
+
+    def record(self, layer, router_logits, selection) -> None:
+        self.total += int(selection.k.sum())
+        self.count += selection.k.numel()
+
+
+def alpha_for_mean_k(model, inputs, null, num_experts, k, target):
     """Bisection on alpha so that BH selects about ``target`` experts per token on ``inputs``."""
-    from routelab.recording import RoutingRecorder
-
     low, high = 1e-6, 1.0
     for _ in range(20):
         alpha = (low * high) ** 0.5
-        recorder = RoutingRecorder(num_layers, num_experts, 1, k)
-        mask = torch.ones_like(inputs)
-        recorder.begin_batch(mask, torch.zeros(inputs.shape[0], dtype=torch.long),
-                             torch.zeros(inputs.shape[0], dtype=torch.long), inputs)
+        recorder = MeanK()
         with torch.inference_mode(), install_router(model, BHRouter(num_experts, null, alpha, 1, k), recorder):
             model(input_ids=inputs)
-        mean = recorder.summary()["experts_mean"]
+        mean = recorder.total / recorder.count
         if abs(mean - target) < 0.1:
             break
         low, high = (alpha, high) if mean < target else (low, alpha)
@@ -88,7 +135,7 @@ def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, 
     with torch.inference_mode():
         logits = model(input_ids=inputs, output_router_logits=True).router_logits
     null = fit_kde_null([layer.float().cpu().numpy() for layer in logits], num_experts)
-    alpha, mean = alpha_for_mean_k(model, inputs, null, num_layers, num_experts, k, k / 2)
+    alpha, mean = alpha_for_mean_k(model, inputs, null, num_experts, k, k / 2)
     variants = {
         "native": None,
         "bh k=k": BHRouter(num_experts, null, 0.05, k, k),
@@ -101,21 +148,35 @@ def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, 
     for rep in range(repeats):
         for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
             times[label].append(timed(model, inputs, variants[label]))
-    native = statistics.median(times["native"])
-    print(f"\n{name}: {num_layers} layers x {num_experts} experts, top-{k}, {inputs.numel()} tokens/forward, "
-          f"{device} {str(dtype).removeprefix('torch.')}, experts kernel grouped_mm, {repeats} interleaved repeats")
-    print(f"  {'variant':45s} {'median ms':>10s} {'ratio vs native':>16s}")
+    share = experts_share(model, inputs, max(3, repeats // 2))
+    native_wall = statistics.median(wall for wall, _ in times["native"])
+    native_cpu = statistics.median(cpu for _, cpu in times["native"])
+    print(f"\n{name}: {num_layers} layers x {num_experts} experts, top-{k}, hidden {shape['hidden_size']}, expert "
+          f"size {shape['intermediate_size']}, {inputs.numel()} tokens/forward, {device} "
+          f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, experts kernel grouped_mm, "
+          f"{repeats} interleaved repeats")
+    print(f"  {'variant':45s} {'median ms':>10s} {'ratio vs native':>16s} {'CPU-time ratio':>15s}")
     for label in labels:
-        median = statistics.median(times[label])
-        print(f"  {label:45s} {1000 * median:10.2f} {median / native:16.3f}")
+        wall = statistics.median(w for w, _ in times[label])
+        cpu = statistics.median(c for _, c in times[label])
+        print(f"  {label:45s} {1000 * wall:10.2f} {wall / native_wall:16.3f} {cpu / native_cpu:15.3f}")
+    print(f"  experts' share of the native forward: {share:.2f}; at mean k {mean:.2f} of {k} the ratio could "
+          f"reach {1 - share * (1 - mean / k):.3f} if experts' cost fell in proportion and routing cost nothing")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--wide", action="store_true", help="also the experts-dominated wide demo variant")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     bench("demo model (CPU)", DEMO, "cpu", torch.float32, args.tokens, args.repeats)
+    if args.wide:
+        bench("wide demo variant (CPU; experts-dominated, not the target model)", WIDE, "cpu", torch.float32,
+              args.tokens, args.repeats)
     if torch.cuda.is_available():
         bench("OLMoE-sized stack (GPU)", OLMOE, "cuda", torch.bfloat16, 4 * args.tokens, args.repeats)
 

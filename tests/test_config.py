@@ -85,7 +85,9 @@ def test_defaults_are_filled_from_the_schema(tmp_path, config):
     assert "task" not in config["datasets"]["arithmetic"]
     loaded = load(tmp_path, config)
     assert loaded["seed"] == 0
-    assert loaded["evaluation"] == {"window": None, "batch_size": 16, "decision_sample_every": 100}
+    assert loaded["evaluation"] == {"window": None, "batch_size": 16, "checkpoint_every": 100,
+                                    "decision_sample_every": 100}
+    assert loaded["datasets"]["arithmetic"]["shards"] == 1
     assert loaded["calibration"] == {"grid_size": 2048, "max_logits_per_layer": 1000000}
     assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"
     assert loaded["datasets"]["arithmetic"]["task"] == "perplexity"

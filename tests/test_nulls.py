@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.stats import gaussian_kde
 
-from routelab.nulls import NullMismatchError, TabulatedNull, fit_kde_layer, fit_kde_null, interpolate
+from routelab.nulls import (NullMismatchError, TabulatedNull, fit_kde_layer, fit_kde_null, interpolate,
+                            interpolate_uniform)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -21,6 +22,25 @@ def test_interpolate_matches_numpy_interp(seed):
     got = interpolate(torch.from_numpy(x).reshape(1, -1), torch.from_numpy(xp), torch.from_numpy(fp))
     expected = np.interp(x.astype(np.float64), xp.astype(np.float64), fp.astype(np.float64))
     np.testing.assert_allclose(got.numpy().reshape(-1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_interpolate_uniform_equals_the_binary_search_exactly(seed):
+    # The kde null's fast path must give bit-identical p-values to searchsorted interpolation:
+    # on the knots, one float step either side of them, between them and beyond both ends.
+    rng = np.random.default_rng(seed)
+    points = int(rng.integers(2, 3000))
+    low, high = sorted(rng.normal(0, 5, size=2))
+    xp = torch.linspace(float(low), float(high), points)
+    if seed % 2 and points > 3:  # a repeated knot (ties in the data): a step there
+        xp[points // 2] = xp[points // 2 - 1]
+    fp = torch.from_numpy(np.sort(rng.uniform(size=points))[::-1].copy()).float()
+    x = torch.cat([torch.from_numpy(rng.uniform(low - 1, high + 1, size=4000)).float(), xp,
+                   torch.nextafter(xp, torch.tensor(-np.inf)), torch.nextafter(xp, torch.tensor(np.inf)),
+                   torch.tensor([low - 100.0, high + 100.0])])
+    expected = interpolate(x, xp, fp)
+    got = interpolate_uniform(x.reshape(-1, 2) if x.numel() % 2 == 0 else x, xp, fp).reshape(-1)
+    assert torch.equal(got, expected), (got - expected).abs().max()
 
 
 def test_interpolate_keeps_shape_and_clamps():

@@ -198,3 +198,33 @@ def test_nested_install_router_refuses_or_keeps_the_outer_router(tiny_olmoe_dir)
         inner.__exit__(None, None, None)
         torch.testing.assert_close(model(input_ids=inputs).logits, outer, atol=0, rtol=0)
     assert router_state(model) == native
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("router", ["topk", "bh fixed k", "bh variable k"])
+def test_nan_router_logits_raise_naming_the_layer(tiny_olmoe_dir, router, device):
+    # On CPU the layer raises; on an accelerator the check is deferred to the end of the forward (one
+    # host sync) and names the same layer.
+    model = load_tiny(tiny_olmoe_dir, "grouped_mm").to(device)
+    routers = {"topk": TopKRouter(8, 2), "bh fixed k": BHRouter(8, _uniform_null(), alpha=0.5, min_k=2, max_k=2),
+               "bh variable k": BHRouter(8, _uniform_null(), alpha=0.5, min_k=1, max_k=8)}
+    layers = install_router(model, routers[router])
+    with torch.no_grad(), layers as moe_layers:
+        moe_layers[1].gate.weight[3, 0] = float("nan")
+        with pytest.raises(ValueError, match=rf"layer 1: {batch().numel()} of {batch().numel()} tokens have NaN"):
+            model(input_ids=batch().to(device))
+
+
+def test_deferred_nonfinite_check_names_the_first_bad_layer_and_resets():
+    from routelab.patching import _NonFiniteCheck
+
+    check = _NonFiniteCheck()
+    good, bad = torch.zeros(5, 4), torch.zeros(5, 4)
+    bad[1, 2], bad[4, 0] = float("inf"), float("nan")
+    for layer, logits in enumerate([good, bad, bad]):
+        check.add(layer, logits)
+    with pytest.raises(ValueError, match="layer 1: 2 of 5 tokens have NaN or infinite"):
+        check.check()
+    check.check()  # the failed forward's counts are gone
+    check.add(0, good)
+    check.check()

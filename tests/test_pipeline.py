@@ -21,12 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from routelab.report import FIGURES as REPORT_FIGURES
+
 pytestmark = pytest.mark.pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).parent / "data" / "pipeline_config.yaml"
 RUNS = ["topk4", "bh_main", "bh_a0.5"]
 DATASETS = ["arithmetic", "cloze"]
+PER_RUN_FIGURES = ["experts_histogram.png", "expert_heatmap.png", "pvalue_distribution.png", "logit_vs_pvalue.png",
+                   "bh_decisions.png", "bh_pass_rate.png", "routing_sequence.png", "expert_utilisation.png",
+                   "token_rarity.png", "layer_experts.png"]
+PVALUE_FIGURES = {"pvalue_distribution.png", "logit_vs_pvalue.png", "bh_decisions.png", "bh_pass_rate.png"}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -77,12 +83,19 @@ def test_pipeline_writes_the_artifact_tree(workdir):
             for name in ("metrics.json", "summary.json", "routing.parquet", "scores.parquet", "provenance.json",
                          "decisions.parquet", "system.json"):
                 assert (run_dir / name).is_file(), run_dir / name
-            for name in ("experts_histogram.png", "expert_heatmap.png"):
-                assert (root / "plots" / run / dataset / name).stat().st_size > 1000
-    for name in ("runs.csv", "runs.parquet", "layers.csv"):
+            plot_dir = root / "plots" / run / dataset
+            for name in PER_RUN_FIGURES:
+                assert (plot_dir / name).stat().st_size > 1000, plot_dir / name
+            index = json.loads((plot_dir / "index.json").read_text())
+            assert [entry["file"] for entry in index] == PER_RUN_FIGURES
+            not_drawn = {entry["file"] for entry in index if not entry["drawn"]}
+            # top-k computes no p-values: its p-value and BH figures say so instead of faking them
+            assert not_drawn == (PVALUE_FIGURES if run.startswith("topk") else set()), (run, not_drawn)
+    for name in ("runs.csv", "runs.parquet", "layers.csv", "scores.parquet", "expert_counts.parquet",
+                 "coactivation.parquet"):
         assert (root / "aggregate" / name).is_file()
-    for name in ("comparison.csv", "comparison.md", "report.html", "figures/experts_vs_alpha.png",
-                 "figures/quality_vs_experts.png"):
+    for name in ("comparison.csv", "comparison.md", "comparison.tex", "quality_ci.csv", "rliable_intervals.csv",
+                 "report.html", *(f"figures/{figure.file}" for figure in REPORT_FIGURES)):
         assert (root / "report" / name).is_file(), name
     assert not list(root.rglob("*.tmp")), "a temporary file was left behind"
     assert (workdir / "logs" / "mini" / "train_demo_model.log").stat().st_size > 0
@@ -142,9 +155,17 @@ def test_report_shows_table_and_figures(workdir):
     html = (report / "report.html").read_text()
     for run in RUNS:
         assert run in html
-    assert "<table" in html and html.count("data:image/png;base64,") >= 2
+    assert "<table" in html and "Skipped" not in html  # every cross-run figure is drawn
+    for figure in REPORT_FIGURES:
+        assert f'<img src="figures/{figure.file}"' in html and f'id="{figure.anchor}"' in html, figure.file
+    assert 'href="../plots/bh_main/cloze/experts_histogram.png"' in html  # per-run figures linked
     comparison = pd.read_csv(report / "comparison.csv")
     assert len(comparison) == len(RUNS) * len(DATASETS)
+    assert (comparison["perplexity_ci_low"].dropna() <= comparison["perplexity_ci_high"].dropna()).all()
+    assert comparison["acc_ci_high"].notna().sum() == len(RUNS)
+    assert "\\toprule" in (report / "comparison.tex").read_text()
+    improvement = pd.read_csv(report / "improvement.csv")
+    assert sorted(improvement["routing"]) == ["bh_a0.5", "bh_main"]  # each against the baseline topk4 only
     assert f"routing report: {report / 'report.html'}" in (workdir / "first_run.log").read_text()
 
 
@@ -165,9 +186,25 @@ def test_changing_one_alpha_reruns_only_that_config(workdir):
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     counts = Counter(rule for rule, _ in jobs)
-    assert counts == {"route": 2, "plot_run": 2, "aggregate": 1, "report": 1, "all": 1}, counts
-    rerouted = {(w["routing"], w["dataset"]) for rule, w in jobs if rule in ("route", "plot_run")}
+    # cloze is sharded (tests/data/pipeline_config.yaml): two route_shard jobs and their gather
+    assert counts == {"route": 1, "route_shard": 2, "gather_shards": 1, "plot_run": 2, "aggregate": 1, "report": 1,
+                      "all": 1}, counts
+    rerouted = {(w["routing"], w["dataset"]) for rule, w in jobs
+                if rule in ("route", "route_shard", "gather_shards", "plot_run")}
     assert rerouted == {("bh_main", "arithmetic"), ("bh_main", "cloze")}
+    assert {w["shard"] for rule, w in jobs if rule == "route_shard"} == {"1-of-2", "2-of-2"}
+
+
+def test_changing_a_report_setting_reruns_only_the_report(workdir):
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["report"]["bootstrap_repetitions"] = 500
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        result = snakemake(workdir, "-n")
+    finally:
+        shutil.copy(CONFIG, workdir / "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert Counter(rule for rule, _ in planned_jobs(result.stdout)) == {"report": 1, "all": 1}
 
 
 def test_decisions_export_to_json_logs(workdir, tmp_path):
@@ -211,3 +248,124 @@ def test_the_same_run_twice_gives_identical_results(workdir, tmp_path):
         assert pq.read_table(tmp_path / name).equals(pq.read_table(run_dir / name)), name
     first, second = (json.loads((d / "provenance.json").read_text()) for d in (run_dir, tmp_path))
     assert first["config_hash"] == second["config_hash"]
+
+
+# --- sharded, interrupted and retried route jobs (tests/test_shards.py and test_resume.py test the parts) ---
+
+# The interruption test reroutes one config on both datasets: one route job and two route_shard jobs.
+KILLED_RUN = "bh_main"
+
+
+def run_targets() -> list[str]:
+    return [f"results/mini/runs/{KILLED_RUN}/{dataset}/metrics.json" for dataset in DATASETS]
+
+
+def copy_without_runs(workdir: Path, copy: Path) -> Path:
+    """The finished pipeline with its run outputs and route logs deleted (model, data and nulls kept)."""
+    shutil.copytree(workdir, copy, symlinks=True)
+    for folder in ("results/mini/runs", "results/mini/shards", "logs/mini/route"):
+        shutil.rmtree(copy / folder, ignore_errors=True)
+    return copy
+
+
+def test_sharded_run_equals_an_unsharded_route(workdir, tmp_path):
+    """The gathered two-shard cloze run against route.py on the whole dataset: the same decisions, the same
+    counts; floats equal up to float32 rounding of other batch shapes (see tests/test_shards.py)."""
+    run_dir = workdir / "results/mini/runs/bh_main/cloze"
+    spec = json.loads((run_dir / "provenance.json").read_text())["routing"]
+    result = subprocess.run(
+        [sys.executable, "workflow/scripts/route.py", "--model", "results/mini/model", "--data",
+         "results/mini/data/cloze", "--null", "results/mini/calibration/kde/null.npz", "--routing",
+         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(tmp_path)],
+        cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert [s["shard"] for s in provenance["shards"]] == ["1-of-2", "2-of-2"]
+    for name in ("routing.parquet", "decisions.parquet"):
+        whole, gathered = pq.read_table(tmp_path / name).to_pandas(), pq.read_table(run_dir / name).to_pandas()
+        for column in ("window_id", "doc_id", "position", "token_id", "layer", "k"):
+            assert whole[column].equals(gathered[column]), (name, column)
+    whole = pq.read_table(tmp_path / "routing.parquet").to_pandas()
+    gathered = pq.read_table(run_dir / "routing.parquet").to_pandas()
+    assert whole["experts"].map(list).equals(gathered["experts"].map(list))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key, value in json.loads((tmp_path / "metrics.json").read_text()).items():
+        assert metrics[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("total_decisions", "experts_mean", "experts_std", "k_histogram", "expert_counts", "top1_counts"):
+        assert summary[key] == reference[key], key
+    assert summary["router_entropy"] == pytest.approx(reference["router_entropy"], rel=1e-6)
+    shards = workdir / "results/mini/shards"
+    assert not [p for p in shards.rglob("*") if p.is_file()]  # the shards' parts are temp(): gone once gathered
+
+
+def test_killed_pipeline_resumes_and_equals_the_uninterrupted_run(workdir, tmp_path):
+    """A real interruption: SIGKILL the whole Snakemake process group while route jobs run, rerun."""
+    import signal
+    import time
+
+    copy = copy_without_runs(workdir, tmp_path / "killed")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config.yaml", "--cores", "2", *run_targets()]
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(cmd, cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    root = copy / "results/mini"
+    deadline = time.monotonic() + 300
+    while not list(root.glob("**/*.partial/*/chunk-*")):  # a route job has saved part of its work
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no route job started"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    # Whatever exists is complete: outputs appear whole or not at all.
+    for path in root.glob("runs/*/*/*.parquet"):
+        pq.read_table(path)
+    for path in root.glob("runs/*/*/*.json"):
+        json.loads(path.read_text())
+
+    assert snakemake(copy, "--unlock").returncode == 0  # the killed Snakemake left its lock behind
+    result = snakemake(copy, "--rerun-incomplete", *run_targets())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    logs = [p.read_text() for p in (copy / "logs/mini/route").rglob("*.log")]
+    assert any("resuming from the checkpoint" in text for text in logs), "no route job resumed"
+    for dataset in DATASETS:
+        clean, rerun = (d / f"runs/{KILLED_RUN}/{dataset}" for d in (workdir / "results/mini", root))
+        for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
+            assert pq.read_table(rerun / name).equals(pq.read_table(clean / name)), (dataset, name)
+        for name in ("metrics.json", "summary.json"):
+            assert json.loads((rerun / name).read_text()) == json.loads((clean / name).read_text()), (dataset, name)
+    assert not list(root.rglob("*.partial")) and not list(root.rglob("*.tmp"))
+
+
+def test_route_retries_out_of_memory_with_half_the_batch_and_stops_after_other_errors(workdir, tmp_path):
+    copy = copy_without_runs(workdir, tmp_path / "retry")
+    target = "results/mini/runs/topk4/arithmetic/metrics.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run_with(fault: dict) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "snakemake", "--configfile", "config.yaml", "--cores", "1", target]
+        return subprocess.run(cmd, cwd=copy, env={**env, "ROUTELAB_INJECT_FAULT": json.dumps(fault)},
+                              capture_output=True, text=True, timeout=600)
+
+    # Out of memory at batch size 8: attempt 2 runs with 4 and succeeds.
+    result = run_with({"kind": "oom", "after_batches": 1, "min_batch_size": 8})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "batch_size=8" in output and "attempt=2" in output and "batch_size=4" in output
+    run_dir = copy / "results/mini/runs/topk4/arithmetic"
+    assert json.loads((run_dir / "provenance.json").read_text())["batch_size"] == 4
+    clean = json.loads((workdir / "results/mini/runs/topk4/arithmetic/metrics.json").read_text())
+    assert json.loads((run_dir / "metrics.json").read_text())["perplexity"] == pytest.approx(clean["perplexity"],
+                                                                                               rel=1e-6)
+
+    # Any other error: Snakemake retries, but the retries stop at once and the log path is shown.
+    (run_dir / "metrics.json").unlink()
+    result = run_with({"kind": "error", "after_batches": 0})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "logs/mini/route/topk4/arithmetic.log" in output
+    last_attempt = (copy / "logs/mini/route/topk4/arithmetic.log").read_text()
+    assert "not retrying" in last_attempt and "RuntimeError: injected failure" in last_attempt
+    assert "loaded results/mini/model" not in last_attempt  # the retry did not load the model again

@@ -191,3 +191,85 @@ def test_recorder_ignores_calls_outside_a_batch():
     assert summary["total_decisions"] == 2  # the padded third token is not counted
     assert summary["k_histogram"] == {"2": 2}
     assert sum(summary["expert_counts"][0]) == 4
+
+
+# --- the background Parquet writer ---------------------------------------------------------------
+
+def _int_batch(values, name="x"):
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_pydict({name: pa.array(values, pa.int32())})
+
+
+def test_batched_writer_row_groups_and_content(tmp_path):
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    path = tmp_path / "out.parquet"
+    writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=8)
+    sizes, start = [5, 7, 3, 10, 1], 0
+    for size in sizes:
+        writer.append(_int_batch(list(range(start, start + size))))
+        start += size
+    assert not path.exists(), "the file appears only when complete"
+    writer.close()
+    # Batches gather until >= 8 rows, then go out in row groups of at most 8:
+    # 5+7 = 12 -> 8, 4; 3+10 = 13 -> 8, 5; the last 1 at close.
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [8, 4, 8, 5, 1]
+    assert pq.read_table(path)["x"].to_pylist() == list(range(26))
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"], "no temporary file left"
+
+
+def test_batched_writer_error_on_thread_reaches_the_caller(tmp_path):
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    path = tmp_path / "out.parquet"
+    writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=4)
+    writer.append(_int_batch([1, 2, 3, 4, 5], name="wrong"))  # fails on the thread when written
+    with pytest.raises(RuntimeError, match=f"writing {path} failed"):
+        for _ in range(100):  # raised by a later append at the latest by close
+            writer.append(_int_batch([1]))
+        writer.close()
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_batched_writer_abort_leaves_nothing(tmp_path):
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    writer = BatchedParquetWriter(tmp_path / "out.parquet", pa.schema([("x", pa.int32())]), row_group_size=4)
+    writer.append(_int_batch([1, 2]))
+    writer.abort()
+    writer.close()  # a no-op after abort
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_statistics_do_not_depend_on_how_many_layers_are_reduced_at_once(monkeypatch):
+    """end_batch reduces [layers, tokens, E] in groups of layers to bound memory; any grouping gives the same."""
+    import routelab.recording as recording
+
+    gen = torch.Generator().manual_seed(5)
+    logits = [torch.randn(12, NUM_EXPERTS, generator=gen) * 2 for _ in range(3)]
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+
+    def summary():
+        recorder = RoutingRecorder(3, NUM_EXPERTS, 1, 4)
+        recorder.begin_batch(mask, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2, 6, dtype=torch.long))
+        for layer, layer_logits in enumerate(logits):
+            recorder.record(layer, layer_logits, TopKRouter(NUM_EXPERTS, 2)(layer_logits))
+        recorder.end_batch()
+        return recorder.summary()
+
+    together = summary()
+    monkeypatch.setattr(recording, "_STATS_ELEMENTS", 1)  # one layer at a time
+    apart = summary()
+    assert together["total_decisions"] == apart["total_decisions"] == 30  # 10 real tokens x 3 layers
+    for one, other in zip(together["per_layer"], apart["per_layer"]):
+        assert one == pytest.approx(other)
+    assert together["expert_counts"] == apart["expert_counts"] and together["top1_counts"] == apart["top1_counts"]

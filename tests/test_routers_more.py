@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from scipy.stats import norm
+from scipy.stats import false_discovery_control, norm
 
 from routelab.nulls import TabulatedNull
-from routelab.routers import (ROUTERS, BHRouter, HCRouter, RouterConfigError, TopKRouter, TopPRouter,
-                              build_router, hc_count, top_p_count)
+from routelab.routers import (ROUTERS, BHRouter, HCRouter, RouterConfigError, TopKRouter, TopPRouter, bh_count,
+                              bh_count_unsorted, build_router, hc_count, top_logit_order, top_p_count)
 
 GRID = np.linspace(-10.0, 10.0, 2001).astype(np.float32)
 NORMAL_SF = norm.sf(GRID.astype(np.float64)).astype(np.float32)
@@ -318,6 +318,87 @@ def test_hc_router_selects_reference_hc_set_clamped(alpha0, min_k, max_k):
         assert (raw_k < min_k).any(), "the sample should exercise the min_k floor"
     if max_k < num_experts:
         assert (raw_k > max_k).any(), "the sample should exercise the max_k ceiling"
+
+
+# --- the fast paths of the p-value routers ---------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_top_logit_order_equals_a_stable_descending_sort_ties_included(data):
+    # Logits drawn from a few values (both zeros among them) so that ties are the rule, not the exception.
+    num_experts = data.draw(st.integers(1, 40), label="num_experts")
+    tokens = data.draw(st.integers(0, 20), label="tokens")
+    k = data.draw(st.integers(1, num_experts), label="k")
+    dtype = data.draw(st.sampled_from(DTYPES + [torch.float64]), label="dtype")
+    values = [0.0, -0.0, 1.5, -1.5, 3.25, -1e30, 1e30, 2.0**-140]
+    choice = data.draw(arrays(np.int64, (tokens, num_experts), elements=st.integers(0, len(values) - 1)))
+    logits = torch.tensor(np.asarray(values)[choice], dtype=torch.float32).to(dtype)
+    # numpy reference: descending value, ties to the lower index (-0.0 and 0.0 compare equal).
+    expected = np.argsort(-logits.double().numpy(), axis=-1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top_logit_order(logits, k).numpy(), expected)
+
+
+BH_EDGE_P = [0.5 / 64, 1 / 64, 2 / 64, 0.5, 1.0, 1e-30]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_bh_count_without_sorting_equals_scipy_bh_on_thresholds_and_ties(data):
+    n = data.draw(st.integers(1, 64), label="n")
+    alpha = data.draw(st.sampled_from([1e-6, 0.01, 0.05, 0.3, 0.7, 1.0]), label="alpha")
+    tokens = data.draw(st.integers(1, 8), label="tokens")
+    # p-values on the BH thresholds i * alpha / n themselves (ties with the threshold), repeated values,
+    # and free ones; float32 like the routers' p-values.
+    on_threshold = (np.arange(1, n + 1) * (alpha / n)).astype(np.float32)
+    pool = np.concatenate([on_threshold, np.asarray(BH_EDGE_P, dtype=np.float32),
+                           np.nextafter(on_threshold, np.float32(1))])
+    p = data.draw(arrays(np.float32, (tokens, n), elements=st.one_of(
+        st.sampled_from(pool.tolist()), st.floats(2.0**-40, 1.0, width=32))), label="p")
+    got = bh_count_unsorted(torch.from_numpy(p), alpha)
+    assert got.dtype == torch.long
+    # Exactly the sorted step-up count, ties with the thresholds included ...
+    np.testing.assert_array_equal(got.numpy(), bh_count(torch.sort(torch.from_numpy(p), dim=-1).values, alpha))
+    # ... and scipy's count wherever scipy's own rounding (p * n / i <= alpha) cannot decide differently.
+    thresholds = np.arange(1, n + 1) * (alpha / n)
+    undecided = np.isclose(p.astype(np.float64)[..., None], thresholds, rtol=1e-9, atol=0).any(axis=(-1, -2))
+    expected = (false_discovery_control(p.astype(np.float64), axis=-1, method="bh") <= alpha).sum(-1)
+    np.testing.assert_array_equal(got.numpy()[~undecided], expected[~undecided])
+
+
+class CountingNull:
+    """A p-value null that counts how often its p-values are computed."""
+
+    def __init__(self, null):
+        self.null, self.calls, self.num_experts, self.monotone_in_logit = null, 0, null.num_experts, True
+
+    def pvalues(self, logits, layer, temperature=1.0):
+        self.calls += 1
+        return self.null.pvalues(logits, layer, temperature)
+
+
+@pytest.mark.parametrize("router_class", [BHRouter, HCRouter])
+def test_fixed_k_p_value_routers_compute_pvalues_only_when_read(router_class):
+    logits = torch.from_numpy(np.random.default_rng(17).normal(0, 2, size=(300, 12)).astype(np.float32))
+    null = CountingNull(normal_null(12))
+    params = {"alpha": 0.05} if router_class is BHRouter else {}
+    sel = router_class(12, null, min_k=3, max_k=3, **params)(logits)
+    assert null.calls == 0, "with min_k = max_k the selection does not depend on the p-values"
+    np.testing.assert_array_equal(sel.indices.numpy(), np.argsort(-logits.numpy(), axis=-1, kind="stable")[:, :3])
+    torch.testing.assert_close(sel.pvalues, null.null.pvalues(logits, 0), atol=0, rtol=0)
+    assert null.calls == 1
+    sel.pvalues  # read twice, computed once
+    assert null.calls == 1
+
+
+def test_bh_with_fixed_k_breaks_ties_like_the_variable_k_order():
+    # Multiples of 1/4: many equal logits; min_k = max_k = 3 takes the first 3 of the same order that a
+    # variable-k BH router uses (ascending p, ties to the larger logit, then the lower expert index).
+    logits = torch.from_numpy(np.random.default_rng(19).integers(-8, 9, size=(400, 10)) / 4.0).float()
+    fixed = BHRouter(10, normal_null(10), alpha=0.1, min_k=3, max_k=3)(logits)
+    variable = BHRouter(10, normal_null(10), alpha=1.0, min_k=3, max_k=10)(logits)
+    np.testing.assert_array_equal(fixed.indices.numpy(), variable.indices[:, :3].numpy())
+    np.testing.assert_array_equal(fixed.indices.numpy(), np.argsort(-logits.numpy(), axis=-1, kind="stable")[:, :3])
 
 
 # --- every router -----------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""Tidy tables across runs: one row per (routing, dataset) run, or per (run, layer).
+"""Tidy tables across runs, so the report needs no run directories.
 
 A run directory (``results/{experiment}/runs/{routing}/{dataset}``) holds ``summary.json``
-(routing statistics) and ``metrics.json`` (quality metrics), both written by the route stage.
+(routing statistics), ``metrics.json`` (quality metrics), ``scores.parquet`` (per-document scores)
+and ``routing.parquet`` (every routing decision), all written by the route stage. The tables: one
+row per run (:func:`collect_runs`), per (run, layer) (:func:`collect_layers`), per (run, document)
+(:func:`collect_scores`), per (run, layer, expert) (:func:`collect_expert_counts`) and per (run,
+expert pair) of one layer (:func:`collect_coactivation`).
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ROUTING_PARAMS
+import numpy as np
+import pyarrow.parquet as pq
+from scipy import sparse
 
+from routelab.config import ROUTING_PARAMS
 from routelab.io import read_json
 
 # Routing parameters, one column each; NaN where a method does not have the parameter.
@@ -100,3 +107,95 @@ def _check_unique(table: pd.DataFrame, keys: list[str]) -> None:
     if not duplicated.empty:
         raise ValueError(f"the same {tuple(keys)} appears in more than one run directory: "
                          f"{duplicated[keys].drop_duplicates().to_dict('records')}")
+
+
+def collect_scores(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per (run, document): ``routing, dataset`` and the columns of the run's
+    scores.parquet (``doc_id, loglik, tokens, correct, words, bytes``), the bootstrap unit of the
+    report's confidence intervals. Sorted by routing, dataset, doc_id."""
+    tables = []
+    for run_dir in run_dirs:
+        summary = read_run_file(run_dir, "summary.json")
+        path = Path(run_dir) / "scores.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"run file missing: {path}")
+        scores = pd.read_parquet(path)
+        scores.insert(0, "dataset", summary["dataset"])
+        scores.insert(0, "routing", summary["routing"])
+        tables.append(scores)
+    if not tables:
+        raise ValueError("run_dirs is empty: no scores to collect")
+    table = pd.concat(tables, ignore_index=True)
+    _check_unique(table, ["routing", "dataset", "doc_id"])
+    return table.sort_values(["routing", "dataset", "doc_id"], ignore_index=True)
+
+
+def collect_expert_counts(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per (run, layer, expert): ``routing, dataset, layer, expert, count`` (tokens routed
+    to the expert, from summary.json's ``expert_counts [layers][experts]``) and ``decisions``
+    (tokens routed in that layer). ``count / decisions`` is the share of the dataset's tokens that
+    the expert processes in that layer."""
+    rows = []
+    for run_dir in run_dirs:
+        summary = read_run_file(run_dir, "summary.json")
+        counts = np.asarray(summary["expert_counts"], dtype=np.int64)
+        decisions = {layer["layer"]: layer["decisions"] for layer in summary["per_layer"]}
+        num_layers, num_experts = counts.shape
+        rows.append(pd.DataFrame({
+            "routing": summary["routing"], "dataset": summary["dataset"],
+            "layer": np.repeat(np.arange(num_layers), num_experts),
+            "expert": np.tile(np.arange(num_experts), num_layers),
+            "count": counts.ravel(),
+            "decisions": np.repeat([decisions[layer] for layer in range(num_layers)], num_experts)}))
+    if not rows:
+        raise ValueError("run_dirs is empty: no expert counts to collect")
+    return pd.concat(rows, ignore_index=True).sort_values(["routing", "dataset", "layer", "expert"],
+                                                          ignore_index=True)
+
+
+def coactivation_counts(routing_file: str | os.PathLike, layer: int, num_experts: int) -> np.ndarray:
+    """``[experts, experts]`` token counts of one layer: cell (i, j) = tokens that selected both i
+    and j; the diagonal = tokens that selected i. Reads only the ``experts`` column of that layer's
+    rows of routing.parquet (a row-group filter), so a large log costs little memory."""
+    table = pq.read_table(routing_file, columns=["experts"], filters=[("layer", "==", layer)])
+    experts = table.column("experts").combine_chunks()
+    if len(experts) == 0:
+        raise ValueError(f"{routing_file} has no routing decisions in layer {layer}")
+    offsets = experts.offsets.to_numpy()
+    selected = experts.flatten().to_numpy().astype(np.int64)
+    if selected.size and (selected.min() < 0 or selected.max() >= num_experts):
+        raise ValueError(f"{routing_file}: expert index outside [0, {num_experts})")
+    tokens = np.repeat(np.arange(len(experts)), np.diff(offsets))
+    onehot = sparse.csr_matrix((np.ones(selected.size, dtype=np.int64), (tokens, selected)),
+                               shape=(len(experts), num_experts))
+    return (onehot.T @ onehot).toarray()
+
+
+def default_layer(num_layers: int) -> int:
+    """The layer the report analyses when none is configured: the middle one."""
+    return num_layers // 2
+
+
+def collect_coactivation(run_dirs: Iterable[str | os.PathLike], layer: int | None = None) -> pd.DataFrame:
+    """Expert co-activation of every run in one MoE ``layer`` (None: the middle layer), as the
+    non-zero cells ``routing, dataset, layer, expert, other, count`` of :func:`coactivation_counts`
+    (``expert == other``: tokens that selected the expert)."""
+    rows = []
+    for run_dir in run_dirs:
+        summary = read_run_file(run_dir, "summary.json")
+        num_layers = int(summary["num_layers"])
+        chosen = default_layer(num_layers) if layer is None else layer
+        if not 0 <= chosen < num_layers:
+            raise ValueError(f"layer {chosen} does not exist; the model has layers 0..{num_layers - 1}")
+        routing_file = Path(run_dir) / "routing.parquet"
+        if not routing_file.is_file():
+            raise FileNotFoundError(f"run file missing: {routing_file}")
+        counts = coactivation_counts(routing_file, chosen, int(summary["num_experts"]))
+        expert, other = np.nonzero(counts)
+        rows.append(pd.DataFrame({"routing": summary["routing"], "dataset": summary["dataset"],
+                                  "layer": chosen, "expert": expert, "other": other,
+                                  "count": counts[expert, other]}))
+    if not rows:
+        raise ValueError("run_dirs is empty: no routing logs to read")
+    return pd.concat(rows, ignore_index=True).sort_values(["routing", "dataset", "expert", "other"],
+                                                          ignore_index=True)

@@ -177,6 +177,10 @@ def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
                     raise ConfigError(f"{where}.files[{i}]: {file!r} does not exist (looked in {Path(base_dir).resolve()})")
         if source != "demo" and "domain" in ds:
             raise ConfigError(f"{where}.domain: only demo datasets have a domain (source is {source!r})")
+        documents = ds.get("documents", 100)
+        if ds.get("shards", 1) > documents:
+            raise ConfigError(f"{where}.shards: {ds['shards']} exceeds documents = {documents}; a shard holds "
+                              "whole documents, so need 1 <= shards <= documents")
 
 
 def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, dict]:
@@ -190,6 +194,10 @@ def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, d
         demo = config["demo_model"]
         if demo["top_k"] > demo["experts"]:
             raise ConfigError(f"demo_model.top_k: {demo['top_k']} exceeds demo_model.experts = {demo['experts']}")
+        layer = config.get("report", {}).get("layer")
+        if layer is not None and layer >= demo["layers"]:
+            raise ConfigError(f"report.layer: {layer} does not exist; the demo model has layers "
+                              f"0..{demo['layers'] - 1} (demo_model.layers = {demo['layers']})")
         if demo["hidden_size"] % demo["heads"]:
             raise ConfigError(
                 f"demo_model.heads: {demo['heads']} does not divide hidden_size = {demo['hidden_size']}"

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from . import demo_corpus
+from .resources import HOW_TO_FETCH, load_dataset_copy
 from .windows import cloze_window, count_bytes, count_words, encode_pair, rolling_windows, split_cloze
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,18 @@ def _load_hf_dataset(spec: dict) -> Any:
     import datasets
 
     if spec["source"] == "hub":
+        split = spec.get("split") or "test"
+        if spec.get("download_dir"):  # the pipeline's local copy (see routelab.resources): no network needed
+            return load_dataset_copy(spec, spec["download_dir"], split)
         try:
-            return datasets.load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "test"))
+            return datasets.load_dataset(spec["path"], spec.get("name"), split=split)
         except Exception as exc:  # the hub raises many types; all mean "could not get it"
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DatasetError(
-                f"could not load hub dataset {spec['path']!r} (config {spec.get('name')!r}, split "
-                f"{spec.get('split', 'test')!r}): {exc}. Without network access, download it first "
-                "on a machine with access (it is cached under ~/.cache/huggingface)."
-            ) from exc
+                f"could not load hub dataset {spec['path']!r} (config {spec.get('name')!r}, split {split!r}): "
+                f"{first_line}. Without network access, {HOW_TO_FETCH} (or fill the hub cache, "
+                "~/.cache/huggingface, on a machine with access; HF_HUB_OFFLINE=0 lets this machine try the hub)"
+            ) from None
     files = [str(f) for f in spec["files"]]
     suffixes = {Path(f).suffix.lower() for f in files}
     builders = {LOCAL_BUILDERS.get(s) for s in suffixes}

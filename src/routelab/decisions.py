@@ -85,31 +85,36 @@ class DecisionSampler:
                        "doc_id": doc_ids.to(kept.device)[rows], "position": cols, "token_id": input_ids[rows, cols]}
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
-        """Called from the patched router for every layer of every forward pass; gathers the sample on device."""
+        """Called from the patched router for every layer of every forward pass: gathers the sampled
+        tokens on the device; the statistics wait for :meth:`end_batch`, computed once for all layers."""
         if self._batch is None:
             return
         kept = self._batch["kept"].to(router_logits.device)
-        logits = router_logits[kept].float()
-        detail = {"logits": logits, "k": selection.k[kept], "indices": selection.indices[kept],
-                  "weights": selection.weights[kept].float(),
-                  "logit_stats": torch.stack([logits.mean(-1), logits.std(-1, unbiased=False),
-                                              logits.amin(-1), logits.amax(-1)], dim=-1)}
+        detail = {"logits": router_logits[kept], "k": selection.k[kept], "indices": selection.indices[kept],
+                  "weights": selection.weights[kept]}
         if selection.pvalues is not None:
-            pvalues = selection.pvalues[kept].float()
-            detail["pvalues"] = pvalues
-            detail["sorted_pvalues"] = torch.sort(pvalues, dim=-1).values
-            if self.alpha is not None:
-                detail["passing_rank"] = bh_count(detail["sorted_pvalues"], self.alpha)
+            detail["pvalues"] = selection.pvalues[kept]
         self._layers[layer] = detail
 
     def end_batch(self) -> None:
-        """Copy this batch's sample to the host (one copy per field) and queue its rows."""
+        """Statistics of this batch's sample, one copy per field to the host, and its rows queued."""
         batch, self._batch = self._batch, None
         if batch is None or not self._layers or batch["kept"].numel() == 0:
             return
         layers = sorted(self._layers)
-        host = {name: torch.stack([self._layers[i][name] for i in layers], dim=1).cpu().numpy()
-                for name in self._layers[layers[0]]}  # each [tokens, layers, ...]
+        detail = {name: torch.stack([self._layers[i][name] for i in layers], dim=1)  # each [tokens, layers, ...]
+                  for name in self._layers[layers[0]]}
+        self._layers = {}
+        logits = detail["logits"] = detail["logits"].float()
+        detail["weights"] = detail["weights"].float()
+        detail["logit_stats"] = torch.stack([logits.mean(-1), logits.std(-1, unbiased=False), logits.amin(-1),
+                                             logits.amax(-1)], dim=-1)
+        if "pvalues" in detail:
+            detail["pvalues"] = detail["pvalues"].float()
+            detail["sorted_pvalues"] = torch.sort(detail["pvalues"], dim=-1).values
+            if self.alpha is not None:
+                detail["passing_rank"] = bh_count(detail["sorted_pvalues"], self.alpha)
+        host = {name: value.cpu().numpy() for name, value in detail.items()}
         meta = {key: batch[key].cpu().numpy().astype(np.int32) for key in _META}
         self._writer.append(self._rows(host, meta, layers))
 

@@ -126,10 +126,22 @@ def train(settings: dict, out_dir: str | Path, seed: int = 0, progress: bool = T
                         grad_norm=float(grad_norm), tokens_per_s=batch * seq / elapsed)
             bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux:.3f}", refresh=False)
             if step % max(1, steps // 10) == 0 or step == steps - 1:
+                _log_expert_load(tracker, out.router_logits, settings["top_k"], step)
+                tracker.log_system(step)
                 log.info("step %d/%d loss %.4f aux %.4f lr %.2e grad_norm %.3f tok/s %.0f", step + 1, steps,
                          lm_loss, aux, lr, float(grad_norm), batch * seq / elapsed)
 
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+        model.eval()
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        tracker.log_final(lm_loss=lm_loss, aux_loss=aux, loss=float(out.loss))
     return {"final_lm_loss": lm_loss, "final_aux_loss": aux, **hparams}
+
+
+def _log_expert_load(tracker: RunLogger, router_logits: tuple, top_k: int, step: int) -> None:
+    """Per layer, a histogram over expert ids of the tokens that picked each expert in its top-k
+    (the training batch at ``step``); ``router_logits`` holds one ``[tokens, E]`` tensor per layer."""
+    for layer, logits in enumerate(router_logits):
+        chosen = logits.detach().topk(top_k, dim=-1).indices.reshape(-1)
+        tracker.log_histogram(f"expert_load/layer_{layer}", torch.bincount(chosen, minlength=logits.shape[-1]).numpy(),
+                              step=step)

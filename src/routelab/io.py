@@ -87,36 +87,98 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
 
 
 class BatchedParquetWriter:
-    """Parquet (zstd) written in large row groups from many small record batches.
+    """Parquet (zstd) written in large row groups from many small record batches, on a background thread.
 
-    Batches are queued until ``row_group_size`` rows have arrived, then written as one row group;
-    ``close`` writes the rest. The file is valid (possibly empty) once closed.
+    :meth:`append` collects batches until ``row_group_size`` rows have arrived, then hands them to a
+    writer thread that builds, compresses and writes the row group while the caller goes on (pyarrow
+    releases the GIL); the thread is woken once per row group, not per batch. At most ``max_queued``
+    row groups wait, so a slow disk slows the producer instead of filling memory. An error on the
+    thread is raised by the next :meth:`append` or by :meth:`close`. The file is written under a
+    temporary name and renamed onto ``path`` by a successful :meth:`close`, so ``path`` never holds a
+    partial file; the row groups, and so the file's content, do not depend on the thread's timing.
     """
 
-    def __init__(self, path: str | os.PathLike, schema: Any, row_group_size: int):
+    _DONE = object()
+
+    def __init__(self, path: str | os.PathLike, schema: Any, row_group_size: int, max_queued: int = 2):
+        import queue
+        import threading
+
         import pyarrow.parquet as pq
 
-        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+        self.path = Path(path)
         self.schema, self.row_group_size = schema, row_group_size
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.partial")
+        self._writer = pq.ParquetWriter(str(self._tmp), schema, compression="zstd")
         self._pending: list = []
         self._pending_rows = 0
+        self._queue: Any = queue.Queue(maxsize=max_queued)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=f"parquet-writer:{self.path.name}", daemon=True)
+        self._thread.start()
 
     def append(self, batch: Any) -> None:
+        """Add one ``pyarrow.RecordBatch`` (with :attr:`schema`); blocks while ``max_queued`` row groups wait."""
+        self._raise_pending()
+        if self._writer is None:
+            raise RuntimeError(f"{self.path}: append after close")
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         if self._pending_rows >= self.row_group_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-
-        if self._pending:
-            self._writer.write_table(pa.Table.from_batches(self._pending, schema=self.schema),
-                                     row_group_size=self.row_group_size)
+            self._queue.put(self._pending)
             self._pending, self._pending_rows = [], 0
 
-    def close(self) -> None:
+    def _work(self) -> None:
+        import pyarrow as pa
+
+        while True:
+            batches = self._queue.get()
+            if batches is self._DONE:
+                return
+            if self._error is not None:  # after a failure: drain, so the producer never blocks on put
+                continue
+            try:
+                self._writer.write_table(pa.Table.from_batches(batches, schema=self.schema),
+                                         row_group_size=self.row_group_size)
+            except BaseException as exc:  # handed to the caller's thread by _raise_pending
+                self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, _AlreadyRaised()
+            self._discard()
+            raise RuntimeError(f"writing {self.path} failed: {error}") from error
+
+    def _stop(self) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+
+    def _discard(self) -> None:
         if self._writer is not None:
-            self._flush()
+            self._stop()
             self._writer.close()
             self._writer = None
+        self._pending = []
+        self._tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Write what is left, wait for the thread, then rename the file onto ``path``."""
+        if self._writer is None:
+            return
+        if self._pending:
+            self._queue.put(self._pending)
+            self._pending = []
+        self._stop()
+        self._raise_pending()
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Stop without producing ``path`` (e.g. the run failed): the temporary file is removed."""
+        self._error = self._error or _AlreadyRaised()
+        self._discard()
+
+
+class _AlreadyRaised(Exception):
+    """Marks a writer whose thread's error was already raised (or that was aborted)."""

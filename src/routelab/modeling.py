@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -22,10 +23,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _from_pretrained(loader, path: str | os.PathLike, **kwargs):
+    """``loader.from_pretrained``; a hub id that cannot be fetched or found in the cache raises one clear
+    :class:`routelab.resources.ResourceMissingError` naming what to download and how."""
+    from .resources import check_model_path, model_not_available
+
+    source = check_model_path(path)
+    if Path(source).is_dir():
+        return loader.from_pretrained(source, **kwargs)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as exc:  # transformers reports "not cached / cannot connect / no such repo" as OSError
+        raise model_not_available(source, exc) from None
+
+
 def load_tokenizer(path: str | os.PathLike, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), revision=revision)
+    return _from_pretrained(AutoTokenizer, path, revision=revision)
+
+
+def load_config(path: str | os.PathLike, revision: str | None = None):
+    """The model's ``AutoConfig`` (same errors as :func:`load_model`)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, path, revision=revision)
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "auto",
@@ -38,7 +60,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
     kwargs = {"dtype": DTYPES[dtype]}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, path, revision=revision, **kwargs)
     model.to(resolve_device(device)).eval()
     log.info("loaded %s (%s, %s, experts kernel %s)", path, type(model).__name__, dtype,
              model.config._experts_implementation)

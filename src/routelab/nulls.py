@@ -96,11 +96,17 @@ class TabulatedNull:
 
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
-        grid, sf = self._tables(logits.device)
-        x = logits.float() / temperature
+        x = logits.float()
+        if temperature != 1.0:  # x / 1 is x: skip a pass over the logits
+            x = x / temperature
         if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
-            p = interpolate_uniform(x, grid[layer], sf[layer])
+            key = (str(logits.device), layer)
+            if key not in self._device_cache:
+                grid, sf = self._tables(logits.device)
+                self._device_cache[key] = UniformSegments(grid[layer], sf[layer])
+            p = self._device_cache[key](x)
         else:
+            grid, sf = self._tables(logits.device)
             p = interpolate(x.contiguous(), grid[layer], sf[layer])
         return p.clamp_(min=self.min_pvalue, max=1.0)
 
@@ -261,25 +267,47 @@ def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> tor
     return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)
 
 
-def interpolate_uniform(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding), without a binary search.
+class UniformSegments:
+    """:func:`interpolate` for knots ``xp`` ``[points]`` evenly spaced (up to float rounding), without a
+    binary search; built once per curve, then called on ``x`` of any shape (routing does so per layer).
 
-    The knot index is computed from the spacing and then corrected by one step against the stored
-    knots, so the result equals the ``searchsorted`` one exactly, including at the knots.
+    The segment of ``x`` is computed from the spacing and corrected by one step against the stored
+    knots, so the result equals the ``searchsorted`` one exactly, including at the knots. Per segment
+    ``j`` (knots ``j`` and ``j + 1``) the tables hold what :func:`interpolate_rows` computes per value
+    (left and right knot, width, left value and rise), with the same float operations, so a call is a
+    few 1-D ``index_select`` lookups and elementwise passes.
     """
-    last = xp.numel() - 1
-    scale = last / (xp[-1] - xp[0])
-    guess = ((x - xp[0]) * scale).clamp_(0.0, float(last)).floor_().long()
-    # right = first knot >= x (searchsorted, side="left"): the guess is within one knot of it.
-    right = (guess + 1).clamp_(max=last)
-    right = right - (x <= xp.take(right - 1)).long() * (right > 0)
-    right = right + (x > xp.take(right)).long() * (right < last)
-    right = right.clamp_(1, last)
-    left = right - 1
-    x0, x1, y0, y1 = xp.take(left), xp.take(right), fp.take(left), fp.take(right)
-    width = x1 - x0
-    t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, 1.0), (x >= x1).to(x.dtype))
-    return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)
+
+    def __init__(self, xp: torch.Tensor, fp: torch.Tensor):
+        self.last = xp.numel() - 1
+        self.x0, self.x1, self.y0 = xp[:-1].contiguous(), xp[1:].contiguous(), fp[:-1].contiguous()
+        self.rise = (fp[1:] - fp[:-1]).contiguous()
+        width = self.x1 - self.x0
+        self.positive = width > 0
+        self.width = torch.where(self.positive, width, 1.0)
+        self.all_positive = bool(self.positive.all())
+        self.start, self.scale = xp[0], self.last / (xp[-1] - xp[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        def at(table: torch.Tensor) -> torch.Tensor:
+            return table.index_select(0, segment).view(x.shape)
+
+        # Segment j holds x in (knot j, knot j + 1] (searchsorted, side="left"; the first also what lies
+        # below, the last what lies beyond): the guess is within one segment of it.
+        segment = ((x - self.start) * self.scale).clamp_(0.0, float(self.last - 1)).floor_().int().reshape(-1)
+        shape = segment.view(x.shape)
+        move = (x > at(self.x1)).int()
+        move -= (x <= at(self.x0)).int()
+        segment = (shape + move).clamp_(0, self.last - 1).reshape(-1)
+        t = (x - at(self.x0)) / at(self.width)
+        if not self.all_positive:  # repeated knots (ties in the data): a step at the knot
+            t = torch.where(at(self.positive), t, (x >= at(self.x1)).to(x.dtype))
+        return at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)
+
+
+def interpolate_uniform(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding): see :class:`UniformSegments`."""
+    return UniformSegments(xp, fp)(x)
 
 
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .routers import Router, softmax_float32
+from .routers import Router, nonfinite_tokens, raise_nonfinite, softmax_float32
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,15 @@ def _patched_class(original: type) -> type:
             state = self._routelab_state
             family: Family = state["family"]
             router_logits = family.router_logits(self, hidden_states)
-            selection = state["router"](router_logits, state["layer"], family.norm_topk_prob(self),
-                                        probs=family.expert_probs(router_logits))
+            routed = router_logits
+            if router_logits.device.type != "cpu":
+                # Checking here would wait for the device every layer: count the bad tokens on the device
+                # and check once per forward (_NonFiniteCheck); meanwhile route on finite stand-ins so
+                # the index arithmetic of the routers stays in range.
+                state["nonfinite"].add(state["layer"], router_logits)
+                routed = torch.nan_to_num(router_logits)
+            selection = state["router"](routed, state["layer"], family.norm_topk_prob(self),
+                                        probs=family.expert_probs(routed), check_finite=routed is router_logits)
             if state["recorder"] is not None:
                 state["recorder"].record(state["layer"], router_logits, selection)
             indices = selection.indices
@@ -179,11 +186,38 @@ def _patched_class(original: type) -> type:
     return _PATCHED_CLASSES[original]
 
 
+class _NonFiniteCheck:
+    """Deferred check of router logits on accelerators: per layer, the count of tokens with NaN or
+    infinite logits stays on the device; :meth:`check` reads all of them at once (one host sync per
+    forward instead of one per layer) and raises the error :func:`routelab.routers.check_finite_logits`
+    would have raised for the first bad layer."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor, int]] = []
+
+    def add(self, layer: int, logits: torch.Tensor) -> None:
+        self.pending.append((layer, nonfinite_tokens(logits), logits.shape[0]))
+
+    def clear(self, *_: Any) -> None:
+        self.pending.clear()
+
+    def check(self, *_: Any) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        counts = torch.stack([count.to(pending[0][1].device) for _, count, _ in pending]).tolist()
+        for (layer, _, tokens), bad in zip(pending, counts):
+            if bad:
+                raise_nonfinite(layer, bad, tokens)
+
+
 @contextlib.contextmanager
 def install_router(model: nn.Module, router: Router, recorder: Any | None = None) -> Iterator[list[MoELayer]]:
     """Route every MoE layer of ``model`` with ``router`` inside the ``with`` block, then restore it.
 
     ``recorder`` (optional) receives ``record(layer, router_logits, selection)`` for every layer call.
+    NaN or infinite router logits raise ``ValueError`` naming the layer: on CPU from the layer itself,
+    on accelerators when ``model``'s forward returns (or when the block ends, if only a submodule ran).
     """
     family = model_family(model)
     layers = find_moe_layers(model)
@@ -191,15 +225,20 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
         raise RuntimeError("a routelab router is already installed in this model; leave that block first")
     saved = [layer.gate.__class__ for layer in layers]
     variable_k = router.min_k < router.max_k
+    nonfinite = _NonFiniteCheck()
+    hooks = [model.register_forward_pre_hook(nonfinite.clear), model.register_forward_hook(nonfinite.check)]
     try:
         for layer in layers:
             layer.gate._routelab_state = {"router": router, "layer": layer.index, "recorder": recorder,
-                                          "family": family}
+                                          "family": family, "nonfinite": nonfinite}
             layer.gate.__class__ = _patched_class(layer.gate.__class__)
             if variable_k:
                 layer.experts.forward = _compacting_forward(layer.experts)
         yield layers
+        nonfinite.check()
     finally:
+        for hook in hooks:
+            hook.remove()
         for layer, gate_class in zip(layers, saved):
             layer.gate.__class__ = gate_class
             layer.gate.__dict__.pop("_routelab_state", None)
@@ -209,11 +248,15 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
 def _compacting_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
     """Experts forward for variable k: only real (token, expert) pairs reach the experts kernel.
 
-    The padded ``[tokens, max_k]`` selection is flattened to its ``P`` real pairs and passed to the
-    module's own forward as a top-1 problem (``[P, 1]`` index and weight), so every experts kernel
-    (eager, grouped_mm, batched_mm, ...) sees no sentinel and computes only the selected experts; the
-    pair outputs are then put back in their slots and summed per token. Finding the pairs is one
-    data-dependent step (a host sync per MoE layer on GPU).
+    The padded ``[tokens, max_k]`` selection is flattened to its ``P`` real pairs. Under the
+    ``grouped_mm`` kernel they are computed by :func:`_grouped_pairs` (the kernel's own steps, on the
+    pairs alone); under any other kernel (eager, batched_mm, ...) they are passed to the module's own
+    forward as a top-1 problem (``[P, 1]`` index and weight). Either way no kernel sees a sentinel and
+    only the selected experts are computed; the pair outputs are then summed per token. Finding the
+    pairs is one data-dependent step (a host sync per MoE layer on GPU). On CPU the sum is an
+    ``index_add_`` over the ``P`` pairs (deterministic there); elsewhere ``index_add_`` adds in a
+    nondeterministic order, so the pair outputs are put back in their ``[tokens, max_k]`` slots and
+    summed per token, as the native kernels do.
     """
     native = type(experts).forward
     num_experts = int(experts.num_experts)
@@ -222,14 +265,66 @@ def _compacting_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
                 *args: Any, **kwargs: Any) -> torch.Tensor:
         tokens, slots = top_k_index.shape
         flat_index = top_k_index.reshape(-1)
-        pairs = (flat_index < num_experts).nonzero().squeeze(-1)
-        pair_tokens = torch.div(pairs, slots, rounding_mode="floor")
-        out = native(experts, hidden_states[pair_tokens], flat_index[pairs].unsqueeze(-1),
-                     top_k_weights.reshape(-1)[pairs].unsqueeze(-1), *args, **kwargs)
+        pairs = (flat_index < num_experts).nonzero().squeeze(-1)  # [P], token-major
+        pair_experts = flat_index.index_select(0, pairs)
+        # index_select: on CPU several times faster than advanced indexing for the same gather.
+        if _grouped_pairs is not None and not args and not kwargs and _runs_grouped_mm(experts):
+            pair_experts, by_expert = torch.sort(pair_experts, stable=True)
+            pairs = pairs.index_select(0, by_expert)
+            pair_tokens = torch.div(pairs, slots, rounding_mode="floor")
+            out = _grouped_pairs(experts, hidden_states.index_select(0, pair_tokens), pair_experts,
+                                 top_k_weights.reshape(-1).index_select(0, pairs))
+        else:
+            pair_tokens = torch.div(pairs, slots, rounding_mode="floor")
+            out = native(experts, hidden_states.index_select(0, pair_tokens), pair_experts.unsqueeze(-1),
+                         top_k_weights.reshape(-1).index_select(0, pairs).unsqueeze(-1), *args, **kwargs)
+        if out.device.type == "cpu":
+            # Accumulate in at least float32, as the native per-token sum does.
+            total = torch.zeros(tokens, out.shape[-1], dtype=torch.promote_types(out.dtype, torch.float32))
+            return total.index_add_(0, pair_tokens, out).to(hidden_states.dtype)
         slotted = out.new_zeros(tokens * slots, out.shape[-1]).index_copy_(0, pairs, out)
-        return slotted.view(tokens, slots, -1).sum(dim=1)
+        return slotted.view(tokens, slots, -1).sum(dim=1).to(hidden_states.dtype)
 
     return forward
+
+
+def _runs_grouped_mm(experts: nn.Module) -> bool:
+    """Whether ``experts`` dispatches to transformers' ``grouped_mm`` kernel (and has its attributes)."""
+    config = getattr(experts, "config", None)
+    return (getattr(config, "_experts_implementation", None) == "grouped_mm"
+            and all(hasattr(experts, name) for name in ("has_gate", "has_bias", "is_transposed", "down_proj")))
+
+
+try:  # transformers' grouped linear layer (offsets-based grouped GEMM with its CPU and old-torch fallbacks)
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # a transformers without it: every kernel takes the top-1 route through its own forward
+    _grouped_linear = None
+
+
+def _grouped_pairs_impl(experts: nn.Module, pair_hidden: torch.Tensor, pair_experts: torch.Tensor,
+                        pair_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' ``grouped_mm`` experts computation on ``P`` pairs already sorted by expert.
+
+    ``pair_hidden`` ``[P, hidden]``, ``pair_experts`` ``[P]`` non-decreasing, ``pair_weights`` ``[P]``;
+    returns the weighted expert outputs ``[P, hidden]``. The native kernel first sorts and gathers the
+    (token, slot) rows and afterwards scatters them back; here the rows arrive gathered and in order,
+    which saves two ``[P, hidden]`` gathers and a sort per layer.
+    """
+    counts = torch.bincount(pair_experts, minlength=experts.num_experts)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    prefix = "gate_up_proj" if experts.has_gate else "up_proj"
+    bias = getattr(experts, f"{prefix}_bias")[pair_experts] if experts.has_bias else None
+    projected = _grouped_linear(pair_hidden, getattr(experts, prefix), offsets, bias=bias,
+                                is_transposed=experts.is_transposed)
+    projected = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
+    bias = experts.down_proj_bias[pair_experts] if experts.has_bias else None
+    projected = _grouped_linear(projected, experts.down_proj, offsets, bias=bias, is_transposed=experts.is_transposed)
+    if getattr(experts, "has_post_expert_norm", False):
+        projected = experts.post_expert_norm(projected)
+    return projected * pair_weights.unsqueeze(-1)
+
+
+_grouped_pairs = None if _grouped_linear is None else _grouped_pairs_impl
 
 
 def expert_flops_per_selection(model: nn.Module) -> float:

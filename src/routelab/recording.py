@@ -9,6 +9,11 @@ experts list<int16>, weights list<float32>`` (only the ``k`` selected experts, m
 Alongside, running sums of per-token router statistics (entropies, z-loss, top-1 margin, per-expert
 probability mass and top-1 counts; see :mod:`routelab.routing_stats`) stay on the device and are reduced
 only in :meth:`RoutingRecorder.summary`: recording a layer never waits for the device.
+
+During the forward pass the recorder only keeps each layer's tensors; :meth:`RoutingRecorder.end_batch`
+does the work once for all layers (statistics, counts, the selection compacted on the device and copied
+to the host as one buffer, Arrow lists from offsets), and a background thread compresses and writes
+the row groups (:class:`routelab.io.BatchedParquetWriter`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ SCHEMA = pa.schema([
     ("window_id", pa.int32()), ("doc_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
     ("layer", pa.int16()), ("k", pa.int16()), ("experts", pa.list_(pa.int16())), ("weights", pa.list_(pa.float32())),
 ])
+_META = ("window_id", "doc_id", "position", "token_id")  # per-token columns, repeated for each layer
+_STATS_ELEMENTS = 1 << 24  # router statistics take at most this many logits (layers x tokens x E) at once
 
 
 class RoutingRecorder:
@@ -63,11 +70,14 @@ class RoutingRecorder:
                     input_ids: torch.Tensor) -> None:
         """``attention_mask`` / ``input_ids`` ``[batch, seq]``; ids ``[batch]``. Pads are not recorded."""
         valid = attention_mask.bool()
-        rows, cols = valid.nonzero(as_tuple=True)
+        # Row indices of real tokens in the flat [batch * seq] layout: found once per batch, so that
+        # selecting them in every layer needs no device-to-host sync (a boolean mask would).
+        flat_rows = valid.reshape(-1).nonzero().squeeze(1)
+        seq = valid.shape[1]
+        rows, cols = flat_rows // seq, flat_rows % seq
         self._batch = {
-            # Row indices of real tokens in the flat [batch * seq] layout: found once per batch, so that
-            # selecting them in every layer needs no device-to-host sync (a boolean mask would).
-            "flat_rows": valid.reshape(-1).nonzero().squeeze(1),
+            # None when every position is a real token: the layers then skip the row gather (a copy).
+            "flat_rows": None if flat_rows.numel() == valid.numel() else flat_rows,
             "window_id": window_ids.to(valid.device)[rows], "doc_id": doc_ids.to(valid.device)[rows],
             "position": cols, "token_id": input_ids[rows, cols],
         }
@@ -76,68 +86,124 @@ class RoutingRecorder:
             self._init_counts(valid.device)
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
-        """Called from the patched router for every layer of every forward pass."""
+        """Called from the patched router for every layer of every forward pass: keeps references only.
+
+        ``router_logits [tokens, E]`` and the selection (``[tokens, max_k]``, ``k [tokens]``, optional
+        ``pvalues [tokens, E]``) over the flat ``batch * seq`` tokens. All work happens in
+        :meth:`end_batch`, batched over layers: one set of kernels per forward instead of one per layer.
+        """
         if self._batch is None:
             return
-        rows = self._batch["flat_rows"].to(selection.k.device)
-        k, indices, weights = selection.k[rows], selection.indices[rows], selection.weights[rows]
-        self._k_hist[layer] += _count(k, self.num_experts + 1).to(self._device)
-        self._expert_counts[layer] += _count(indices.reshape(-1), self.num_experts + 1).to(self._device)
-        self._accumulate_router_stats(layer, router_logits[rows.to(router_logits.device)], indices, weights)
-        if selection.pvalues is not None:
-            p = selection.pvalues[rows].double()
-            used = indices < self.num_experts
-            chosen = p.gather(-1, indices.clamp(max=self.num_experts - 1))[used]
-            self._p_moments += torch.stack([p.sum(), (p * p).sum(), torch.tensor(float(p.numel()), device=p.device,
-                                            dtype=torch.float64), chosen.sum(),
-                                            torch.tensor(float(chosen.numel()), device=p.device, dtype=torch.float64)]
-                                           ).to(self._device)
-        self._layers[layer] = (k, indices, weights.float())
+        self._layers[layer] = (router_logits, selection)
 
-    def _accumulate_router_stats(self, layer: int, logits: torch.Tensor, indices: torch.Tensor,
+    def end_batch(self) -> None:
+        """Add the batch to the running counts and queue its rows for Parquet (one host copy)."""
+        batch, self._batch = self._batch, None
+        if batch is None or not self._layers:
+            return
+        layer_ids = sorted(self._layers)
+        selections = [self._layers[i][1] for i in layer_ids]
+        device = selections[0].k.device
+        k = torch.stack([s.k for s in selections])  # [L, N]
+        indices = torch.stack([s.indices for s in selections])  # [L, N, max_k]
+        weights = torch.stack([s.weights for s in selections]).float()
+        rows = batch["flat_rows"]
+        if rows is not None:  # drop the padding (a gather on the device, no sync)
+            rows = rows.to(device)
+            k, indices, weights = k[:, rows], indices[:, rows], weights[:, rows]
+        layers = torch.as_tensor(layer_ids, device=self._device)
+        self._k_hist.index_add_(0, layers, _count_rows(k, self.num_experts + 1).to(self._device))
+        self._expert_counts.index_add_(0, layers, _count_rows(indices.flatten(1), self.num_experts + 1)
+                                       .to(self._device))
+        # [L, T, E] statistics a few layers at a time: a long batch of a large model would otherwise
+        # hold several float32 copies of every layer's logits at once.
+        group = max(1, _STATS_ELEMENTS // max(1, k.shape[1] * self.num_experts))
+        for start in range(0, len(layer_ids), group):
+            part = slice(start, start + group)
+            logits = torch.stack([self._layers[i][0].to(device) for i in layer_ids[part]])  # [l, N, E]
+            pvalues = [s.pvalues for s in selections[part]]
+            pvalues = torch.stack(pvalues) if all(p is not None for p in pvalues) else None
+            if rows is not None:
+                logits = logits[:, rows]
+                pvalues = pvalues[:, rows] if pvalues is not None else None
+            self._accumulate_router_stats(layers[part], logits, indices[part], weights[part])
+            if pvalues is not None:
+                self._accumulate_pvalues(pvalues, indices[part])
+        self._layers = {}
+        if self._writer is not None:
+            self._write_rows(batch, layer_ids, k, indices, weights)
+
+    def _accumulate_router_stats(self, layers: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,
                                  weights: torch.Tensor) -> None:
-        """Add real tokens' logits ``[T, E]`` and selection ``[T, max_k]`` to the layer's running sums."""
+        """Add real tokens' logits ``[L, T, E]`` and selections ``[L, T, max_k]`` to the running sums of
+        the layers ``layers [L]``."""
+        # One fused softmax gives everything else: logsumexp and entropy follow from the top-1 probability
+        # and one dot product; separate log_softmax / logsumexp / topk kernels each re-read [L, T, E]
+        # and dominated the recorder's cost (topk alone was slower than all of this).
         logits = logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        probs = log_probs.exp()
-        logsumexp = torch.logsumexp(logits, dim=-1)
-        top = probs.topk(min(2, self.num_experts), dim=-1).values
-        margin = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
+        probs = torch.softmax(logits, dim=-1)  # [L, T, E]
+        top1_prob, top1 = probs.max(dim=-1, keepdim=True)  # [L, T, 1]
+        # p_(1) = exp(logit_(1) - logsumexp)  =>  logsumexp = logit_(1) - log p_(1)
+        logsumexp = (logits.gather(-1, top1) - top1_prob.log()).squeeze(-1)
+        # entropy = -sum_e p_e (logit_e - logsumexp) = logsumexp - sum_e p_e logit_e
+        router_entropy = logsumexp - torch.linalg.vecdot(probs, logits)
+        if self.num_experts > 1:  # p_(1) - p_(2): mask the top-1 expert, the next maximum is the runner-up
+            margin = top1_prob.squeeze(-1) - probs.scatter(-1, top1, -1.0).amax(-1)
+        else:
+            margin = top1_prob.squeeze(-1)
         # Unused slots hold weight 0 and add 0 to the entropy (xlogy(0, 0) = 0).
-        selected = weights.float() * (indices < self.num_experts)
+        selected = weights * (indices < self.num_experts)
         selected = selected / selected.sum(-1, keepdim=True).clamp_min(torch.finfo(selected.dtype).tiny)
         per_token = torch.stack([
             torch.ones_like(logsumexp),
             -torch.special.xlogy(selected, selected).sum(-1),
-            -(probs * log_probs).sum(-1),
-            logsumexp.square(),
+            router_entropy,
+            logsumexp * logsumexp,
             margin,
-        ], dim=1)
-        self._router_sums[layer] += per_token.double().sum(0).to(self._device)
-        self._router_probs[layer] += probs.double().sum(0).to(self._device)
-        self._top1_counts[layer] += _count(probs.argmax(-1), self.num_experts).to(self._device)
+        ], dim=-1)  # [L, T, 5]
+        # One batch is summed in float32 (torch sums pairwise: relative error ~1e-7 for a batch), the
+        # running totals in float64; a float64 copy of [L, T, E] first cost more than the statistics.
+        self._router_sums.index_add_(0, layers, per_token.sum(1).double().to(self._device))
+        self._router_probs.index_add_(0, layers, probs.sum(1).double().to(self._device))
+        self._top1_counts.index_add_(0, layers, _count_rows(top1.squeeze(-1), self.num_experts).to(self._device))
 
-    def end_batch(self) -> None:
-        """Move this batch's decisions to the host in one copy per tensor and queue them for Parquet."""
-        if self._batch is None or self._writer is None or not self._layers:
-            self._batch = None
-            return
-        layers = sorted(self._layers)
-        k = torch.stack([self._layers[i][0] for i in layers], dim=1).cpu().numpy()  # [T, L]
-        idx = torch.stack([self._layers[i][1] for i in layers], dim=1).cpu().numpy()  # [T, L, max_k]
-        w = torch.stack([self._layers[i][2] for i in layers], dim=1).cpu().numpy()
-        tokens, n_layers = k.shape
-        meta = {key: self._batch[key].cpu().numpy().astype(np.int32) for key in ("window_id", "doc_id", "position",
-                                                                                 "token_id")}
-        used = np.arange(idx.shape[-1]) < k[..., None]
-        offsets = np.concatenate([[0], np.cumsum(k.reshape(-1))]).astype(np.int32)
-        columns = {key: np.repeat(value, n_layers) for key, value in meta.items()}
-        columns["layer"] = np.tile(np.asarray(layers, dtype=np.int16), tokens)
-        columns["k"] = k.reshape(-1).astype(np.int16)
-        columns["experts"] = pa.ListArray.from_arrays(offsets, idx[used].astype(np.int16))
-        columns["weights"] = pa.ListArray.from_arrays(offsets, w[used].astype(np.float32))
-        self._writer.append(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
-        self._batch = None
+    def _accumulate_pvalues(self, pvalues: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add ``pvalues [L, T, E]`` and those of the selected experts ``indices [L, T, max_k]`` to the
+        p-value moments (batch sums in float32, running totals in float64; no boolean-mask gather, which
+        would wait for the device)."""
+        pvalues = pvalues.float()
+        used = indices < self.num_experts
+        chosen = pvalues.gather(-1, indices.clamp(max=self.num_experts - 1)) * used
+        self._p_moments += torch.stack([
+            pvalues.sum(), (pvalues * pvalues).sum(), torch.full((), float(pvalues.numel()), device=pvalues.device),
+            chosen.sum(), used.sum().float(),
+        ]).double().to(self._device)
+
+    def _write_rows(self, batch: dict[str, Any], layer_ids: list[int], k: torch.Tensor, indices: torch.Tensor,
+                    weights: torch.Tensor) -> None:
+        """Queue one Parquet row per (real token, layer), token-major, from ``k [L, T]`` and
+        ``indices`` / ``weights [L, T, max_k]``: compacted on the device, copied to the host once."""
+        n_layers, tokens = k.shape
+        k, indices, weights = k.T, indices.transpose(0, 1), weights.transpose(0, 1)  # token-major
+        # The k selected experts lead each row: the used slots in row-major order are exactly the flat
+        # list values, so the Arrow offsets are the running sum of k and no per-row work is needed.
+        used = torch.arange(indices.shape[-1], device=indices.device) < k.unsqueeze(-1)
+        meta = torch.stack([batch[key].to(k.device) for key in _META]).int()  # [4, T]
+        # One int32 buffer (weights bit-cast) -> a single device-to-host copy per batch.
+        packed = torch.cat([meta.reshape(-1), k.reshape(-1).int(), indices[used].int(),
+                            weights[used].view(torch.int32)]).cpu().numpy()
+        total = int(packed.size - (4 + n_layers) * tokens) // 2
+        meta_host, k_host = packed[: 4 * tokens].reshape(4, tokens), packed[4 * tokens: (4 + n_layers) * tokens]
+        experts, weight_values = packed[(4 + n_layers) * tokens:].reshape(2, total)
+        offsets = np.zeros(k_host.size + 1, dtype=np.int32)
+        np.cumsum(k_host, out=offsets[1:])
+        offsets = pa.array(offsets)
+        columns = [pa.array(np.repeat(meta_host[j], n_layers)) for j in range(len(_META))]
+        columns += [pa.array(np.tile(np.asarray(layer_ids, dtype=np.int16), tokens)),
+                    pa.array(k_host.astype(np.int16)),
+                    pa.ListArray.from_arrays(offsets, pa.array(experts.astype(np.int16))),
+                    pa.ListArray.from_arrays(offsets, pa.array(weight_values.view(np.float32)))]
+        self._writer.append(pa.RecordBatch.from_arrays(columns, schema=SCHEMA))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -147,20 +213,38 @@ class RoutingRecorder:
         """Routing statistics of everything recorded so far (counts as ints, rates in %)."""
         if self._k_hist is None:
             raise RuntimeError("nothing was recorded")
-        k_hist = self._k_hist.cpu().numpy()
-        counts = self._expert_counts.cpu().numpy()[:, : self.num_experts]
-        sums = self._router_sums.cpu().numpy()
-        router_sums = RouterSums(tokens=sums[:, 0], weight_entropy=sums[:, 1], router_entropy=sums[:, 2],
-                                 logsumexp_squared=sums[:, 3], top1_margin=sums[:, 4],
-                                 router_probs=self._router_probs.cpu().numpy(),
-                                 top1_counts=self._top1_counts.cpu().numpy())
-        return routing_summary(k_hist, counts, self.min_k, self.max_k, self._p_moments.cpu().numpy(), router_sums)
+        return summary_from_state(self.state(), self.min_k, self.max_k)
+
+    # The running counts as host arrays: a checkpoint or a shard saves them, and summing the states of
+    # consecutive parts gives the state of the whole (see merge_states), so summaries never average averages.
+    _STATE_FIELDS = ("k_hist", "expert_counts", "p_moments", "router_sums", "router_probs", "top1_counts")
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        """The running counts as numpy arrays, None before the first batch: ``k_hist`` and ``expert_counts``
+        ``[layers, E+1]`` int64, ``p_moments [5]``, ``router_sums [layers, 5]``, ``router_probs [layers, E]``
+        float64, ``top1_counts [layers, E]`` int64 (see :meth:`_init_counts`)."""
+        if self._k_hist is None:
+            return None
+        return {name: getattr(self, f"_{name}").cpu().numpy() for name in self._STATE_FIELDS}
+
+    def load_state(self, state: dict[str, np.ndarray], device: torch.device | str) -> None:
+        """Continue from a saved :meth:`state` (e.g. a checkpoint): later batches add to its counts."""
+        self._init_counts(torch.device(device))
+        for name in self._STATE_FIELDS:
+            target = getattr(self, f"_{name}")
+            if tuple(state[name].shape) != tuple(target.shape):
+                raise ValueError(f"recorder state {name}: shape {tuple(state[name].shape)} does not match this "
+                                 f"recorder's {tuple(target.shape)} (another model or router?)")
+            target.copy_(torch.as_tensor(state[name]))
 
 
-def _count(values: torch.Tensor, size: int) -> torch.Tensor:
-    """``[size]`` int64 occurrences of each value in ``0..size-1``; unlike ``bincount``, never syncs."""
-    return torch.zeros(size, dtype=torch.long, device=values.device).scatter_add_(
-        0, values.long(), torch.ones_like(values, dtype=torch.long))
+def _count_rows(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``[rows, size]`` int64 occurrences of each value ``0..size-1`` in each row of ``values [rows, n]``
+    (one scatter for all rows; unlike ``bincount``, never waits for the device)."""
+    rows = values.shape[0]
+    flat = values.long() + torch.arange(rows, device=values.device).unsqueeze(1) * size
+    return torch.zeros(rows * size, dtype=torch.long, device=values.device).scatter_add_(
+        0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.long, device=values.device)).view(rows, size)
 
 
 def _k_stats(hist: np.ndarray, min_k: int, max_k: int) -> dict[str, float]:
@@ -212,6 +296,27 @@ def routing_summary(k_hist: np.ndarray, expert_counts: np.ndarray, min_k: int, m
     summary["expert_counts"] = expert_counts.astype(int).tolist()
     summary["top1_counts"] = router_sums.top1_counts.astype(int).tolist() if router_sums is not None else None
     return summary
+
+
+def summary_from_state(state: dict[str, np.ndarray], min_k: int, max_k: int) -> dict[str, Any]:
+    """:func:`routing_summary` of a :meth:`RoutingRecorder.state` (one run's, or merged parts')."""
+    num_experts = state["router_probs"].shape[1]
+    sums = state["router_sums"]
+    router_sums = RouterSums(tokens=sums[:, 0], weight_entropy=sums[:, 1], router_entropy=sums[:, 2],
+                             logsumexp_squared=sums[:, 3], top1_margin=sums[:, 4],
+                             router_probs=state["router_probs"], top1_counts=state["top1_counts"])
+    return routing_summary(state["k_hist"], state["expert_counts"][:, :num_experts], min_k, max_k,
+                           state["p_moments"], router_sums)
+
+
+def merge_states(states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The state of consecutive parts of one run (shards), by summing their counts and sums.
+
+    Integer counts merge exactly; the float64 sums equal one run's up to summation order (~1e-15 relative).
+    """
+    if not states:
+        raise ValueError("merge_states: no states to merge")
+    return {name: np.sum([state[name] for state in states], axis=0) for name in states[0]}
 
 
 class RecorderGroup:

@@ -11,12 +11,18 @@ what happens next: ``model`` renormalises them over the selected experts exactly
 
 Logits must be finite: a call whose logits contain NaN or +-inf raises ``ValueError`` naming the
 layer and how many tokens are affected, instead of routing those tokens on garbage.
+
+Cost: routers run once per MoE layer per forward, so the common paths avoid full sorts. The order of
+the first ``max_k`` experts is one ``topk`` over unique integer keys (:func:`top_logit_order`), BH
+counts without sorting (:func:`bh_count_unsorted`), and a p-value router with ``min_k == max_k``
+and a null monotone in the logit selects the top k by logit without computing p-values at all
+(they are computed if a recorder reads :attr:`Selection.pvalues`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any, ClassVar, Protocol
 
@@ -38,14 +44,32 @@ class PValueNull(Protocol):
         """``[tokens, experts]`` float32 p-values in (0, 1] on the logits' device."""
 
 
-@dataclass
-class Selection:
-    """One layer's routing decisions for a batch of tokens."""
+PValues = torch.Tensor | Callable[[], torch.Tensor] | None
 
-    indices: torch.Tensor  # [tokens, max_k] int64; sentinel num_experts in unused slots
-    weights: torch.Tensor  # [tokens, max_k] float32; 0 in unused slots
-    k: torch.Tensor  # [tokens] int64; experts selected per token
-    pvalues: torch.Tensor | None = None  # [tokens, experts] float32 for p-value routers
+
+class Selection:
+    """One layer's routing decisions for a batch of tokens.
+
+    ``indices`` ``[tokens, max_k]`` int64 (sentinel ``num_experts`` in unused slots), ``weights``
+    ``[tokens, max_k]`` (0 in unused slots), ``k`` ``[tokens]`` int64 (experts selected per token) and,
+    for p-value routers, ``pvalues`` ``[tokens, experts]`` float32. ``pvalues`` may be given as a
+    function that computes them: a router that selected without them (fixed k) then pays for them only
+    if a recorder reads them.
+    """
+
+    __slots__ = ("indices", "weights", "k", "_pvalues")
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, pvalues: PValues = None):
+        self.indices, self.weights, self.k, self._pvalues = indices, weights, k, pvalues
+
+    @property
+    def pvalues(self) -> torch.Tensor | None:
+        if callable(self._pvalues):
+            self._pvalues = self._pvalues()
+        return self._pvalues
+
+    def __repr__(self) -> str:
+        return f"Selection(tokens={self.k.shape[0]}, max_k={self.indices.shape[-1]})"
 
 
 def check_fraction(key: str, value: Any) -> float:
@@ -55,15 +79,30 @@ def check_fraction(key: str, value: Any) -> float:
     return float(value)
 
 
-def check_finite_logits(logits: torch.Tensor, layer: int) -> None:
-    """Raise ``ValueError`` if any logit is NaN or infinite; one reduction when all is well."""
-    if bool(torch.isfinite(logits).all()):
-        return
-    bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
+def nonfinite_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Number of tokens (rows of ``logits`` ``[tokens, experts]``) with a NaN or infinite logit; 0-d int64."""
+    return (~torch.isfinite(logits)).any(dim=-1).sum()
+
+
+def raise_nonfinite(layer: int, bad: int, tokens: int) -> None:
+    """The error for ``bad`` of ``tokens`` tokens with NaN or infinite router logits in ``layer``."""
     raise ValueError(
-        f"logits of layer {layer}: {bad} of {logits.shape[0]} tokens have NaN or infinite router logits; "
+        f"logits of layer {layer}: {bad} of {tokens} tokens have NaN or infinite router logits; "
         "routers need finite logits (look for overflow in the model's dtype or a broken checkpoint)"
     )
+
+
+def check_finite_logits(logits: torch.Tensor, layer: int) -> None:
+    """Raise ``ValueError`` if any logit is NaN or infinite.
+
+    A NaN or infinity anywhere makes the sum non-finite, so one cheap reduction clears the usual case;
+    only a non-finite sum (or finite logits so large that their sum overflows) counts the bad tokens.
+    """
+    if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        return
+    bad = int(nonfinite_tokens(logits))
+    if bad:
+        raise_nonfinite(layer, bad, logits.shape[0])
 
 
 def softmax_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -92,32 +131,41 @@ class Router:
         self.num_experts, self.max_k, self.min_k, self.weight_policy = num_experts, int(max_k), int(min_k), weights
 
     def rank(self, logits: torch.Tensor, layer: int,
-             probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return ``(order [tokens, max_k], k [tokens], pvalues or None)``; ``order`` most preferred first.
+             probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, PValues]:
+        """Return ``(order [tokens, max_k], k [tokens], pvalues)``; ``order`` most preferred first.
 
         ``probs`` are the expert probabilities :meth:`__call__` already computed (None: compute them).
+        ``pvalues`` is None for routers without p-values, else a ``[tokens, experts]`` tensor or a function
+        returning it (see :class:`Selection`).
         """
         raise NotImplementedError
 
     def __call__(self, logits: torch.Tensor, layer: int = 0, norm_topk_prob: bool = False,
-                 probs: torch.Tensor | None = None) -> Selection:
+                 probs: torch.Tensor | None = None, check_finite: bool = True) -> Selection:
         """Select experts for ``logits`` ``[tokens, experts]`` of MoE layer ``layer``.
 
         ``probs`` ``[tokens, experts]`` are the probabilities the weights are taken from; default the
         softmax of the logits in float32 (model families that score experts otherwise pass their own).
-        Raises ``ValueError`` if any logit is NaN or infinite.
+        Raises ``ValueError`` if any logit is NaN or infinite, unless ``check_finite`` is False (the
+        caller checks them itself, as :func:`routelab.patching.install_router` does on accelerators
+        once per forward instead of once per layer).
         """
         if logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits: expected shape [tokens, {self.num_experts}], got {tuple(logits.shape)}")
-        check_finite_logits(logits, layer)
+        if check_finite:
+            check_finite_logits(logits, layer)
         if probs is None:
             probs = softmax_float32(logits)
         order, k, pvalues = self.rank(logits, layer, probs)
-        used = torch.arange(self.max_k, device=logits.device) < k.unsqueeze(-1)
-        weights = probs.gather(-1, order) * used
+        weights = probs.gather(-1, order)
+        if self.min_k == self.max_k:  # every slot used: no sentinel to write
+            indices = order
+        else:
+            used = torch.arange(self.max_k, device=logits.device) < k.unsqueeze(-1)
+            weights = weights * used
+            indices = order.masked_fill(~used, self.num_experts)
         if self.weight_policy == "renormalize" or (self.weight_policy == "model" and norm_topk_prob):
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        indices = order.masked_fill(~used, self.num_experts)
         return Selection(indices=indices, weights=weights, k=k, pvalues=pvalues)
 
     def describe(self) -> dict[str, Any]:
@@ -196,6 +244,36 @@ def bh_count(sorted_pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     return (passing * ranks).amax(dim=-1)
 
 
+def bh_count_unsorted(pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`bh_count` without sorting: ``pvalues`` ``[tokens, N]`` float32 in any order; ``[tokens]`` int64.
+
+    ``p_(i) <= t_i`` holds exactly when at least ``i`` p-values are ``<= t_i``, so the count is the
+    largest ``i`` with ``#{j : p_j <= t_i} >= i``. :func:`bh_count` compares in float64 with
+    ``t_i = i * (alpha / N)``; for a float32 ``p`` that is ``p <= c_i`` with ``c_i`` the largest float32
+    not above ``t_i``, so everything runs in float32 and agrees exactly. Each p-value's first passing
+    rank ``min{i : p <= c_i}`` is guessed as ``ceil(p * N / alpha)`` and corrected by one rank against
+    the ``c_i``; a histogram of those ranks and its cumulative sum give every ``#{p_j <= t_i}``.
+    """
+    tokens, n = pvalues.shape
+    device = pvalues.device
+    thresholds = torch.arange(1, n + 1, device=device, dtype=torch.float64) * (alpha / n)
+    cuts = thresholds.float()
+    cuts = torch.where(cuts.double() > thresholds, torch.nextafter(cuts, cuts.new_tensor(-math.inf)), cuts)
+    # cuts[i] for rank i = 1..N; rank N + 1 (never passes) catches everything, rank 0 nothing.
+    cuts = torch.cat([cuts.new_tensor([-math.inf]), cuts, cuts.new_tensor([math.inf])])
+    p = pvalues.float()
+    rank = torch.ceil(p * (n / alpha)).clamp_(1, n + 1).long().reshape(-1)
+    flat = p.reshape(-1)
+    rank += flat > cuts.index_select(0, rank)  # the guess's threshold is below p: the next rank is the first
+    rank -= (flat <= cuts.index_select(0, rank - 1)).long()  # the rank before already passes (never rank 1)
+    histogram = torch.zeros(tokens, n + 2, dtype=torch.int32, device=device)
+    ones = torch.ones(1, 1, dtype=torch.int32, device=device).expand(tokens, n)
+    histogram.scatter_add_(-1, rank.view(tokens, n), ones)
+    passing = histogram[:, 1 : n + 1].cumsum(dim=-1, dtype=torch.int32)  # [tokens, N]: #{p_j <= t_i}, i = 1..N
+    ranks = torch.arange(1, n + 1, device=device, dtype=torch.int32)
+    return torch.where(passing >= ranks, ranks, 0).amax(dim=-1).long()
+
+
 def hc_search_size(n: int, alpha0: float) -> int:
     """Ranks higher criticism searches: ``max(1, floor(alpha0 * n))`` (``0.57 * 100`` counts as 57)."""
     return max(1, math.floor(round(alpha0 * n, 9)))
@@ -228,6 +306,37 @@ def order_by_pvalue(pvalues: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return by_logit.gather(-1, by_p)
 
 
+_KEYED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in float32
+
+
+def descending_logit_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int64 keys ``[tokens, experts]`` that order like (logit descending, expert index ascending) and never tie.
+
+    IEEE-754 floats order like sign-magnitude integers: flipping the magnitude bits of negative ones
+    gives int32s that order like the floats (-0.0 is first made +0.0, as the two compare equal). The
+    low bits hold ``experts - 1 - index``, so equal logits rank the lower expert index first. Logits
+    must be float32, bfloat16 or float16 (exact in float32).
+    """
+    experts = logits.shape[-1]
+    shift = max(1, (experts - 1).bit_length())
+    bits = (logits.float() + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    tiebreak = torch.arange(experts - 1, -1, -1, device=logits.device)
+    return torch.add(tiebreak, ordered, alpha=1 << shift)  # int64: ordered * 2**shift + tiebreak, one pass
+
+
+def top_logit_order(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` experts with the largest logits per token, largest first, ties to the lower expert index.
+
+    Equal to ``torch.sort(logits, descending=True, stable=True).indices[:, :k]``, but one ``topk`` over
+    :func:`descending_logit_keys` (unique keys: any ``topk`` implementation gives the stable order),
+    which costs about what the native router's ``topk`` does instead of a full sort. ``[tokens, k]`` int64.
+    """
+    if logits.dtype not in _KEYED_DTYPES:
+        return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
+    return torch.topk(descending_logit_keys(logits), k, dim=-1).indices
+
+
 class PValueRouter(Router):
     """Base of routers that count significant experts in p-values ``p = sf_null(logit / temperature)``.
 
@@ -252,18 +361,26 @@ class PValueRouter(Router):
         """Experts selected per token before clamping, ``[tokens]`` int64."""
         raise NotImplementedError
 
+    def count_unsorted(self, pvalues: torch.Tensor) -> torch.Tensor:
+        """:meth:`count` of ``pvalues`` ``[tokens, experts]`` in any order (subclasses may avoid the sort)."""
+        return self.count(torch.sort(pvalues, dim=-1).values)
+
     def rank(self, logits, layer, probs=None):
-        if getattr(self.null, "monotone_in_logit", False):
-            # One sort: descending logits are ascending p-values, ties already in logit order.
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-            sorted_p = self.null.pvalues(sorted_logits, layer, self.temperature)
-            pvalues = torch.empty_like(sorted_p).scatter_(-1, order, sorted_p)
-        else:
+        if not getattr(self.null, "monotone_in_logit", False):
             pvalues = self.null.pvalues(logits, layer, self.temperature)
             order = order_by_pvalue(pvalues, logits)
-            sorted_p = pvalues.gather(-1, order)
-        k = self.count(sorted_p).clamp(self.min_k, self.max_k)
-        return order[:, : self.max_k].contiguous(), k, pvalues
+            k = self.count(pvalues.gather(-1, order)).clamp(self.min_k, self.max_k)
+            return order[:, : self.max_k].contiguous(), k, pvalues
+        # p falls as the logit rises: ascending p (ties: larger logit first) is descending logit order,
+        # and only the first max_k experts of it are needed.
+        order = top_logit_order(logits, self.max_k)
+        if self.min_k == self.max_k:
+            # The count is clamped to k whatever it is: the selection is the top k by logit, and the
+            # p-values are computed only if someone reads them (a recorder).
+            k = torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device)
+            return order, k, lambda: self.null.pvalues(logits, layer, self.temperature)
+        pvalues = self.null.pvalues(logits, layer, self.temperature)
+        return order, self.count_unsorted(pvalues).clamp_(self.min_k, self.max_k), pvalues
 
     def describe(self):
         return {**super().describe(), "temperature": self.temperature}
@@ -285,6 +402,9 @@ class BHRouter(PValueRouter):
 
     def count(self, sorted_pvalues):
         return bh_count(sorted_pvalues, self.alpha)
+
+    def count_unsorted(self, pvalues):
+        return bh_count_unsorted(pvalues, self.alpha)
 
     def describe(self):
         return {**super().describe(), "alpha": self.alpha}

@@ -1,6 +1,12 @@
 rule aggregate:
     input:
-        run_summaries,
+        # everything the aggregate reads from each run; routing.parquet for one layer's co-activation
+        expand(
+            "results/{{experiment}}/runs/{routing}/{dataset}/{name}",
+            routing=ROUTING,
+            dataset=DATASETS,
+            name=["summary.json", "metrics.json", "system.json", "scores.parquet", "routing.parquet"],
+        ),
     output:
         runs="results/{experiment}/aggregate/runs.parquet",
         table=report(
@@ -9,13 +15,17 @@ rule aggregate:
             category="Tables",
         ),
         layers="results/{experiment}/aggregate/layers.csv",
+        scores="results/{experiment}/aggregate/scores.parquet",
+        expert_counts="results/{experiment}/aggregate/expert_counts.parquet",
+        coactivation="results/{experiment}/aggregate/coactivation.parquet",
     log:
         "logs/{experiment}/aggregate.log",
     params:
         runs=run_dirs,
+        layer=config["report"]["layer"],
     threads: 1
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python workflow/scripts/aggregate.py --runs {params.runs}"
+        "python workflow/scripts/aggregate.py --runs {params.runs} --layer {params.layer}"
         " --out-dir results/{wildcards.experiment}/aggregate > {log} 2>&1"

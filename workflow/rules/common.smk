@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 
@@ -13,6 +14,11 @@ from routelab.config import (
     check_config,
     validate_schema,
 )
+from routelab.resources import dataset_dir as resource_dataset_dir
+from routelab.resources import is_hub_model
+from routelab.resources import model_dir as resource_model_dir
+from routelab.resume import batch_size_for_attempt
+from routelab.shards import shard_name
 
 try:
     validate_schema(config, schema=workflow.source_path("../schemas/config.schema.yaml"))
@@ -38,18 +44,81 @@ def as_json(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# Hub models and datasets are fetched by the local `download` rules into resources/ (download.smk);
+# every job that runs the model reads those copies, so compute nodes need no internet.
+HUB_MODEL = not IS_DEMO and is_hub_model(config["model"]["id"])
+MODEL_RESOURCE = str(resource_model_dir(config["model"]["id"])) if HUB_MODEL else None
+HUB_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "hub"]
+
+
 def model_dir(wildcards):
-    """The demo model's directory (an input), or nothing for a hub/local model."""
-    return [f"results/{wildcards.experiment}/model"] if IS_DEMO else []
+    """The model directory a job reads (an input): the demo model, the downloaded hub model, or
+    nothing for a local directory named in the config."""
+    if IS_DEMO:
+        return [f"results/{wildcards.experiment}/model"]
+    return [MODEL_RESOURCE] if HUB_MODEL else []
 
 
 def model_ref(wildcards):
-    """What --model gets: the demo model's directory or the configured hub id / path."""
-    return f"results/{wildcards.experiment}/model" if IS_DEMO else config["model"]["id"]
+    """What --model gets: the demo model's directory, the hub model's local copy, or the local path."""
+    if IS_DEMO:
+        return f"results/{wildcards.experiment}/model"
+    return MODEL_RESOURCE if HUB_MODEL else config["model"]["id"]
+
+
+def dataset_download(wildcards):
+    """The local copy of a hub dataset (an input of prepare_dataset), or nothing for demo/local data."""
+    return [str(resource_dataset_dir(wildcards.dataset))] if wildcards.dataset in HUB_DATASETS else []
+
+
+def download_targets():
+    """Everything the `download` rule fetches (the hub model and every hub dataset)."""
+    return ([MODEL_RESOURCE] if HUB_MODEL else []) + [str(resource_dataset_dir(name)) for name in HUB_DATASETS]
 
 
 def dataset_spec(wildcards):
-    return as_json(config["datasets"][wildcards.dataset])
+    # `shards` says how route jobs split the data, not what the data is: leaving it out keeps
+    # prepare_dataset (and everything downstream) from rerunning when it changes.
+    spec = {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "shards"}
+    if wildcards.dataset in HUB_DATASETS:  # read the downloaded copy, not the hub
+        spec["download_dir"] = str(resource_dataset_dir(wildcards.dataset))
+    return as_json(spec)
+
+
+# Datasets routed in more than one job (route_shard + gather_shards); the others keep one route job.
+SHARDS = {name: spec["shards"] for name, spec in config["datasets"].items()}
+SHARDED = [name for name in DATASETS if SHARDS[name] > 1]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (or nothing, for an empty list)."""
+    return "|".join(re.escape(name) for name in names) if names else "(?!)"
+
+
+def shard_dirs(wildcards):
+    """The output directories of one sharded run's shards, in order (1-of-N ... N-of-N)."""
+    count = SHARDS[wildcards.dataset]
+    return [
+        f"results/{wildcards.experiment}/shards/{wildcards.routing}/{wildcards.dataset}/{shard_name(i, count)}"
+        for i in range(1, count + 1)
+    ]
+
+
+def shard_parts(wildcards):
+    return [f"{d}/{name}" for d in shard_dirs(wildcards) for name in SHARD_FILES]
+
+
+SHARD_FILES = ("routing.parquet", "decisions.parquet", "scores.parquet", "accumulators.npz", "part.json")
+
+
+def route_batch_size(wildcards, attempt):
+    """Windows per forward pass: the configured batch size, halved on each retry (an OOM retry)."""
+    return batch_size_for_attempt(config["evaluation"]["batch_size"], attempt)
+
+
+def route_attempt(wildcards, attempt):
+    """The attempt number, for route.py (a retry after a non-memory error fails at once)."""
+    return attempt
 
 
 def routing_spec(wildcards):
@@ -95,17 +164,31 @@ def run_summaries(wildcards):
 
 
 def run_plots(wildcards):
+    """Every run's figure index: plot_run writes it with all of the run's figures, and the report links
+    the per-run figures from it."""
     return expand(
-        "results/{experiment}/plots/{routing}/{dataset}/{figure}.png",
+        "results/{experiment}/plots/{routing}/{dataset}/index.json",
         experiment=wildcards.experiment,
         routing=ROUTING,
         dataset=DATASETS,
-        figure=["experts_histogram", "expert_heatmap"],
     )
 
 
+def tracking_options(wildcards):
+    """--model-dir / --tensorboard-dir / --mlflow-uri of export_tracking.py, from the config."""
+    options = [f"--model-dir results/{wildcards.experiment}/model"] if IS_DEMO else []
+    if config["tracking"]["tensorboard"]:
+        options.append(f"--tensorboard-dir results/{wildcards.experiment}/tracking/tensorboard")
+    if config["tracking"]["mlflow_uri"]:
+        options.append(f"--mlflow-uri {config['tracking']['mlflow_uri']}")
+    return " ".join(options)
+
+
 def get_final_output():
-    return [f"results/{EXPERIMENT}/report/report.html"]
+    outputs = [f"results/{EXPERIMENT}/report/report.html"]
+    if config["tracking"]["tensorboard"] or config["tracking"]["mlflow_uri"]:
+        outputs.append(f"results/{EXPERIMENT}/tracking/exported.json")
+    return outputs
 
 
 onsuccess:

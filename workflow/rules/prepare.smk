@@ -1,6 +1,7 @@
 rule prepare_dataset:
     input:
         model_dir,
+        dataset_download,
     output:
         documents="results/{experiment}/data/{dataset}/documents.parquet",
         windows="results/{experiment}/data/{dataset}/windows.parquet",

@@ -1,3 +1,21 @@
+# route: one job per (routing config, dataset); a dataset with `shards: N` > 1 runs N route_shard jobs
+# (whole documents each) and gather_shards merges them into the same run files.
+#
+# Batch size, checkpoint interval and attempt are resources, not params: they do not change the results
+# (beyond float rounding), so changing them, or an out-of-memory retry that halves the batch, does not
+# make finished runs stale. `retries`: an out-of-memory attempt reruns with half the batch, resuming
+# from its checkpoint (results/.../{dataset}.partial/, not an output, so it survives a failed attempt);
+# after any other error the retry stops at once (route.py --attempt; see routelab.resume).
+
+ROUTE_COMMAND = (
+    "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+    " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
+    " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
+    " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
+    " --seed {params.seed} --threads {threads}"
+)
+
+
 rule route:
     input:
         model_dir,
@@ -13,6 +31,8 @@ rule route:
         provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
         system="results/{experiment}/runs/{routing}/{dataset}/system.json",
         decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
+    wildcard_constraints:
+        dataset=one_of([d for d in DATASETS if d not in SHARDED]),
     log:
         "logs/{experiment}/route/{routing}/{dataset}.log",
     benchmark:
@@ -21,18 +41,88 @@ rule route:
         model=model_ref,
         routing=routing_spec,
         null=null_arg,
-        batch_size=config["evaluation"]["batch_size"],
         sample_every=config["evaluation"]["decision_sample_every"],
         options=model_options(),
         seed=config["seed"],
     threads: 1
     resources:
         gpu=1,
+        batch_size=route_batch_size,
+        checkpoint_every=config["evaluation"]["checkpoint_every"],
+        attempt=route_attempt,
+    retries: 3
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+        ROUTE_COMMAND
+        + " --out results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"
+
+
+rule route_shard:
+    input:
+        model_dir,
+        windows="results/{experiment}/data/{dataset}/windows.parquet",
+        documents="results/{experiment}/data/{dataset}/documents.parquet",
+        info="results/{experiment}/data/{dataset}/info.json",
+        null=null_input,
+    output:
+        routing=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/routing.parquet"),
+        decisions=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/decisions.parquet"),
+        scores=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/scores.parquet"),
+        state=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/accumulators.npz"),
+        part=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/part.json"),
+    wildcard_constraints:
+        dataset=one_of(SHARDED),
+        shard=r"[0-9]+-of-[0-9]+",
+    log:
+        "logs/{experiment}/route/{routing}/{dataset}/{shard}.log",
+    benchmark:
+        "benchmarks/{experiment}/route/{routing}/{dataset}/{shard}.tsv"
+    params:
+        model=model_ref,
+        routing=routing_spec,
+        null=null_arg,
+        sample_every=config["evaluation"]["decision_sample_every"],
+        options=model_options(),
+        seed=config["seed"],
+    threads: 1
+    resources:
+        gpu=1,
+        batch_size=route_batch_size,
+        checkpoint_every=config["evaluation"]["checkpoint_every"],
+        attempt=route_attempt,
+    retries: 3
+    conda:
+        "../../envs/routelab.yaml"
+    shell:
+        ROUTE_COMMAND
+        + " --shard {wildcards.shard}"
+        " --out results/{wildcards.experiment}/shards/{wildcards.routing}/{wildcards.dataset}/{wildcards.shard}"
+        " > {log} 2>&1"
+
+
+rule gather_shards:
+    input:
+        parts=shard_parts,
+        info="results/{experiment}/data/{dataset}/info.json",
+    output:
+        metrics="results/{experiment}/runs/{routing}/{dataset}/metrics.json",
+        summary="results/{experiment}/runs/{routing}/{dataset}/summary.json",
+        routing="results/{experiment}/runs/{routing}/{dataset}/routing.parquet",
+        scores="results/{experiment}/runs/{routing}/{dataset}/scores.parquet",
+        provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
+        system="results/{experiment}/runs/{routing}/{dataset}/system.json",
+        decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
+    wildcard_constraints:
+        dataset=one_of(SHARDED),
+    log:
+        "logs/{experiment}/gather_shards/{routing}/{dataset}.log",
+    params:
+        parts=shard_dirs,
+    threads: 1
+    conda:
+        "../../envs/routelab.yaml"
+    shell:
+        "python workflow/scripts/gather_shards.py --parts {params.parts}"
         " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
-        " --batch-size {params.batch_size} --sample-every {params.sample_every} {params.options}"
-        " --seed {params.seed} --threads {threads}"
         " --out results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"

@@ -1,24 +1,45 @@
 #!/usr/bin/env python
-"""Aggregate run directories into tidy tables.
+"""Aggregate run directories into tidy tables, so the report needs no run directories.
 
-Reads RUN_DIR/summary.json and RUN_DIR/metrics.json of every run; writes AGG_DIR/runs.csv and
-AGG_DIR/runs.parquet (one row per run) and AGG_DIR/layers.csv (one row per run and layer).
+Reads summary.json, metrics.json, system.json, scores.parquet and (one layer of) routing.parquet of
+every run; writes into AGG_DIR:
+  runs.csv, runs.parquet     one row per run (routing parameters, quality, routing statistics, speed)
+  layers.csv                 one row per (run, layer)
+  scores.parquet             one row per (run, document): the per-document scores
+  expert_counts.parquet      one row per (run, layer, expert): tokens routed to the expert
+  coactivation.parquet       one row per (run, expert pair) of LAYER with a non-zero count
 """
 
 import argparse
 import logging
 from pathlib import Path
 
-from routelab.aggregate import collect_layers, collect_runs
+from tqdm import tqdm
+
+from routelab.aggregate import (collect_coactivation, collect_expert_counts, collect_layers, collect_runs,
+                                collect_scores)
 from routelab.io import write_parquet, write_text
 
 log = logging.getLogger("aggregate")
+
+
+def layer_option(text: str) -> int | None:
+    """A layer index, or None from the config's null (Snakemake writes it as "None")."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer must be a layer index or None, got {text!r}") from None
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True, nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories (results/{experiment}/runs/{routing}/{dataset})")
+    parser.add_argument("--layer", type=layer_option, default=None,
+                        help="MoE layer whose expert co-activation is counted; 'None' (the default) = the "
+                             "middle layer")
     parser.add_argument("--out-dir", required=True, type=Path, help="directory the tables go to")
     return parser.parse_args()
 
@@ -30,7 +51,13 @@ def main() -> None:
     write_text(args.out_dir / "runs.csv", runs.to_csv(index=False))
     write_parquet(args.out_dir / "runs.parquet", runs)
     write_text(args.out_dir / "layers.csv", layers.to_csv(index=False))
-    log.info("aggregated %d runs (%d layer rows) into %s", len(runs), len(layers), args.out_dir)
+    scores = collect_scores(args.runs)
+    write_parquet(args.out_dir / "scores.parquet", scores)
+    write_parquet(args.out_dir / "expert_counts.parquet", collect_expert_counts(args.runs))
+    coactivation = collect_coactivation(tqdm(args.runs, desc="co-activation", unit="run"), layer=args.layer)
+    write_parquet(args.out_dir / "coactivation.parquet", coactivation)
+    log.info("aggregated %d runs (%d layer rows, %d document scores, co-activation of layer %d) into %s",
+             len(runs), len(layers), len(scores), int(coactivation["layer"].iloc[0]), args.out_dir)
 
 
 if __name__ == "__main__":

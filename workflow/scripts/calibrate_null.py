@@ -22,6 +22,7 @@ import torch
 
 from routelab.calibration import collect_router_logits
 from routelab.cli import run
+from routelab.gpus import pin_gpu
 from routelab.io import write_json
 from routelab.modeling import load_model, load_tokenizer
 from routelab.nulls import CALIBRATED_METHODS, NULL_METHODS, fit_null
@@ -34,6 +35,8 @@ def main(args: argparse.Namespace) -> None:
     if args.method not in CALIBRATED_METHODS:
         raise ValueError(f"--method: {args.method!r} needs no calibration (it standardises each token's logits; "
                          f"route with it directly); calibrate one of {', '.join(CALIBRATED_METHODS)}")
+    if args.device in ("auto", "cuda"):  # before CUDA starts: one free GPU per job (Snakemake pins none)
+        pin_gpu()
     torch.manual_seed(args.seed)
     windows = pd.concat([pd.read_parquet(p) for p in args.calibration], ignore_index=True)
     model = load_model(args.model, args.dtype, args.device, args.experts_implementation)

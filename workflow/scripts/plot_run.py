@@ -1,37 +1,43 @@
 #!/usr/bin/env python
 """Per-run figures of one (routing, dataset) run.
 
-Reads RUN_DIR/summary.json; writes PLOT_DIR/experts_histogram.png (experts selected per token and
-layer, from k_histogram) and PLOT_DIR/expert_heatmap.png (% of tokens routed to each expert in each
-layer, from expert_counts and per_layer decisions).
+Reads RUN_DIR/summary.json, routing.parquet (token, layer, k, experts, weights) and decisions.parquet
+(sampled logits and p-values); writes into PLOT_DIR the ten figures of routelab.plots.RUN_FIGURES
+(experts histogram, layer x expert heatmap, p-value distribution, logit vs p-value, BH step-up samples,
+BH pass rate by rank, sample-sequence routing heatmap, expert utilisation, token rarity vs experts,
+per-layer box plots) and index.json: [{"file", "title", "drawn"}], drawn false (with a "reason") for a
+figure that does not apply to the run, e.g. p-value figures of a top-k router.
 """
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
-from routelab.aggregate import read_run_file
-from routelab.plots import expert_heatmap, experts_histogram_from_counts
+from routelab.run_figures import draw_run_figures, load_token_decoder
 
 log = logging.getLogger("plot_run")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, type=Path, help="directory holding summary.json")
-    parser.add_argument("--out-dir", required=True, type=Path, help="directory the PNG figures go to")
+    parser.add_argument("--run-dir", required=True, type=Path,
+                        help="run directory holding summary.json, routing.parquet and decisions.parquet")
+    parser.add_argument("--out-dir", required=True, type=Path, help="directory the PNG figures and index.json go to")
+    parser.add_argument("--model", default=None,
+                        help="model directory or hub id whose tokenizer turns token ids into text for the "
+                             "sample-sequence heatmap (token ids are shown without it)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    summary = read_run_file(args.run_dir, "summary.json")
-    name = f"{summary['routing']} on {summary['dataset']}"
-    experts_histogram_from_counts(summary["k_histogram"], summary["min_k"], summary["max_k"],
-                                  title=name, path=args.out_dir / "experts_histogram.png")
-    expert_heatmap(summary["expert_counts"], title=name, path=args.out_dir / "expert_heatmap.png",
-                   tokens_per_layer=[layer["decisions"] for layer in summary["per_layer"]])
-    log.info("wrote figures of %s to %s", name, args.out_dir)
+    start = time.perf_counter()
+    decode = load_token_decoder(args.model) if args.model else None
+    index = draw_run_figures(args.run_dir, args.out_dir, decode=decode)
+    drawn = sum(entry["drawn"] for entry in index)
+    log.info("wrote %d figures (%d drawn, %d not applicable) and index.json to %s in %.1f s",
+             len(index), drawn, len(index) - drawn, args.out_dir, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,80 @@
 #!/usr/bin/env python
 """Build the cross-run comparison report.
 
-Reads the aggregate run table (runs.parquet); writes into REPORT_DIR comparison.csv, comparison.md,
-figures/experts_vs_alpha.png (a placeholder when there are no BH runs), figures/quality_vs_experts.png
-and report.html, which links the per-run figures under PLOTS_ROOT relative to itself. Prints the
-absolute path of report.html.
+Reads the aggregate tables (runs.parquet and, beside it, scores.parquet, expert_counts.parquet and
+coactivation.parquet when present); writes into REPORT_DIR comparison.csv, comparison.md,
+comparison.tex, the statistics as CSV, figures/*.png and report.html, which shows the figures beside
+it and links the per-run figures under PLOTS_ROOT relative to itself. Prints the absolute path of
+report.html.
 """
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from routelab.report import write_report
+from routelab.config import section_defaults
+from routelab.report import ReportOptions, write_report
 
 log = logging.getLogger("report")
+AGGREGATE_TABLES = ("scores", "expert_counts", "coactivation")
+
+
+def layer_option(text: str) -> int | None:
+    """A layer index, or None from the config's null (Snakemake writes it as "None")."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer must be a layer index or None, got {text!r}") from None
 
 
 def parse_args() -> argparse.Namespace:
+    defaults = section_defaults("report")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True, type=Path, help="runs.parquet from the aggregate stage")
     parser.add_argument("--plots-root", required=True, type=Path,
-                        help="per-run figures root: PLOTS_ROOT/{routing}/{dataset}/*.png")
+                        help="per-run figures root: PLOTS_ROOT/{routing}/{dataset}/*.png (+ index.json)")
     parser.add_argument("--experiment", required=True, help="experiment name shown in the report")
     parser.add_argument("--baseline", required=True, help="routing name the others are compared to")
+    parser.add_argument("--repetitions", type=int, default=defaults["bootstrap_repetitions"],
+                        help="bootstrap resamples per confidence interval (default %(default)s)")
+    parser.add_argument("--confidence", type=float, default=defaults["confidence"],
+                        help="confidence level of the intervals (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="bootstrap seed (default %(default)s)")
+    parser.add_argument("--layer", type=layer_option, default=defaults["layer"],
+                        help="layer of the expert-activation figures; 'None' (the default) = the "
+                             "co-activation table's")
     parser.add_argument("--out-dir", required=True, type=Path, help="directory the report goes to")
     return parser.parse_args()
+
+
+def read_optional(path: Path) -> pd.DataFrame | None:
+    if path.is_file():
+        return pd.read_parquet(path)
+    log.warning("%s is missing: its report sections are skipped", path)
+    return None
 
 
 def main() -> None:
     args = parse_args()
     if not args.runs.is_file():
         raise FileNotFoundError(f"run table missing: {args.runs}")
+    start = time.perf_counter()
     runs = pd.read_parquet(args.runs)
-    report = write_report(runs, args.out_dir, args.experiment, args.baseline, args.plots_root)
-    log.info("wrote report of %d runs to %s", len(runs), args.out_dir)
+    tables = {name: read_optional(args.runs.parent / f"{name}.parquet") for name in AGGREGATE_TABLES}
+    options = ReportOptions(repetitions=args.repetitions, confidence=args.confidence, seed=args.seed,
+                            layer=args.layer)
+    report = write_report(runs, args.out_dir, args.experiment, args.baseline, args.plots_root, options=options,
+                          **tables)
+    log.info("wrote report of %d runs to %s in %.1f s", len(runs), args.out_dir, time.perf_counter() - start)
     print(report.resolve())
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rliable logs a line per bootstrap call
     main()

@@ -23,6 +23,9 @@ DEFAULTS = section_defaults("demo_model")
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    # Multithreaded CPU backward otherwise sums in a varying order (weights differ by ~1e-7 between two
+    # runs), and every later stage inherits the difference: same config, same model, bit for bit.
+    torch.use_deterministic_algorithms(True)
     unknown = sorted(set(args.settings) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"--settings: unknown key {unknown[0]!r}; valid keys: {', '.join(DEFAULTS)}")

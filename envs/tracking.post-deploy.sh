@@ -1,0 +1,1 @@
+routelab.post-deploy.sh

@@ -1,0 +1,185 @@
+"""Sharded runs: whole documents per shard, balanced by tokens; merged shards equal one unsharded run."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from route_fixtures import load_gather_script, load_route_script, make_model_and_data, read_run, route_args
+from routelab.shards import check_parts, merge_system, parse_shard, select_shard, shard_bounds
+
+# Columns of routing.parquet / decisions.parquet that are decisions or ids (must match exactly) and those
+# that are float32 model outputs (differ by float32 rounding when the batches hold other windows).
+EXACT = {"routing.parquet": ["window_id", "doc_id", "position", "token_id", "layer", "k", "experts"],
+         "decisions.parquet": ["window_id", "doc_id", "position", "token_id", "layer", "k", "bh_thresholds",
+                               "passing_rank", "selected"]}
+FLOAT = {"routing.parquet": ["weights"],
+         "decisions.parquet": ["logit_mean", "logit_std", "logit_min", "logit_max", "logits", "pvalues",
+                               "sorted_pvalues", "selected_weights"]}
+# Summary entries that are counts (or exact functions of counts); the rest are means of float sums.
+COUNT_KEYS = ["total_decisions", "experts_mean", "experts_std", "experts_median", "experts_min", "experts_max",
+              "ceiling_hit_rate", "floor_hit_rate", "k_histogram", "expert_counts", "top1_counts", "min_k", "max_k",
+              "routing", "dataset", "method", "params", "num_layers", "num_experts", "model_top_k",
+              "active_expert_flops_per_token", "active_expert_flops_vs_topk"]
+
+
+def test_shard_bounds_match_hand_computed_splits():
+    assert shard_bounds([10, 10, 10, 10], 2).tolist() == [0, 2, 4]
+    assert shard_bounds([10, 10, 10, 10], 4).tolist() == [0, 1, 2, 3, 4]
+    # One long document takes a shard of its own; the short ones are not split across shards.
+    assert shard_bounds([100, 1, 1, 1], 2).tolist() == [0, 1, 4]
+    # Half the tokens fall at the start of document 3: every shard still gets at least one document.
+    assert shard_bounds([1, 1, 1, 100], 3).tolist() == [0, 2, 3, 4]
+    assert shard_bounds([5], 1).tolist() == [0, 1]
+
+
+def test_more_shards_than_documents_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match=r"shards: 4 is not valid for 3 documents"):
+        shard_bounds([1, 2, 3], 4)
+
+
+def test_config_refuses_more_shards_than_documents():
+    from routelab.config import ConfigError, check_datasets
+
+    check_datasets({"datasets": {"code": {"source": "demo", "domain": "code", "documents": 4, "shards": 4}}})
+    with pytest.raises(ConfigError, match=r"datasets.code.shards: 5 exceeds documents = 4"):
+        check_datasets({"datasets": {"code": {"source": "demo", "domain": "code", "documents": 4, "shards": 5}}})
+
+
+@pytest.mark.parametrize("name", ["0-of-2", "3-of-2", "2of4", "a-of-b", ""])
+def test_a_bad_shard_name_is_refused(name):
+    with pytest.raises(ValueError, match="use I-of-N"):
+        parse_shard(name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(windows_per_doc=st.lists(st.integers(1, 4), min_size=1, max_size=12), data=st.data())
+def test_shards_hold_whole_documents_and_tile_the_windows(windows_per_doc, data):
+    shards = data.draw(st.integers(1, len(windows_per_doc)))
+    doc_ids = np.repeat(np.arange(len(windows_per_doc)) * 3, windows_per_doc)  # ids need not be consecutive
+    lengths = data.draw(st.lists(st.integers(1, 9), min_size=len(doc_ids), max_size=len(doc_ids)))
+    windows = pd.DataFrame({"window_id": np.arange(len(doc_ids)), "doc_id": doc_ids,
+                            "input_ids": [[7] * n for n in lengths]})
+    parts = [select_shard(windows, f"{i}-of-{shards}") for i in range(1, shards + 1)]
+    assert pd.concat([p for p, _ in parts]).equals(windows)  # in order, nothing lost or repeated
+    seen = set()
+    for part, info in parts:
+        assert len(part) > 0
+        assert not seen & set(part["doc_id"])  # a document lies in one shard only
+        seen |= set(part["doc_id"])
+        assert info["tokens_before"] == sum(lengths[: info["windows"][0]])
+        assert info["documents"] == [part["doc_id"].iloc[0], part["doc_id"].iloc[-1]]
+
+
+def test_windows_out_of_document_order_are_refused():
+    windows = pd.DataFrame({"doc_id": [0, 1, 0], "input_ids": [[1], [1], [1]]})
+    with pytest.raises(ValueError, match="doc_id is not in ascending order"):
+        select_shard(windows, "1-of-2")
+
+
+def test_merged_system_sums_time_and_takes_the_largest_peak():
+    shard = {"routing": "r", "dataset": "d", "device": "cpu", "experts_implementation": "eager", "peak_cuda_mb": None}
+    merged = merge_system([{**shard, "wall_time_s": 2.0, "tokens_per_s": 100.0, "peak_rss_mb": 50.0},
+                           {**shard, "wall_time_s": 6.0, "tokens_per_s": 200.0, "peak_rss_mb": 70.0}])
+    assert merged["wall_time_s"] == 8.0 and merged["tokens_per_s"] == pytest.approx(1400 / 8)
+    assert merged["peak_rss_mb"] == 70.0 and merged["peak_cuda_mb"] is None and merged["device"] == "cpu"
+    assert merged["shards"] == 2
+
+
+def _part(name, windows, config_hash="h"):
+    return {"shard": name, "windows": windows, "provenance": {"config_hash": config_hash}}
+
+
+def test_gather_refuses_incomplete_or_mixed_shards():
+    check_parts([_part("1-of-2", [0, 3]), _part("2-of-2", [3, 5])], 5)
+    with pytest.raises(ValueError, match="got part '2-of-2'"):
+        check_parts([_part("2-of-2", [3, 5])], 5)
+    with pytest.raises(ValueError, match="config_hash differs"):
+        check_parts([_part("1-of-2", [0, 3]), _part("2-of-2", [3, 5], "other")], 5)
+    with pytest.raises(ValueError, match="cover 5 windows but the dataset has 6"):
+        check_parts([_part("1-of-2", [0, 3]), _part("2-of-2", [3, 5])], 6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    model_dir, data_dir = make_model_and_data(root)
+    return root, model_dir, data_dir
+
+
+def assert_same_run(a: dict, b: dict, float_tol: float) -> None:
+    """Decisions, ids and counts equal exactly; float32 model outputs and float sums within ``float_tol``."""
+    for name in EXACT:
+        left, right = a[name].to_pandas(), b[name].to_pandas()
+        assert len(left) == len(right), name
+        for column in EXACT[name]:
+            assert left[column].map(lambda v: np.asarray(v).tolist()).equals(
+                right[column].map(lambda v: np.asarray(v).tolist())), (name, column)
+        for column in FLOAT[name]:
+            x = np.concatenate([np.atleast_1d(np.asarray(v, dtype=float)) for v in left[column] if v is not None])
+            y = np.concatenate([np.atleast_1d(np.asarray(v, dtype=float)) for v in right[column] if v is not None])
+            np.testing.assert_allclose(x, y, rtol=0, atol=float_tol, err_msg=f"{name} {column}")
+    scores_a, scores_b = a["scores.parquet"].to_pandas(), b["scores.parquet"].to_pandas()
+    assert scores_a[["doc_id", "tokens", "correct", "words", "bytes"]].equals(
+        scores_b[["doc_id", "tokens", "correct", "words", "bytes"]])
+    np.testing.assert_allclose(scores_a["loglik"], scores_b["loglik"], rtol=1e-6)
+    metrics_a, metrics_b = a["metrics.json"], b["metrics.json"]
+    assert metrics_a.keys() == metrics_b.keys()
+    for key, value in metrics_a.items():
+        assert metrics_b[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    summary_a, summary_b = a["summary.json"], b["summary.json"]
+    assert summary_a.keys() == summary_b.keys()
+    for key in COUNT_KEYS:
+        assert summary_a[key] == summary_b[key], key
+    for key in summary_a.keys() - set(COUNT_KEYS) - {"per_layer"}:
+        assert summary_b[key] == pytest.approx(summary_a[key], rel=1e-6), key
+    for layer_a, layer_b in zip(summary_a["per_layer"], summary_b["per_layer"]):
+        assert layer_b == pytest.approx(layer_a, rel=1e-6)
+
+
+def test_sharded_run_matches_the_unsharded_run(setup):
+    """Three shards (route.py --shard, checkpointed every batch) gathered equal one unsharded route.
+
+    Exact: every routing decision (k, experts, BH passing rank), ids, token/word/byte counts and every
+    count-based summary entry. Within float32 rounding (1e-5 absolute): weights, logits and p-values,
+    because a window's forward pass runs in a batch of other windows at the shard edges and float32
+    matmuls round differently for other batch shapes. Metrics and the float-sum summary entries
+    (entropies, p-value moments, load balancing, z-loss, margins) within 1e-6 relative: the same rounding,
+    plus the summation order of merged sums.
+    """
+    root, model_dir, data_dir = setup
+    route, gather = load_route_script(), load_gather_script()
+    route.main(route_args(model_dir, data_dir, root / "whole"))
+    parts = [root / "parts" / f"{i}-of-3" for i in (1, 2, 3)]
+    for i, part in enumerate(parts, start=1):
+        route.main(route_args(model_dir, data_dir, part, shard=f"{i}-of-3", checkpoint_every=1))
+        assert not part.with_name(part.name + ".partial").exists()
+    gather.main(argparse.Namespace(parts=[str(p) for p in parts], data=str(data_dir), out=str(root / "gathered")))
+    whole, gathered = read_run(root / "whole"), read_run(root / "gathered")
+    assert_same_run(whole, gathered, float_tol=1e-5)
+    # Some decisions vary (else equal k would prove little) and every shard contributed rows.
+    assert whole["summary.json"]["experts_min"] < whole["summary.json"]["experts_max"]
+    assert len(whole["decisions.parquet"]) > 0
+    provenance = gathered["provenance.json"]
+    assert [s["shard"] for s in provenance["shards"]] == ["1-of-3", "2-of-3", "3-of-3"]
+    assert provenance["config_hash"] == whole["provenance.json"]["config_hash"]
+    assert gathered["system.json"]["shards"] == 3
+    # The gathered run also has the tracking files an unsharded route writes.
+    tracked = {p.relative_to(root / "whole") for p in (root / "whole" / "tracking").rglob("*")}
+    assert tracked and tracked == {p.relative_to(root / "gathered") for p in (root / "gathered" / "tracking").rglob("*")}
+
+
+def test_batch_size_changes_results_only_at_float_rounding_level(setup):
+    """Batch size 1 (no padding) and 8 (padded batches) give the same decisions and metrics within 1e-6."""
+    root, model_dir, data_dir = setup
+    route = load_route_script()
+    route.main(route_args(model_dir, data_dir, root / "batch1", batch_size=1))
+    route.main(route_args(model_dir, data_dir, root / "batch8", batch_size=8))
+    windows = pd.read_parquet(data_dir / "windows.parquet")
+    assert windows["input_ids"].map(len).nunique() > 1  # batches of 8 hold padding
+    assert_same_run(read_run(root / "batch1"), read_run(root / "batch8"), float_tol=1e-5)
