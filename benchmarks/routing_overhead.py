@@ -48,7 +48,8 @@ def build(shape: dict, device: str, dtype: torch.dtype, kernel: str):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    config = OlmoeConfig(**shape, norm_topk_prob=False)
+    # Special-token ids inside the vocabulary (OLMoE's defaults point past the demo's 512 tokens).
+    config = OlmoeConfig(**shape, norm_topk_prob=False, eos_token_id=0, pad_token_id=1, bos_token_id=None)
     config._experts_implementation = kernel
     model = OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
     model.set_experts_implementation(kernel)

@@ -69,8 +69,15 @@ def test_mixed_local_file_types_are_refused(tmp_path):
 
 
 def test_unavailable_hub_dataset_says_what_to_fetch(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # The libraries read these variables once, at import: set their constants too, so that no network
+    # call (and its retries) is attempted.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="routelab/no-such-dataset"):
         load_texts({"source": "hub", "path": "routelab/no-such-dataset", "split": "test"}, 1)
 

@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from routelab import gpus
 
 # Pins, reports the device and what CUDA_VISIBLE_DEVICES became, then holds the lock until stdin closes.

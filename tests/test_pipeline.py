@@ -232,16 +232,21 @@ def test_active_expert_flops_follow_the_expert_shapes(workdir):
     assert system["tokens_per_s"] > 0 and system["peak_rss_mb"] > 10 and system["device"] == "cpu"
 
 
-def test_the_same_run_twice_gives_identical_results(workdir, tmp_path):
-    """Determinism on CPU: rerunning one route job reproduces metrics, summary and the routing log."""
-    run_dir = workdir / "results/mini/runs/bh_main/arithmetic"
+def route_again(workdir: Path, run_dir: Path, dataset: str, out: Path) -> None:
+    """Run route.py by hand, whole dataset in one job, with the routing spec of ``run_dir``, into ``out``."""
     spec = json.loads((run_dir / "provenance.json").read_text())["routing"]
     result = subprocess.run(
         [sys.executable, "workflow/scripts/route.py", "--model", "results/mini/model", "--data",
-         "results/mini/data/arithmetic", "--null", "results/mini/calibration/kde/null.npz", "--routing",
-         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(tmp_path)],
+         f"results/mini/data/{dataset}", "--null", "results/mini/calibration/kde/null.npz", "--routing",
+         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(out)],
         cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_same_run_twice_gives_identical_results(workdir, tmp_path):
+    """Determinism on CPU: rerunning one route job reproduces metrics, summary and the routing log."""
+    run_dir = workdir / "results/mini/runs/bh_main/arithmetic"
+    route_again(workdir, run_dir, "arithmetic", tmp_path)
     for name in ("metrics.json", "summary.json"):
         assert json.loads((tmp_path / name).read_text()) == json.loads((run_dir / name).read_text()), name
     for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
@@ -272,13 +277,7 @@ def test_sharded_run_equals_an_unsharded_route(workdir, tmp_path):
     """The gathered two-shard cloze run against route.py on the whole dataset: the same decisions, the same
     counts; floats equal up to float32 rounding of other batch shapes (see tests/test_shards.py)."""
     run_dir = workdir / "results/mini/runs/bh_main/cloze"
-    spec = json.loads((run_dir / "provenance.json").read_text())["routing"]
-    result = subprocess.run(
-        [sys.executable, "workflow/scripts/route.py", "--model", "results/mini/model", "--data",
-         "results/mini/data/cloze", "--null", "results/mini/calibration/kde/null.npz", "--routing",
-         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(tmp_path)],
-        cwd=workdir, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    route_again(workdir, run_dir, "cloze", tmp_path)
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert [s["shard"] for s in provenance["shards"]] == ["1-of-2", "2-of-2"]
     for name in ("routing.parquet", "decisions.parquet"):

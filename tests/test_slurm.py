@@ -69,9 +69,9 @@ def checkout(root: Path) -> Path:
 
 
 def snakemake_cmd(*args: str) -> list[str]:
-    # One thread for the two multi-threaded model jobs: torch's CPU training is not bitwise
-    # reproducible with several threads (two identical local runs of train_demo_model differ in
-    # the last bit of some weights), and this comparison is about the executor, not about threads.
+    # One thread for the two multi-threaded model jobs on both sides: CPU float sums depend on the
+    # thread count, a SLURM allocation may grant another CPU count than the local run has, and this
+    # comparison is about the executor, not about threads.
     return [sys.executable, "-m", "snakemake", "--configfile", "config.yaml",
             "--set-threads", "train_demo_model=1", "calibrate_null=1", *args]
 

@@ -29,6 +29,16 @@ def json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
 
 
+def layer_option(text: str) -> int | None:
+    """argparse type: a layer index, or None from the config's null (Snakemake writes it as "None")."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer must be a layer index or None, got {text!r}") from None
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse arguments and run ``main``; a user error ends with one clear line and exit status 2."""
     args = parser.parse_args()

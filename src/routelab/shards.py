@@ -128,6 +128,28 @@ def run_metrics(routing: str, dataset: str, task: str, scores: "pd.DataFrame") -
     return {"routing": routing, "dataset": dataset, "task": task, **quality_metrics(scores, task)}
 
 
+RUN_LOGS = ("metrics.json", "summary.json", "routing.parquet", "decisions.parquet", "scores.parquet")
+
+
+def write_run_records(out: str | os.PathLike, *, summary: dict[str, Any], provenance: dict[str, Any],
+                      system: dict[str, Any], metrics: dict[str, Any], k_hist: np.ndarray) -> None:
+    """Write a finished run's JSON records into ``out`` (atomically, each) and its ``tracking/`` files
+    (hyperparameters, per-layer statistics, histograms, system, artifacts) that the export_tracking rule
+    replays into TensorBoard / MLflow. ``k_hist`` is the recorder's experts-selected histogram per layer."""
+    from pathlib import Path
+
+    from .io import write_json
+    from .tracking import log_routing_run
+
+    out = Path(out)
+    write_json(out / "summary.json", summary)
+    write_json(out / "provenance.json", provenance)
+    write_json(out / "system.json", system)
+    write_json(out / "metrics.json", metrics)
+    log_routing_run(out / "tracking", provenance, metrics, summary, system, k_hist=k_hist,
+                    artifacts={name: out / name for name in RUN_LOGS})
+
+
 def merge_system(systems: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``system.json`` of a sharded run: compute time summed over shards (seconds), throughput over the
     summed time (tokens/s), peak memory the largest of any shard (MB), devices and kernels listed once each."""

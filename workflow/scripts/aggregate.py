@@ -18,19 +18,10 @@ from tqdm import tqdm
 
 from routelab.aggregate import (collect_coactivation, collect_expert_counts, collect_layers, collect_runs,
                                 collect_scores)
+from routelab.cli import layer_option
 from routelab.io import write_parquet, write_text
 
 log = logging.getLogger("aggregate")
-
-
-def layer_option(text: str) -> int | None:
-    """A layer index, or None from the config's null (Snakemake writes it as "None")."""
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layer must be a layer index or None, got {text!r}") from None
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from routelab.cli import run
-from routelab.io import read_json, write_json, write_parquet
+from routelab.io import read_json, write_parquet
 from routelab.recording import merge_states
-from routelab.shards import check_parts, concat_parquet, merge_system, run_metrics, run_summary
-from routelab.tracking import log_routing_run
+from routelab.shards import (check_parts, concat_parquet, merge_system, run_metrics, run_summary,
+                             write_run_records)
 
 log = logging.getLogger("gather_shards")
 
@@ -54,14 +54,8 @@ def main(args: argparse.Namespace) -> None:
     provenance = {**first["provenance"],
                   "shards": [{"shard": p["shard"], "documents": p["documents"], "windows": p["windows"],
                               "batch_size": p["provenance"]["batch_size"]} for p in parts]}
-    write_json(out / "summary.json", summary)
-    write_json(out / "provenance.json", provenance)
-    write_json(out / "system.json", system)
-    write_json(out / "metrics.json", metrics)
-    # The same tracking files route.py writes for an unsharded run (read by the export_tracking rule).
-    log_routing_run(out / "tracking", provenance, metrics, summary, system, k_hist=state["k_hist"],
-                    artifacts={name: out / name for name in ("metrics.json", "summary.json", "routing.parquet",
-                                                             "decisions.parquet", "scores.parquet")})
+    write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
+                      k_hist=state["k_hist"])
     log.info("merged %d shards: %d documents; metrics %s", len(parts), len(scores), metrics)
 
 

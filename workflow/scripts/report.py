@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from routelab.cli import layer_option
 from routelab.config import section_defaults
 from routelab.report import ReportOptions, write_report
 
 log = logging.getLogger("report")
 AGGREGATE_TABLES = ("scores", "expert_counts", "coactivation")
-
-
-def layer_option(text: str) -> int | None:
-    """A layer index, or None from the config's null (Snakemake writes it as "None")."""
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layer must be a layer index or None, got {text!r}") from None
 
 
 def parse_args() -> argparse.Namespace:

@@ -54,8 +54,7 @@ from routelab.recording import RecorderGroup, RoutingRecorder
 from routelab.resume import (Checkpoint, FaultInjector, fingerprint, load_chunk_state, retry_guard,
                              save_chunk_state)
 from routelab.routers import build_router
-from routelab.shards import concat_parquet, run_metrics, run_summary, select_shard
-from routelab.tracking import log_routing_run
+from routelab.shards import concat_parquet, run_metrics, run_summary, select_shard, write_run_records
 
 log = logging.getLogger("route")
 
@@ -215,15 +214,8 @@ def route(args: argparse.Namespace, spec: dict, info: dict, data: Path, out: Pat
         return
     summary = run_summary(head, state, router.min_k, router.max_k, flops)
     metrics = run_metrics(spec["name"], data.name, info["task"], scores)
-    write_json(out / "summary.json", summary)
-    write_json(out / "provenance.json", provenance)
-    write_json(out / "system.json", system)
-    write_json(out / "metrics.json", metrics)
-    # Tracking files (tracking/: hyperparameters, per-layer statistics, histograms, system, artifacts);
-    # the export_tracking rule replays them into TensorBoard / MLflow when the config asks for it.
-    log_routing_run(out / "tracking", provenance, metrics, summary, system, k_hist=state["k_hist"],
-                    artifacts={name: out / name for name in ("metrics.json", "summary.json", "routing.parquet",
-                                                             "decisions.parquet", "scores.parquet")})
+    write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
+                      k_hist=state["k_hist"])
     log.info("metrics %s", metrics)
     log.info("experts selected: mean %.3f std %.3f (min %d, max %d); ceiling %.1f%%, floor %.1f%%",
              summary["experts_mean"], summary["experts_std"], summary["experts_min"], summary["experts_max"],
