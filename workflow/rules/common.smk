@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and the small input/param helpers the rules use.
 
 import json
+import shlex
 import os
 import re
 
@@ -172,6 +173,12 @@ def run_plots(wildcards):
         routing=ROUTING,
         dataset=DATASETS,
     )
+
+
+def revision_option():
+    """``--revision REV`` for download.py when the config pins the hub model's revision, else nothing."""
+    revision = config["model"]["revision"]
+    return f"--revision {shlex.quote(revision)}" if revision else ""
 
 
 def tracking_options(wildcards):

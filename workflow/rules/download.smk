@@ -19,13 +19,12 @@ if HUB_MODEL:
             "logs/download/model.log",
         params:
             model=config["model"]["id"],
-            revision=config["model"]["revision"] or "",
+            revision=revision_option(),
         threads: 1
         conda:
             "../../envs/routelab.yaml"
         shell:
-            "python workflow/scripts/download.py model --id {params.model:q}"
-            " $( [ -n '{params.revision}' ] && echo --revision {params.revision:q} )"
+            "python workflow/scripts/download.py model --id {params.model:q} {params.revision}"
             " --out {output:q} > {log} 2>&1"
 
 
