@@ -236,10 +236,10 @@ def test_olmoe_config_downloads_before_model_jobs(checkout):
     model = "resources/models/allenai/OLMoE-1B-7B-0924"
     assert rules.count("download_model") == 1 and rules.count("download_dataset") == 2
     last_download = max(i for i, rule in enumerate(rules) if rule.startswith("download_"))
-    first_model_job = min(i for i, rule in enumerate(rules) if rule in ("prepare_dataset", "calibrate_null", "route"))
+    first_model_job = min(i for i, rule in enumerate(rules) if rule in ("prepare_dataset", "collect_router_logits", "route"))
     assert last_download < first_model_job
     for rule, inputs, _ in listing:
-        if rule in ("prepare_dataset", "calibrate_null", "route"):
+        if rule in ("prepare_dataset", "collect_router_logits", "route"):
             assert model in inputs, (rule, inputs)
         if rule == "prepare_dataset":
             assert re.search(r"resources/datasets/(wikitext|lambada)", inputs), inputs

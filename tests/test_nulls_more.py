@@ -282,10 +282,30 @@ def test_pvalues_on_cuda_match_cpu(method, nulls):
     torch.testing.assert_close(on_device.cpu(), nulls[method].pvalues(logits, 1), atol=1e-6, rtol=1e-5)
 
 
-def test_calibrate_null_script_refuses_gaussian_before_loading_a_model(tmp_path):
+def test_calibrate_null_script_refuses_gaussian_before_reading_logits(tmp_path):
     script = Path(__file__).parents[1] / "workflow" / "scripts" / "calibrate_null.py"
-    done = subprocess.run([sys.executable, str(script), "--model", "no-such-model", "--calibration", "none.parquet",
+    done = subprocess.run([sys.executable, str(script), "--logits", "none.npz",
                            "--out", str(tmp_path / "out"), "--method", "gaussian"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "'gaussian' needs no calibration" in done.stderr and "kde, empirical, per_expert" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_router_logits_file_round_trips_layers_and_meta(tmp_path):
+    from routelab.calibration import load_router_logits, save_router_logits
+
+    layers = calibration_logits(seed=34, tokens=30, layers=12)  # 12 layers: order must be numeric, not text
+    meta = {"model": "m", "num_layers": 12, "num_experts": EXPERTS, "top_k": 2, "calibration_files": ["a.parquet"]}
+    save_router_logits(tmp_path / "router_logits.npz", layers, meta)
+    loaded, loaded_meta = load_router_logits(tmp_path / "router_logits.npz")
+    assert loaded_meta == meta and len(loaded) == 12
+    for original, back in zip(layers, loaded):
+        np.testing.assert_array_equal(back, original.astype(np.float32))
+
+
+def test_a_file_without_router_logits_is_refused_naming_it(tmp_path):
+    from routelab.calibration import load_router_logits
+
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz: not a router-logits file"):
+        load_router_logits(tmp_path / "other.npz")

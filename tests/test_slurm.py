@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).parent / "data" / "pipeline_config.yaml"
 RUNS = ["topk4", "bh_main"]
 DATASET = "arithmetic"
-# SLURM jobs of the reduced demo: train, prepare, calibrate, 2 route, 2 plot, aggregate, report.
-EXPECTED_JOBS = {"train_demo_model": 1, "prepare_dataset": 1, "calibrate_null": 1, "route": 2, "plot_run": 2,
+# SLURM jobs of the reduced demo: train, prepare, router logits, calibrate, 2 route, 2 plot, aggregate, report.
+EXPECTED_JOBS = {"train_demo_model": 1, "prepare_dataset": 1, "collect_router_logits": 1, "calibrate_null": 1,
+                 "route": 2, "plot_run": 2,
                  "aggregate": 1, "report": 1}
-GPU_RULES = {"route", "calibrate_null"}
+GPU_RULES = {"route", "collect_router_logits"}
 MEASURED_COLUMNS = {"wall_time_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "peak_memory_mb"}
 
 
@@ -73,7 +74,7 @@ def snakemake_cmd(*args: str) -> list[str]:
     # thread count, a SLURM allocation may grant another CPU count than the local run has, and this
     # comparison is about the executor, not about threads.
     return [sys.executable, "-m", "snakemake", "--configfile", "config.yaml",
-            "--set-threads", "train_demo_model=1", "calibrate_null=1", *args]
+            "--set-threads", "train_demo_model=1", "collect_router_logits=1", *args]
 
 
 @pytest.fixture(scope="module")

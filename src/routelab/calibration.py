@@ -34,3 +34,28 @@ def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_tok
             logits = logits[np.sort(rng.choice(logits.shape[0], max_tokens, replace=False))]
         result.append(logits)
     return result
+
+
+def save_router_logits(path, logits: list[np.ndarray], meta: dict) -> None:
+    """Write per-layer router logits ``[tokens, experts]`` and ``meta`` (model, shape, calibration files)
+    to one ``.npz`` (atomically): the input every null is fitted from, so the model runs once however
+    many null models the routing configs use."""
+    import json
+
+    from .io import atomic_path
+
+    arrays = {f"layer_{i}": np.ascontiguousarray(layer, dtype=np.float32) for i, layer in enumerate(logits)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+
+
+def load_router_logits(path) -> tuple[list[np.ndarray], dict]:
+    """``(logits per layer, meta)`` written by :func:`save_router_logits`."""
+    import json
+
+    with np.load(path) as data:
+        layers = sorted((name for name in data.files if name.startswith("layer_")), key=lambda n: int(n[6:]))
+        if not layers or "meta" not in data.files:
+            raise ValueError(f"{path}: not a router-logits file (needs layer_0.. arrays and meta); "
+                             "write it with collect_router_logits.py")
+        return [data[name] for name in layers], json.loads(str(data["meta"]))
