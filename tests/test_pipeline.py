@@ -175,16 +175,21 @@ def test_rerun_with_nothing_changed_does_nothing(workdir):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_changing_one_alpha_reruns_only_that_config(workdir):
+def planned_after(workdir: Path, change) -> list[tuple[str, dict[str, str]]]:
+    """The jobs ``snakemake -n`` plans after ``change(config)`` edits the config (restored afterwards)."""
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["routing"][1]["alpha"] = 0.4
+    change(config)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         result = snakemake(workdir, "-n")
     finally:
         shutil.copy(CONFIG, workdir / "config.yaml")
     assert result.returncode == 0, result.stderr
-    jobs = planned_jobs(result.stdout)
+    return planned_jobs(result.stdout)
+
+
+def test_changing_one_alpha_reruns_only_that_config(workdir):
+    jobs = planned_after(workdir, lambda config: config["routing"][1].update(alpha=0.4))
     counts = Counter(rule for rule, _ in jobs)
     # cloze is sharded (tests/data/pipeline_config.yaml): two route_shard jobs and their gather
     assert counts == {"route": 1, "route_shard": 2, "gather_shards": 1, "plot_run": 2, "aggregate": 1, "report": 1,
@@ -196,15 +201,16 @@ def test_changing_one_alpha_reruns_only_that_config(workdir):
 
 
 def test_changing_a_report_setting_reruns_only_the_report(workdir):
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["report"]["bootstrap_repetitions"] = 500
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    try:
-        result = snakemake(workdir, "-n")
-    finally:
-        shutil.copy(CONFIG, workdir / "config.yaml")
-    assert result.returncode == 0, result.stderr
-    assert Counter(rule for rule, _ in planned_jobs(result.stdout)) == {"report": 1, "all": 1}
+    jobs = planned_after(workdir, lambda config: config["report"].update(bootstrap_repetitions=500))
+    assert Counter(rule for rule, _ in jobs) == {"report": 1, "all": 1}
+
+
+def test_another_null_model_is_fitted_from_the_saved_logits_without_running_the_model_again(workdir):
+    jobs = planned_after(workdir, lambda config: config["routing"][1].update(null_model="empirical"))
+    counts = Counter(rule for rule, _ in jobs)
+    assert "collect_router_logits" not in counts and "train_demo_model" not in counts
+    assert [w["null"] for rule, w in jobs if rule == "calibrate_null"] == ["empirical"]
+    assert {w["routing"] for rule, w in jobs if rule in ("route", "route_shard", "gather_shards")} == {"bh_main"}
 
 
 def test_decisions_export_to_json_logs(workdir, tmp_path):
