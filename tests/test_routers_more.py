@@ -462,6 +462,14 @@ def test_every_router_matches_itself_across_logit_dtypes_on_representable_logits
 # --- bad parameters ------------------------------------------------------------------------------------
 
 
+def assert_names_key_value_and_range(build, key: str, value, valid: str) -> None:
+    """``build()`` raises a RouterConfigError that starts with ``key``, shows ``value`` and says what is valid."""
+    with pytest.raises(RouterConfigError) as info:
+        build()
+    message = str(info.value)
+    assert message.startswith(f"{key}: ") and str(value) in message and valid in message, message
+
+
 @pytest.mark.parametrize("kwargs,key,valid", [
     (dict(p=0.0), "p", "0 < p <= 1"),
     (dict(p=-0.2), "p", "0 < p <= 1"),
@@ -475,11 +483,8 @@ def test_every_router_matches_itself_across_logit_dtypes_on_representable_logits
     (dict(weights="softmax"), "weights", "model, renormalize, none"),
 ])
 def test_top_p_router_rejects_bad_parameters_naming_key_value_and_range(kwargs, key, valid):
-    params = dict(p=0.5, min_k=1, max_k=4) | kwargs
-    with pytest.raises(RouterConfigError) as info:
-        TopPRouter(8, **params)
-    message = str(info.value)
-    assert message.startswith(f"{key}: ") and str(kwargs[key]) in message and valid in message, message
+    assert_names_key_value_and_range(lambda: TopPRouter(8, **(dict(p=0.5, min_k=1, max_k=4) | kwargs)),
+                                     key, kwargs[key], valid)
 
 
 @pytest.mark.parametrize("kwargs,key,valid", [
@@ -493,11 +498,8 @@ def test_top_p_router_rejects_bad_parameters_naming_key_value_and_range(kwargs, 
     (dict(weights="softmax"), "weights", "model, renormalize, none"),
 ])
 def test_hc_router_rejects_bad_parameters_naming_key_value_and_range(kwargs, key, valid):
-    params = dict(min_k=1, max_k=4) | kwargs
-    with pytest.raises(RouterConfigError) as info:
-        HCRouter(8, normal_null(8), **params)
-    message = str(info.value)
-    assert message.startswith(f"{key}: ") and str(kwargs[key]) in message and valid in message, message
+    assert_names_key_value_and_range(lambda: HCRouter(8, normal_null(8), **(dict(min_k=1, max_k=4) | kwargs)),
+                                     key, kwargs[key], valid)
 
 
 def test_hc_router_rejects_null_with_wrong_expert_count():
