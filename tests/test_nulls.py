@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import gaussian_kde
 
-from routelab.nulls import (NullMismatchError, TabulatedNull, fit_kde_layer, fit_kde_null, interpolate,
-                            interpolate_uniform)
+from routelab.nulls import (NullMismatchError, TabulatedNull, UniformSegments, fit_kde_layer, fit_kde_null,
+                            interpolate)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -25,7 +25,7 @@ def test_interpolate_matches_numpy_interp(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_interpolate_uniform_equals_the_binary_search_exactly(seed):
+def test_uniform_segments_lookup_equals_the_binary_search_exactly(seed):
     # The kde null's fast path must give bit-identical p-values to searchsorted interpolation:
     # on the knots, one float step either side of them, between them and beyond both ends.
     rng = np.random.default_rng(seed)
@@ -39,7 +39,7 @@ def test_interpolate_uniform_equals_the_binary_search_exactly(seed):
                    torch.nextafter(xp, torch.tensor(-np.inf)), torch.nextafter(xp, torch.tensor(np.inf)),
                    torch.tensor([low - 100.0, high + 100.0])])
     expected = interpolate(x, xp, fp)
-    got = interpolate_uniform(x.reshape(-1, 2) if x.numel() % 2 == 0 else x, xp, fp).reshape(-1)
+    got = UniformSegments(xp, fp)(x.reshape(-1, 2) if x.numel() % 2 == 0 else x).reshape(-1)
     assert torch.equal(got, expected), (got - expected).abs().max()
 
 

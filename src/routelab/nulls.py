@@ -305,11 +305,6 @@ class UniformSegments:
         return at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)
 
 
-def interpolate_uniform(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding): see :class:`UniformSegments`."""
-    return UniformSegments(xp, fp)(x)
-
-
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear ``np.interp`` on device: ``x`` any shape, ``xp`` non-decreasing ``[points]``."""
     flat = x.reshape(1, -1)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ROUTING_STATS = ("experts_mean", "experts_std", "ceiling_hit_rate", "floor_hit_rate",
                  "active_expert_flops_vs_topk", "tokens_per_s", "peak_memory_mb")
 NO_BH_RUNS = "no BH runs in this experiment"
+NO_EXPERT_COUNTS = "no expert counts in the aggregate (expert_counts.parquet)"
 MAX_SPECIALISATION_LAYERS = 4
 
 
@@ -382,7 +383,7 @@ class ReportBuilder:
     def expert_bubbles(self) -> Section:
         file = "expert_bubbles.png"
         if self.expert_counts is None:
-            return self._skip(file, "no expert counts in the aggregate (expert_counts.parquet)")
+            return self._skip(file, NO_EXPERT_COUNTS)
         layer = self.expert_counts[self.expert_counts["layer"] == self.layer]
         if layer.empty:
             return self._skip(file, f"no expert counts for layer {self.layer}")
@@ -395,7 +396,7 @@ class ReportBuilder:
     def entropy_vs_quality(self) -> Section:
         file = "entropy_vs_quality.png"
         if self.expert_counts is None:
-            return self._skip(file, "no expert counts in the aggregate (expert_counts.parquet)")
+            return self._skip(file, NO_EXPERT_COUNTS)
         entropy = run_entropy(self.expert_counts)
         table = entropy.merge(self.runs, on=["routing", "dataset"])
         cp.entropy_vs_quality(table, self.metrics, path=self._path(file))
@@ -443,7 +444,7 @@ class ReportBuilder:
     def domain_specialisation(self) -> Section:
         file = "domain_specialisation.png"
         if self.expert_counts is None:
-            return self._skip(file, "no expert counts in the aggregate (expert_counts.parquet)")
+            return self._skip(file, NO_EXPERT_COUNTS)
         counts = self.expert_counts[self.expert_counts["routing"] == self.baseline]
         if counts.empty:
             return self._skip(file, f"no expert counts for the baseline {self.baseline}")
