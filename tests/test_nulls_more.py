@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from scipy.stats import false_discovery_control
 
 from routelab.nulls import (NULL_METHODS, GaussianNull, NullMismatchError, PerExpertNull, TabulatedNull,
                             fit_null, load_null)
@@ -196,8 +197,11 @@ def test_per_expert_pvalues_refuse_logits_of_another_expert_count(nulls):
 @pytest.mark.parametrize("method", NULL_METHODS)
 def test_bh_router_routes_with_every_null_kind(method, nulls):
     router = BHRouter(EXPERTS, nulls[method], alpha=0.2, min_k=1, max_k=3)
-    order, k, pvalues = router.rank(torch.from_numpy(calibration_logits(seed=29, tokens=64)[0]), 0)
-    assert order.shape == (64, 3) and ((k >= 1) & (k <= 3)).all() and pvalues.shape == (64, EXPERTS)
+    selection = router(torch.from_numpy(calibration_logits(seed=29, tokens=64)[0]), 0)
+    assert selection.indices.shape == (64, 3) and selection.pvalues.shape == (64, EXPERTS)
+    # k is scipy's BH count on the p-values the selection reports, clamped to [min_k, max_k].
+    expected = (false_discovery_control(selection.pvalues.double().numpy(), axis=-1) <= 0.2).sum(-1).clip(1, 3)
+    np.testing.assert_array_equal(selection.k.numpy(), expected)
 
 
 @pytest.mark.parametrize("method", ["kde", "empirical", "per_expert"])

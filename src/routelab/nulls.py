@@ -55,9 +55,15 @@ def _save_npz(path: str | os.PathLike, **arrays: Any) -> None:
 
 def _device_tables(cache: dict, device: torch.device, grid: np.ndarray,
                    sf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 copies of the tables on ``device``, made once per device (routing calls this per layer)."""
+    """float32 copies of the tables on ``device``, made once per device (routing calls this per layer).
+
+    ``sf`` is made non-increasing along its last axis (a running minimum: a survival function cannot
+    rise; a table whose float rounding made it rise by a hair is read as flat there), so p never rises
+    with the logit.
+    """
     key = str(device)
     if key not in cache:
+        sf = np.minimum.accumulate(np.asarray(sf, dtype=np.float32), axis=-1)
         cache[key] = (torch.as_tensor(grid, dtype=torch.float32, device=device).contiguous(),
                       torch.as_tensor(sf, dtype=torch.float32, device=device).contiguous())
     return cache[key]
@@ -90,9 +96,11 @@ class TabulatedNull:
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return _device_tables(self._device_cache, device, self.grid, self.sf)
 
-    # p is a non-increasing function of the logit, the same for every expert: sorting a token's logits
-    # sorts its p-values (routers use this to sort once).
+    # p is a non-increasing function of the logit, exactly in float32 (see _device_tables and
+    # interpolate_rows), the same for every expert and token: sorting a token's logits sorts its
+    # p-values, and ``p <= c`` is ``logit >= x(c)`` for a cut x(c) found once per layer (routers use both).
     monotone_in_logit = True
+    pointwise_in_logit = True
 
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
@@ -257,14 +265,18 @@ def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> tor
     """Row-wise ``np.interp`` on device: ``x`` ``[rows, n]``, ``xp``/``fp`` ``[rows, points]``.
 
     ``xp`` rows must not decrease; repeated knots (ties in the data) are allowed after the first pair.
-    Beyond the ends the end values are returned, as ``np.interp`` does.
+    Beyond the ends the end values are returned, as ``np.interp`` does. Each result lies between its
+    segment's end values, so rows of ``fp`` that do not increase give results that never increase with
+    ``x``, exactly (routers rely on it).
     """
     right = torch.searchsorted(xp, x).clamp_(1, xp.shape[-1] - 1)
     left = right - 1
     x0, x1, y0, y1 = xp.gather(-1, left), xp.gather(-1, right), fp.gather(-1, left), fp.gather(-1, right)
     width = x1 - x0
     t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, 1.0), (x >= x1).to(x.dtype))
-    return y0 + t.clamp_(0.0, 1.0) * (y1 - y0)
+    # Kept between the segment's end values: float rounding could otherwise step past y1 by one ulp,
+    # and with it a monotone ``fp`` would give a result that is not exactly monotone in ``x``.
+    return (y0 + t.clamp_(0.0, 1.0) * (y1 - y0)).clamp_(torch.minimum(y0, y1), torch.maximum(y0, y1))
 
 
 class UniformSegments:
@@ -274,14 +286,15 @@ class UniformSegments:
     The segment of ``x`` is computed from the spacing and corrected by one step against the stored
     knots, so the result equals the ``searchsorted`` one exactly, including at the knots. Per segment
     ``j`` (knots ``j`` and ``j + 1``) the tables hold what :func:`interpolate_rows` computes per value
-    (left and right knot, width, left value and rise), with the same float operations, so a call is a
-    few 1-D ``index_select`` lookups and elementwise passes.
+    (left and right knot, width, left value, rise and the end values' range), with the same float
+    operations, so a call is a few 1-D ``index_select`` lookups and elementwise passes.
     """
 
     def __init__(self, xp: torch.Tensor, fp: torch.Tensor):
         self.last = xp.numel() - 1
         self.x0, self.x1, self.y0 = xp[:-1].contiguous(), xp[1:].contiguous(), fp[:-1].contiguous()
         self.rise = (fp[1:] - fp[:-1]).contiguous()
+        self.low, self.high = torch.minimum(fp[:-1], fp[1:]).contiguous(), torch.maximum(fp[:-1], fp[1:]).contiguous()
         width = self.x1 - self.x0
         self.positive = width > 0
         self.width = torch.where(self.positive, width, 1.0)
@@ -302,7 +315,7 @@ class UniformSegments:
         t = (x - at(self.x0)) / at(self.width)
         if not self.all_positive:  # repeated knots (ties in the data): a step at the knot
             t = torch.where(at(self.positive), t, (x >= at(self.x1)).to(x.dtype))
-        return at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)
+        return (at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)).clamp_(at(self.low), at(self.high))
 
 
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -352,7 +365,8 @@ def fit_kde_layer(logits: np.ndarray, grid_size: int, cut: float = 4.0) -> tuple
     kernel = ndtr(offsets / bw)
     # sf[i] = sum_j w_j * Phi((c_j - x_i) / h): a correlation of the weights with the kernel.
     sf = fftconvolve(weights[::-1], kernel, mode="valid")[::-1]
-    return grid, np.clip(sf, 0.0, 1.0), bw
+    # FFT round-off (~1e-16) can make the tail wiggle; a survival function never rises.
+    return grid, np.minimum.accumulate(np.clip(sf, 0.0, 1.0)), bw
 
 
 def fit_kde_null(layer_logits: list[np.ndarray], num_experts: int, grid_size: int = 2048,

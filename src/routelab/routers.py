@@ -26,6 +26,7 @@ from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 WEIGHT_POLICIES = ("model", "renormalize", "none")
@@ -244,21 +245,41 @@ def bh_count(sorted_pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     return (passing * ranks).amax(dim=-1)
 
 
+def bh_pvalue_cuts(n: int, alpha: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """BH thresholds as float32 cuts: ``c_i`` is the largest float32 not above ``t_i = i * (alpha / n)``,
+    so for a float32 ``p`` the float64 test ``p <= t_i`` of :func:`bh_count` is ``p <= c_i``. ``[n]``."""
+    thresholds = torch.arange(1, n + 1, device=device, dtype=torch.float64) * (alpha / n)
+    cuts = thresholds.float()
+    return torch.where(cuts.double() > thresholds, torch.nextafter(cuts, cuts.new_tensor(-math.inf)), cuts)
+
+
+def count_passing(first_rank: torch.Tensor) -> torch.Tensor:
+    """BH step-up count from each value's first passing rank: ``max{i : #{j : rank_j <= i} >= i}`` (0 if none).
+
+    ``first_rank`` ``[tokens, N]`` int64 in ``1..N + 1`` (``N + 1``: passes no threshold); ``p_(i) <= t_i``
+    holds exactly when at least ``i`` values pass ``t_i``, and a value passes every threshold from its
+    first one on, so a histogram of the ranks and its cumulative sum give every ``#{p_j <= t_i}``.
+    Returns ``[tokens]`` int64.
+    """
+    tokens, n = first_rank.shape
+    device = first_rank.device
+    histogram = torch.zeros(tokens, n + 2, dtype=torch.int32, device=device)
+    ones = torch.ones(1, 1, dtype=torch.int32, device=device).expand(tokens, n)
+    histogram.scatter_add_(-1, first_rank, ones)
+    passing = histogram[:, 1 : n + 1].cumsum(dim=-1, dtype=torch.int32)  # [tokens, N]: #{p_j <= t_i}, i = 1..N
+    ranks = torch.arange(1, n + 1, device=device, dtype=torch.int32)
+    return torch.where(passing >= ranks, ranks, 0).amax(dim=-1).long()
+
+
 def bh_count_unsorted(pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     """:func:`bh_count` without sorting: ``pvalues`` ``[tokens, N]`` float32 in any order; ``[tokens]`` int64.
 
-    ``p_(i) <= t_i`` holds exactly when at least ``i`` p-values are ``<= t_i``, so the count is the
-    largest ``i`` with ``#{j : p_j <= t_i} >= i``. :func:`bh_count` compares in float64 with
-    ``t_i = i * (alpha / N)``; for a float32 ``p`` that is ``p <= c_i`` with ``c_i`` the largest float32
-    not above ``t_i``, so everything runs in float32 and agrees exactly. Each p-value's first passing
-    rank ``min{i : p <= c_i}`` is guessed as ``ceil(p * N / alpha)`` and corrected by one rank against
-    the ``c_i``; a histogram of those ranks and its cumulative sum give every ``#{p_j <= t_i}``.
+    The count is :func:`count_passing` of each p-value's first passing rank ``min{i : p <= c_i}``
+    (:func:`bh_pvalue_cuts`: everything runs in float32 and agrees exactly with the float64 test),
+    guessed as ``ceil(p * N / alpha)`` and corrected by one rank against the ``c_i``.
     """
     tokens, n = pvalues.shape
-    device = pvalues.device
-    thresholds = torch.arange(1, n + 1, device=device, dtype=torch.float64) * (alpha / n)
-    cuts = thresholds.float()
-    cuts = torch.where(cuts.double() > thresholds, torch.nextafter(cuts, cuts.new_tensor(-math.inf)), cuts)
+    cuts = bh_pvalue_cuts(n, alpha, pvalues.device)
     # cuts[i] for rank i = 1..N; rank N + 1 (never passes) catches everything, rank 0 nothing.
     cuts = torch.cat([cuts.new_tensor([-math.inf]), cuts, cuts.new_tensor([math.inf])])
     p = pvalues.float()
@@ -266,12 +287,109 @@ def bh_count_unsorted(pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     flat = p.reshape(-1)
     rank += flat > cuts.index_select(0, rank)  # the guess's threshold is below p: the next rank is the first
     rank -= (flat <= cuts.index_select(0, rank - 1)).long()  # the rank before already passes (never rank 1)
-    histogram = torch.zeros(tokens, n + 2, dtype=torch.int32, device=device)
-    ones = torch.ones(1, 1, dtype=torch.int32, device=device).expand(tokens, n)
-    histogram.scatter_add_(-1, rank.view(tokens, n), ones)
-    passing = histogram[:, 1 : n + 1].cumsum(dim=-1, dtype=torch.int32)  # [tokens, N]: #{p_j <= t_i}, i = 1..N
-    ranks = torch.arange(1, n + 1, device=device, dtype=torch.int32)
-    return torch.where(passing >= ranks, ranks, 0).amax(dim=-1).long()
+    return count_passing(rank.view(tokens, n))
+
+
+def float32_order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values ``x`` (IEEE-754 floats order like sign-magnitude
+    integers: flip the magnitude bits of negative ones); -0.0 and +0.0 get keys -1 and 0."""
+    bits = x.float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def float32_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`float32_order_keys` (the bit flip is its own inverse)."""
+    keys = keys.to(torch.int32)
+    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def logit_cuts(pvalue_of: Callable[[torch.Tensor], torch.Tensor], pvalue_cuts: torch.Tensor) -> torch.Tensor:
+    """For each p-value cut ``c``, the smallest float32 ``x`` with ``pvalue_of(x) <= c``.
+
+    ``pvalue_of`` maps float32 ``[m]`` to p-values ``[m]`` and must never increase with ``x`` (exactly, in
+    floats); then ``pvalue_of(x) <= c`` holds exactly when ``x >= cut``. A cut no finite ``x`` reaches is
+    ``+inf``; one every finite ``x`` passes is ``-inf``. Bisection on :func:`float32_order_keys` (34
+    halvings of the 2**32 keys, all cuts at once, on ``pvalue_cuts``' device, without host syncs), so the
+    p-values compared are those the device computes. Returns float32 ``[m]``.
+    """
+    largest = torch.full_like(pvalue_cuts, torch.finfo(torch.float32).max, dtype=torch.float32)
+    every = pvalue_of(-largest) <= pvalue_cuts  # even the smallest finite x passes
+    none = pvalue_of(largest) > pvalue_cuts  # even the largest finite x fails
+    low, high = float32_order_keys(-largest).long(), float32_order_keys(largest).long()  # low fails, high passes
+    for _ in range(34):
+        mid = torch.div(low + high, 2, rounding_mode="floor")
+        passes = pvalue_of(float32_from_keys(mid)) <= pvalue_cuts
+        high, low = torch.where(passes, mid, high), torch.where(passes, low, mid)
+    cuts = float32_from_keys(high)
+    return torch.where(every, -math.inf, torch.where(none, math.inf, cuts))
+
+
+class FirstPassingRank:
+    """``r(x) = min{i : x >= cuts[i - 1]}`` (``n + 1`` if none) for a non-increasing float32 ``cuts`` ``[n]``,
+    exactly, by table lookup instead of a binary search: built once per (layer, router), then called
+    on logits ``[tokens, experts]`` every forward.
+
+    The range of the finite cuts is split into uniform cells narrow enough that a cell, widened by a
+    margin far above float32 rounding of the cell arithmetic, holds at most one distinct cut; each cell
+    stores that cut and the ranks above and below it (or one rank and a cut of -inf). A call is the
+    cell arithmetic, three ``index_select`` lookups and one comparison. ``usable`` is False when the
+    cuts are so close together that the table would need more than :attr:`MAX_CELLS` cells (callers
+    then use p-values).
+    """
+
+    MAX_CELLS = 1 << 15
+    MARGIN = 0.01  # cells; the float32 cell arithmetic errs by at most ~MAX_CELLS * 2**-23 < 0.004
+
+    def __init__(self, cuts: torch.Tensor):
+        device = cuts.device
+        host = cuts.detach().double().cpu().numpy()
+        n = host.size
+        distinct = np.unique(host[np.isfinite(host)])[::-1]  # descending
+        # first rank of each distinct cut, and the rank of x below every finite cut (-inf cuts pass anyway)
+        ascending = -host  # non-decreasing
+        first = (np.searchsorted(ascending, -distinct, side="left") + 1).astype(np.int64)
+        below_all = int(np.searchsorted(ascending, math.inf, side="left") + 1)  # first -inf cut, else n + 1
+        self.usable, self.constant = True, None
+        if distinct.size == 0:
+            self.constant = below_all
+            return
+        high, low = float(distinct[0]), float(distinct[-1])
+        cells, scale = 1, 0.0
+        if distinct.size > 1:
+            gap = float(np.min(distinct[:-1] - distinct[1:]))
+            cells = int(math.ceil(1.25 * (high - low) / gap)) + 1
+            if cells > self.MAX_CELLS:
+                self.usable = False
+                return
+            scale = float(np.float32(cells / (high - low)))
+        # position of each distinct cut in cell units, as the float32 arithmetic would place it
+        where = (distinct - low) * scale
+        split = np.full(cells, -math.inf)
+        above = np.empty(cells, dtype=np.int64)
+        below = np.empty(cells, dtype=np.int64)
+        # cells without a cut: the rank at the cell's middle
+        middle = low + (np.arange(cells) + 0.5) / scale if scale else np.full(cells, low + 1.0)
+        ranks_after = np.append(first, below_all)  # rank of x below distinct cut j and above cut j + 1
+        above[:] = below[:] = ranks_after[np.searchsorted(-distinct, -middle, side="left")]  # #{cuts > middle}
+        for j, u in enumerate(where):
+            for cell in range(max(0, math.ceil(u - 1 - self.MARGIN)), min(cells - 1, math.floor(u + self.MARGIN)) + 1):
+                split[cell], above[cell], below[cell] = distinct[j], first[j], ranks_after[j + 1]
+        self.low = float(np.float32(low))
+        self.scale, self.last = scale, cells - 1
+        self.split = torch.as_tensor(split, dtype=torch.float32, device=device)
+        self.above = torch.as_tensor(above, device=device)
+        self.below = torch.as_tensor(below, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """First passing ranks of float32-exact ``x`` (any shape, compared as float32); int64, same shape."""
+        x = x.float()
+        if self.constant is not None:
+            return torch.full(x.shape, self.constant, dtype=torch.long, device=x.device)
+        cell = (x - self.low).mul_(self.scale).clamp_(0, self.last).to(torch.int32).reshape(-1)
+        flat = x.reshape(-1)
+        rank = torch.where(flat >= self.split.index_select(0, cell), self.above.index_select(0, cell),
+                           self.below.index_select(0, cell))
+        return rank.view(x.shape)
 
 
 def hc_search_size(n: int, alpha0: float) -> int:
@@ -319,8 +437,7 @@ def descending_logit_keys(logits: torch.Tensor) -> torch.Tensor:
     """
     experts = logits.shape[-1]
     shift = max(1, (experts - 1).bit_length())
-    bits = (logits.float() + 0.0).view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    ordered = float32_order_keys(logits.float() + 0.0)
     tiebreak = torch.arange(experts - 1, -1, -1, device=logits.device)
     return torch.add(tiebreak, ordered, alpha=1 << shift)  # int64: ordered * 2**shift + tiebreak, one pass
 
@@ -379,8 +496,19 @@ class PValueRouter(Router):
             # p-values are computed only if someone reads them (a recorder).
             k = torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device)
             return order, k, lambda: self.null.pvalues(logits, layer, self.temperature)
-        pvalues = self.null.pvalues(logits, layer, self.temperature)
-        return order, self.count_unsorted(pvalues).clamp_(self.min_k, self.max_k), pvalues
+        def pvalues() -> torch.Tensor:
+            return self.null.pvalues(logits, layer, self.temperature)
+
+        count = self.count_from_logits(logits, layer)
+        if count is not None:  # counted without p-values: they are computed only if someone reads them
+            return order, count.clamp_(self.min_k, self.max_k), pvalues
+        computed = pvalues()
+        return order, self.count_unsorted(computed).clamp_(self.min_k, self.max_k), computed
+
+    def count_from_logits(self, logits: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """The count of :meth:`count_unsorted` decided on the logits themselves, or None where a subclass
+        or null cannot (then the p-values are computed and counted)."""
+        return None
 
     def describe(self):
         return {**super().describe(), "temperature": self.temperature}
@@ -399,12 +527,30 @@ class BHRouter(PValueRouter):
                  temperature: float = 1.0, weights: str = "model"):
         super().__init__(num_experts, null, min_k=min_k, max_k=max_k, temperature=temperature, weights=weights)
         self.alpha = check_fraction("alpha", alpha)
+        self._first_rank: dict[tuple[str, int], FirstPassingRank] = {}
 
     def count(self, sorted_pvalues):
         return bh_count(sorted_pvalues, self.alpha)
 
     def count_unsorted(self, pvalues):
         return bh_count_unsorted(pvalues, self.alpha)
+
+    def count_from_logits(self, logits, layer):
+        """BH in logit space, for a null whose p-value is one non-increasing function of the logit per
+        layer (``pointwise_in_logit``; kde and empirical): ``p <= c_i`` is ``logit >= x_i``, with the cuts
+        ``x_i`` found once per layer and device by :func:`logit_cuts` on the null's own p-values, so the
+        count equals :func:`bh_count_unsorted` of the p-values exactly while computing none of them."""
+        if not getattr(self.null, "pointwise_in_logit", False):
+            return None
+        key = (str(logits.device), layer)
+        if key not in self._first_rank:
+            def pvalue_of(x: torch.Tensor) -> torch.Tensor:
+                return self.null.pvalues(x.view(1, -1), layer, self.temperature).view(-1)
+
+            cuts = logit_cuts(pvalue_of, bh_pvalue_cuts(self.num_experts, self.alpha, logits.device))
+            self._first_rank[key] = FirstPassingRank(cuts)
+        first_rank = self._first_rank[key]
+        return count_passing(first_rank(logits)) if first_rank.usable else None
 
     def describe(self):
         return {**super().describe(), "alpha": self.alpha}
