@@ -6,13 +6,16 @@ otherwise the demo architecture with random weights), routed with BH (variable k
 runs, in rotating order:
 
 - ``no logging``: the router installed, no recorder;
-- ``full log``: :class:`RoutingRecorder` writing every (token, layer) decision to Parquet;
+- ``full log``: :class:`RoutingRecorder` writing every (token, layer) decision to Parquet, with every
+  statistic of summary.json; the p-value moments over every 100th token, as the pipeline computes them
+  by default (``--pvalue-every``; 1 = every token, which computes every p-value the router skipped);
 - ``full log + 1/100 detail``: plus :class:`DecisionSampler` keeping every 100th token's detail.
 
 Targets: full log <= 1.05 x no logging; the 1/100 detail on top <= 1.02 x the full log. Also prints
 the Parquet bytes per million (token, layer) records of routing.parquet.
 
     python benchmarks/logging_overhead.py [--model results/demo/model] [--repeats 20] [--tokens 2048]
+                                          [--threads N] [--pvalue-every 100]
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--model", default="results/demo/model",
                         help="a saved MoE model (default: the demo's); random demo weights if it does not exist")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--pvalue-every", type=int, default=100,
+                        help="p-value moments over every n-th token (the pipeline: evaluation.decision_sample_every)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,8 +84,9 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="routelab-logging-")
     full_path, detail_path = os.path.join(tmp, "routing.parquet"), os.path.join(tmp, "decisions.parquet")
-    full = RoutingRecorder(num_layers, num_experts, 1, k, path=full_path)
-    both = RecorderGroup(RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp, "r2.parquet")),
+    full = RoutingRecorder(num_layers, num_experts, 1, k, path=full_path, pvalue_every=args.pvalue_every)
+    both = RecorderGroup(RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp, "r2.parquet"),
+                                         pvalue_every=args.pvalue_every),
                          DecisionSampler(detail_path, num_experts, every_n=100, alpha=0.5))
     variants = {"no logging": None, "full log": full, "full log + 1/100 detail": both}
     labels = list(variants)

@@ -13,8 +13,8 @@ from conftest import load_tiny
 from routelab.evaluate import score_windows
 from routelab.nulls import fit_kde_null
 from routelab.patching import install_router
-from routelab.recording import SCHEMA, RoutingRecorder, routing_summary
-from routelab.routers import BHRouter, TopKRouter
+from routelab.recording import SCHEMA, RecorderGroup, RoutingRecorder, routing_summary
+from routelab.routers import BHRouter, Selection, TopKRouter
 
 # --- routing_summary on a hand-made histogram ----------------------------------------------------
 
@@ -78,6 +78,7 @@ def test_routing_summary_without_pvalues():
 
 NUM_EXPERTS, NUM_LAYERS = 8, 2
 ALPHA, MIN_K, MAX_K = 0.2, 1, 6
+PVALUE_EVERY = 4
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +97,18 @@ def run(tiny_olmoe_dir, tmp_path_factory):
                             "labels": [row[1:] + [5] for row in inputs]})
     path = tmp_path_factory.mktemp("recording") / "routing.parquet"
     recorder = RoutingRecorder(NUM_LAYERS, NUM_EXPERTS, MIN_K, MAX_K, path=path, row_group_size=16)
-    with install_router(model, router, recorder=recorder):
-        score_windows(model, windows, batch_size=2, pad_token_id=1, recorder=recorder, progress=False)
+    sampled = RoutingRecorder(NUM_LAYERS, NUM_EXPERTS, MIN_K, MAX_K, pvalue_every=PVALUE_EVERY)
+    both = RecorderGroup(recorder, sampled)
+    with install_router(model, router, recorder=both):
+        score_windows(model, windows, batch_size=2, pad_token_id=1, recorder=both, progress=False)
         # Router logits of every window alone (no padding), under the same routing, for the reference.
         with torch.no_grad():
             logits = [model(input_ids=torch.tensor([row]), output_router_logits=True).router_logits
                       for row in inputs]
     recorder.close()
     return {"windows": windows, "table": pq.read_table(path), "df": pd.read_parquet(path),
-            "summary": recorder.summary(), "null": null, "router_logits": logits}
+            "summary": recorder.summary(), "null": null, "router_logits": logits,
+            "sampled_summary": sampled.summary()}
 
 
 def test_recorder_writes_one_row_per_real_token_and_layer(run):
@@ -153,6 +157,7 @@ def test_recorded_decisions_match_reference_bh(run):
     """Recompute every decision from the router logits with numpy/scipy and compare with the Parquet rows."""
     df, null = run["df"].set_index(["window_id", "position", "layer"]), run["null"]
     all_p, chosen_p = [], []
+    token_p = {}  # (window, position) -> (p of every layer, p of the selected experts)
     for window_id, per_layer in enumerate(run["router_logits"]):
         for layer, logits in enumerate(per_layer):
             logits = logits.double().numpy()
@@ -168,12 +173,56 @@ def test_recorded_decisions_match_reference_bh(run):
                 # OLMoE has norm_topk_prob False: weights are the raw softmax probabilities.
                 np.testing.assert_allclose(row["weights"], probs[position, order], rtol=1e-4, atol=1e-6)
                 chosen_p.extend(p[position, order])
+                every, chosen = token_p.setdefault((window_id, position), ([], []))
+                every.extend(p[position])
+                chosen.extend(p[position, order])
             all_p.append(p.ravel())
     all_p = np.concatenate(all_p)
     summary = run["summary"]
     assert summary["pvalue_mean"] == pytest.approx(all_p.mean(), rel=1e-4)
     assert summary["pvalue_std"] == pytest.approx(all_p.std(), rel=1e-3)
     assert summary["selected_pvalue_mean"] == pytest.approx(np.mean(chosen_p), rel=1e-4)
+    # pvalue_every = 4: the moments of every 4th real token in the order the windows were scored
+    # (padding skipped), counted across batches; everything else as in the full summary.
+    sample = [token_p[key] for key in sorted(token_p)][::PVALUE_EVERY]
+    sampled_all = np.concatenate([every for every, _ in sample])
+    sampled = run["sampled_summary"]
+    assert sampled["pvalue_mean"] == pytest.approx(sampled_all.mean(), rel=1e-5)
+    assert sampled["pvalue_std"] == pytest.approx(sampled_all.std(), rel=1e-4)
+    assert sampled["selected_pvalue_mean"] == pytest.approx(np.mean(np.concatenate([c for _, c in sample])), rel=1e-5)
+    assert sampled["pvalue_mean"] != pytest.approx(summary["pvalue_mean"], rel=1e-6)  # really a sample
+    without_p = {key: value for key, value in sampled.items() if "pvalue" not in key}
+    assert without_p == {key: value for key, value in summary.items() if "pvalue" not in key}
+
+
+def test_recorder_without_pvalue_statistics_and_bad_pvalue_every():
+    recorder = RoutingRecorder(1, 4, 1, 4, pvalue_every=0)
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]])
+    recorder.begin_batch(torch.ones(1, 1, dtype=torch.long), torch.tensor([0]), torch.tensor([0]), torch.tensor([[3]]))
+    recorder.record(0, logits, Selection(torch.tensor([[0, 4, 4, 4]]), torch.tensor([[0.6, 0, 0, 0]]),
+                                         torch.tensor([1]), pvalues=lambda rows: 1 / 0))  # never computed
+    recorder.end_batch()
+    summary = recorder.summary()
+    assert summary["pvalue_mean"] is None and summary["total_decisions"] == 1
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"pvalue_every: {bad!r} is not valid; need an integer >= 0"):
+            RoutingRecorder(1, 4, 1, 4, pvalue_every=bad)
+
+
+def test_selection_pvalues_at_computes_only_the_rows_asked_for():
+    table = torch.arange(12.0).view(4, 3) / 12
+    asked = []
+
+    def compute(rows):
+        asked.append(None if rows is None else rows.tolist())
+        return table if rows is None else table.index_select(0, rows)
+
+    lazy = Selection(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), torch.ones(4, dtype=torch.long), compute)
+    assert torch.equal(lazy.pvalues_at(torch.tensor([3, 1])), table[[3, 1]]) and asked == [[3, 1]]
+    assert torch.equal(lazy.pvalues, table) and asked == [[3, 1], None]
+    assert torch.equal(lazy.pvalues_at(torch.tensor([2])), table[[2]]) and len(asked) == 2  # all computed: indexed
+    none = Selection(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), torch.ones(4, dtype=torch.long))
+    assert none.pvalues_at(torch.tensor([0])) is None and none.pvalues is None
 
 
 def test_recorder_ignores_calls_outside_a_batch():

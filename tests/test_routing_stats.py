@@ -27,15 +27,29 @@ def random_k(tokens: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(MIN_K, MAX_K + 1, size=tokens)
 
 
+@pytest.fixture(autouse=True, params=["recomputed", "from the router"])
+def router_gives_probabilities(request, monkeypatch):
+    """Every test twice: the recorder computes probabilities and top-2 itself, or takes the router's."""
+    monkeypatch.setitem(SELECTION_EXTRAS, "on", request.param == "from the router")
+
+
+SELECTION_EXTRAS = {"on": False}
+
+
 def make_selection(logits: np.ndarray, k: np.ndarray) -> Selection:
-    """Each token's ``k`` most probable experts with their softmax probabilities, padded to MAX_K."""
+    """Each token's ``k`` most probable experts with their softmax probabilities, padded to MAX_K; with
+    SELECTION_EXTRAS on, also the probabilities, top expert and top-2 probabilities a router passes on."""
     probs = softmax(logits.astype(np.float64), axis=-1)
-    order = np.argsort(-probs, axis=-1)[:, :MAX_K]
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :MAX_K]
     used = np.arange(MAX_K) < k[:, None]
     indices = np.where(used, order, NUM_EXPERTS)
     weights = np.where(used, np.take_along_axis(probs, order, axis=-1), 0.0)
+    extras = {}
+    if SELECTION_EXTRAS["on"]:
+        extras = {"probs": torch.from_numpy(probs).float(), "top_expert": torch.from_numpy(order[:, 0]),
+                  "top_probs": torch.from_numpy(np.take_along_axis(probs, order[:, :2], axis=-1)).float()}
     return Selection(indices=torch.from_numpy(indices).long(), weights=torch.from_numpy(weights).float(),
-                     k=torch.from_numpy(k).long())
+                     k=torch.from_numpy(k).long(), **extras)
 
 
 def record(batches: list[tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]]) -> dict:
@@ -97,6 +111,18 @@ def test_top1_margin_matches_sorted_probabilities():
     probs = np.sort(softmax(logits.astype(np.float64), axis=-1), axis=-1)
     expected = np.mean(probs[:, -1] - probs[:, -2])
     assert record_one_layer(logits, k)["top1_margin"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_tie_for_the_top_gives_margin_zero_and_counts_the_lower_expert():
+    logits = random_logits(40, seed=12)
+    logits[::3, 2] = logits[::3, 5] = logits[::3].max(-1) + 1.0  # every third token: experts 2 and 5 tie at the top
+    k = random_k(40, seed=13)
+    summary = record([([logits], np.ones((1, 40), dtype=np.int64), [k])])
+    probs = np.sort(softmax(logits.astype(np.float64), axis=-1), axis=-1)
+    margins = probs[:, -1] - probs[:, -2]
+    assert np.all(margins[::3] < 1e-12)
+    assert summary["per_layer"][0]["top1_margin"] == pytest.approx(np.mean(margins), rel=1e-5)
+    assert summary["top1_counts"] == [np.bincount(logits.argmax(-1), minlength=NUM_EXPERTS).tolist()]  # first max
 
 
 def test_top1_counts_count_the_most_probable_expert():

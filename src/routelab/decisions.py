@@ -92,8 +92,9 @@ class DecisionSampler:
         kept = self._batch["kept"].to(router_logits.device)
         detail = {"logits": router_logits[kept], "k": selection.k[kept], "indices": selection.indices[kept],
                   "weights": selection.weights[kept]}
-        if selection.pvalues is not None:
-            detail["pvalues"] = selection.pvalues[kept]
+        pvalues = selection.pvalues_at(kept)  # only the sampled rows are computed (routers compute lazily)
+        if pvalues is not None:
+            detail["pvalues"] = pvalues
         self._layers[layer] = detail
 
     def end_batch(self) -> None:

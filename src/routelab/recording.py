@@ -19,6 +19,7 @@ the row groups (:class:`routelab.io.BatchedParquetWriter`).
 from __future__ import annotations
 
 import os
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,21 @@ class RoutingRecorder:
 
     Call :meth:`begin_batch` before each forward pass (it says which positions are real tokens) and
     :meth:`end_batch` after it; :meth:`close` finishes the Parquet file, :meth:`summary` reduces the
-    running counts.
+    running counts. Everything is over every real token except the p-value moments (``pvalue_mean``,
+    ``pvalue_std``, ``selected_pvalue_mean``): those are over every ``pvalue_every``-th real token
+    (1: all; 0: none), because p-values cost a table lookup per expert that routers otherwise skip
+    (:meth:`routelab.routers.Selection.pvalues_at`). The pipeline samples them like decisions.parquet.
     """
 
     def __init__(self, num_layers: int, num_experts: int, min_k: int, max_k: int,
-                 path: str | os.PathLike | None = None, row_group_size: int = 1 << 20):
+                 path: str | os.PathLike | None = None, row_group_size: int = 1 << 20, pvalue_every: int = 1):
+        if isinstance(pvalue_every, bool) or not isinstance(pvalue_every, Integral) or pvalue_every < 0:
+            raise ValueError(f"pvalue_every: {pvalue_every!r} is not valid; need an integer >= 0 "
+                             "(1 = every token, n = every n-th token, 0 = no p-value statistics)")
         self.num_layers, self.num_experts, self.min_k, self.max_k = num_layers, num_experts, min_k, max_k
+        # p-value moments over every n-th real token (counted over all batches, like DecisionSampler, so a
+        # resumed or sharded run samples the same tokens when tokens_seen is carried over)
+        self.pvalue_every, self.tokens_seen = int(pvalue_every), 0
         self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size) if path is not None else None
         self._batch: dict[str, Any] | None = None
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -75,11 +85,19 @@ class RoutingRecorder:
         flat_rows = valid.reshape(-1).nonzero().squeeze(1)
         seq = valid.shape[1]
         rows, cols = flat_rows // seq, flat_rows % seq
+        real = flat_rows.numel()
+        sampled = None  # which real tokens' p-values enter the moments: all (None) or every n-th
+        if self.pvalue_every > 1:
+            ordinal = self.tokens_seen + torch.arange(real, device=valid.device)
+            sampled = (ordinal % self.pvalue_every == 0).nonzero().squeeze(1)
+        self.tokens_seen += real
         self._batch = {
             # None when every position is a real token: the layers then skip the row gather (a copy).
-            "flat_rows": None if flat_rows.numel() == valid.numel() else flat_rows,
+            "flat_rows": None if real == valid.numel() else flat_rows,
             "window_id": window_ids.to(valid.device)[rows], "doc_id": doc_ids.to(valid.device)[rows],
             "position": cols, "token_id": input_ids[rows, cols],
+            # positions among the real tokens and rows of the flat [batch * seq] layout of the sample
+            "pvalue_index": sampled, "pvalue_rows": None if sampled is None else flat_rows[sampled],
         }
         self._layers = {}
         if self._k_hist is None:
@@ -121,39 +139,45 @@ class RoutingRecorder:
         for start in range(0, len(layer_ids), group):
             part = slice(start, start + group)
             logits = torch.stack([self._layers[i][0].to(device) for i in layer_ids[part]])  # [l, N, E]
-            pvalues = [s.pvalues for s in selections[part]]
-            pvalues = torch.stack(pvalues) if all(p is not None for p in pvalues) else None
+            # the router's own probabilities (float32 softmax) when every layer's selection carries them
+            probs = _stacked([s.probs for s in selections[part]], device)
+            top = [_stacked([s.top_expert for s in selections[part]], device),
+                   _stacked([s.top_probs for s in selections[part]], device)]
             if rows is not None:
                 logits = logits[:, rows]
-                pvalues = pvalues[:, rows] if pvalues is not None else None
-            self._accumulate_router_stats(layers[part], logits, indices[part], weights[part])
-            if pvalues is not None:
-                self._accumulate_pvalues(pvalues, indices[part])
+                probs = probs[:, rows] if probs is not None else None
+                top = [None if value is None else value[:, rows] for value in top]
+            self._accumulate_router_stats(layers[part], logits, probs, weights[part], *top)
+            if self.pvalue_every:
+                self._accumulate_sampled_pvalues(batch, selections[part], indices[part], rows, device)
         self._layers = {}
         if self._writer is not None:
             self._write_rows(batch, layer_ids, k, indices, weights)
 
-    def _accumulate_router_stats(self, layers: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,
-                                 weights: torch.Tensor) -> None:
-        """Add real tokens' logits ``[L, T, E]`` and selections ``[L, T, max_k]`` to the running sums of
-        the layers ``layers [L]``."""
-        # One fused softmax gives everything else: logsumexp and entropy follow from the top-1 probability
-        # and one dot product; separate log_softmax / logsumexp / topk kernels each re-read [L, T, E]
-        # and dominated the recorder's cost (topk alone was slower than all of this).
+    def _accumulate_router_stats(self, layers: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor | None,
+                                 weights: torch.Tensor, top_expert: torch.Tensor | None = None,
+                                 top_probs: torch.Tensor | None = None) -> None:
+        """Add real tokens' logits ``[L, T, E]`` and selected weights ``[L, T, max_k]`` (0 in unused slots)
+        to the running sums of the layers ``layers [L]``. ``probs`` (their softmax), ``top_expert``
+        ``[L, T]`` and ``top_probs`` ``[L, T, 2]`` come from the router when it has them (see
+        :class:`routelab.routers.Selection`); what is missing is computed here."""
+        # The largest probability belongs to the largest logit, so logsumexp = max logit - log p_(1), and
+        # entropy = -sum_e p_e (logit_e - logsumexp) = logsumexp - sum_e p_e logit_e: reductions that need
+        # no expert index. The top two probabilities and the top expert come from the router's order;
+        # without it, from the probabilities (argmax only in the rare batch with a tie for the top, as
+        # index reductions cost several times more than value reductions on CPU).
         logits = logits.float()
-        probs = torch.softmax(logits, dim=-1)  # [L, T, E]
-        top1_prob, top1 = probs.max(dim=-1, keepdim=True)  # [L, T, 1]
-        # p_(1) = exp(logit_(1) - logsumexp)  =>  logsumexp = logit_(1) - log p_(1)
-        logsumexp = (logits.gather(-1, top1) - top1_prob.log()).squeeze(-1)
-        # entropy = -sum_e p_e (logit_e - logsumexp) = logsumexp - sum_e p_e logit_e
-        router_entropy = logsumexp - torch.linalg.vecdot(probs, logits)
-        if self.num_experts > 1:  # p_(1) - p_(2): mask the top-1 expert, the next maximum is the runner-up
-            margin = top1_prob.squeeze(-1) - probs.scatter(-1, top1, -1.0).amax(-1)
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)  # [L, T, E]
+        if top_probs is not None and top_expert is not None:
+            top1_prob, margin = top_probs[..., 0], top_probs[..., 0] - top_probs[..., 1]
+            top1_counts = _count_rows(top_expert, self.num_experts)
         else:
-            margin = top1_prob.squeeze(-1)
-        # Unused slots hold weight 0 and add 0 to the entropy (xlogy(0, 0) = 0).
-        selected = weights * (indices < self.num_experts)
-        selected = selected / selected.sum(-1, keepdim=True).clamp_min(torch.finfo(selected.dtype).tiny)
+            top1_prob, margin, top1_counts = self._top_from_probs(probs)
+        logsumexp = logits.amax(dim=-1) - top1_prob.log()
+        router_entropy = logsumexp - torch.linalg.vecdot(probs, logits)
+        # Unused slots hold weight 0 (the Selection contract) and add 0 to the entropy (xlogy(0, 0) = 0).
+        selected = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         per_token = torch.stack([
             torch.ones_like(logsumexp),
             -torch.special.xlogy(selected, selected).sum(-1),
@@ -165,7 +189,40 @@ class RoutingRecorder:
         # running totals in float64; a float64 copy of [L, T, E] first cost more than the statistics.
         self._router_sums.index_add_(0, layers, per_token.sum(1).double().to(self._device))
         self._router_probs.index_add_(0, layers, probs.sum(1).double().to(self._device))
-        self._top1_counts.index_add_(0, layers, _count_rows(top1.squeeze(-1), self.num_experts).to(self._device))
+        self._top1_counts.index_add_(0, layers, top1_counts.long().to(self._device))
+
+    def _top_from_probs(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(p_(1) [L, T], p_(1) - p_(2) [L, T], top-1 counts [L, E])`` of ``probs [L, T, E]``; the runner-up
+        is the maximum once the top is masked, 0 margin when tied for the top (first index counts)."""
+        top1_prob = probs.amax(dim=-1, keepdim=True)
+        is_top = probs == top1_prob
+        tops = is_top.sum(dim=-1)  # experts sharing the top probability (1 unless tied)
+        top1_prob = top1_prob.squeeze(-1)
+        if self.num_experts > 1:
+            margin = torch.where(tops > 1, 0.0, top1_prob - probs.masked_fill(is_top, -1.0).amax(-1))
+        else:
+            margin = top1_prob
+        if bool((tops > 1).any()):
+            return top1_prob, margin, _count_rows(probs.argmax(dim=-1), self.num_experts)
+        return top1_prob, margin, is_top.sum(dim=1)
+
+    def _accumulate_sampled_pvalues(self, batch: dict[str, Any], selections: list[Selection], indices: torch.Tensor,
+                                    rows: torch.Tensor | None, device: torch.device) -> None:
+        """The p-value moments of this batch's sampled tokens (all of them for ``pvalue_every`` 1), for
+        the layers of ``selections``; ``indices [l, real tokens, max_k]``. Routers that compute p-values
+        on demand compute only the sampled rows."""
+        if batch["pvalue_index"] is None:
+            pvalues = [s.pvalues for s in selections]
+            if any(p is None for p in pvalues):
+                return
+            pvalues = torch.stack(pvalues)
+            self._accumulate_pvalues(pvalues if rows is None else pvalues[:, rows], indices)
+            return
+        sample = batch["pvalue_rows"].to(device)
+        pvalues = [s.pvalues_at(sample) for s in selections]
+        if any(p is None for p in pvalues):
+            return
+        self._accumulate_pvalues(torch.stack(pvalues), indices.index_select(1, batch["pvalue_index"].to(device)))
 
     def _accumulate_pvalues(self, pvalues: torch.Tensor, indices: torch.Tensor) -> None:
         """Add ``pvalues [L, T, E]`` and those of the selected experts ``indices [L, T, max_k]`` to the
@@ -236,6 +293,13 @@ class RoutingRecorder:
                 raise ValueError(f"recorder state {name}: shape {tuple(state[name].shape)} does not match this "
                                  f"recorder's {tuple(target.shape)} (another model or router?)")
             target.copy_(torch.as_tensor(state[name]))
+
+
+def _stacked(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """``torch.stack`` of per-layer tensors on ``device``, None if any layer lacks one."""
+    if any(t is None for t in tensors):
+        return None
+    return torch.stack([t.to(device) for t in tensors])
 
 
 def _count_rows(values: torch.Tensor, size: int) -> torch.Tensor:

@@ -14,9 +14,11 @@ layer and how many tokens are affected, instead of routing those tokens on garba
 
 Cost: routers run once per MoE layer per forward, so the common paths avoid full sorts. The order of
 the first ``max_k`` experts is one ``topk`` over unique integer keys (:func:`top_logit_order`), BH
-counts without sorting (:func:`bh_count_unsorted`), and a p-value router with ``min_k == max_k``
-and a null monotone in the logit selects the top k by logit without computing p-values at all
-(they are computed if a recorder reads :attr:`Selection.pvalues`).
+counts without sorting (:func:`bh_count_unsorted`), a p-value router with ``min_k == max_k`` and a
+null monotone in the logit selects the top k by logit without computing p-values at all, and BH with
+a per-layer tabulated null (kde, empirical) counts on the logits against cuts found once per layer
+(:meth:`BHRouter.count_from_logits`), exactly as on the p-values. Either way the p-values are
+computed only if a recorder reads :attr:`Selection.pvalues`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class PValueNull(Protocol):
         """``[tokens, experts]`` float32 p-values in (0, 1] on the logits' device."""
 
 
-PValues = torch.Tensor | Callable[[], torch.Tensor] | None
+PValues = torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor] | None
 
 
 class Selection:
@@ -54,20 +56,37 @@ class Selection:
     ``indices`` ``[tokens, max_k]`` int64 (sentinel ``num_experts`` in unused slots), ``weights``
     ``[tokens, max_k]`` (0 in unused slots), ``k`` ``[tokens]`` int64 (experts selected per token) and,
     for p-value routers, ``pvalues`` ``[tokens, experts]`` float32. ``pvalues`` may be given as a
-    function that computes them: a router that selected without them (fixed k) then pays for them only
-    if a recorder reads them.
+    function of the token rows (a 1-D index tensor, or None for all) that computes them: a router that
+    selected without them then pays for them only if a recorder reads them, and only for the rows it
+    reads (:meth:`pvalues_at`).
+
+    For recorders, optionally: ``probs`` ``[tokens, experts]`` float32, the expert probabilities the
+    weights were taken from; and, from a router whose preference order is descending probability,
+    ``top_expert`` ``[tokens]`` (the most probable expert) and ``top_probs`` ``[tokens, 2]`` (the two
+    largest probabilities, whatever k is), so statistics need no index reduction over all experts.
     """
 
-    __slots__ = ("indices", "weights", "k", "_pvalues")
+    __slots__ = ("indices", "weights", "k", "_pvalues", "probs", "top_expert", "top_probs")
 
-    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, pvalues: PValues = None):
-        self.indices, self.weights, self.k, self._pvalues = indices, weights, k, pvalues
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, pvalues: PValues = None,
+                 probs: torch.Tensor | None = None, top_expert: torch.Tensor | None = None,
+                 top_probs: torch.Tensor | None = None):
+        self.indices, self.weights, self.k, self._pvalues, self.probs = indices, weights, k, pvalues, probs
+        self.top_expert, self.top_probs = top_expert, top_probs
 
     @property
     def pvalues(self) -> torch.Tensor | None:
+        """All tokens' p-values ``[tokens, experts]`` (computed on first read), None without p-values."""
         if callable(self._pvalues):
-            self._pvalues = self._pvalues()
+            self._pvalues = self._pvalues(None)
         return self._pvalues
+
+    def pvalues_at(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The p-values of the token rows ``rows`` (1-D int64 on the selection's device), ``[len(rows),
+        experts]``; computes only those rows unless all were computed already. None without p-values."""
+        if callable(self._pvalues):
+            return self._pvalues(rows)
+        return None if self._pvalues is None else self._pvalues.index_select(0, rows)
 
     def __repr__(self) -> str:
         return f"Selection(tokens={self.k.shape[0]}, max_k={self.indices.shape[-1]})"
@@ -159,6 +178,9 @@ class Router:
             probs = softmax_float32(logits)
         order, k, pvalues = self.rank(logits, layer, probs)
         weights = probs.gather(-1, order)
+        top = {}
+        if self.max_k >= 2 and self.orders_by_probability():  # the first two slots are the two most probable
+            top = {"top_expert": order[:, 0], "top_probs": weights[:, :2]}
         if self.min_k == self.max_k:  # every slot used: no sentinel to write
             indices = order
         else:
@@ -167,7 +189,12 @@ class Router:
             indices = order.masked_fill(~used, self.num_experts)
         if self.weight_policy == "renormalize" or (self.weight_policy == "model" and norm_topk_prob):
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Selection(indices=indices, weights=weights, k=k, pvalues=pvalues)
+        return Selection(indices=indices, weights=weights, k=k, pvalues=pvalues, probs=probs, **top)
+
+    def orders_by_probability(self) -> bool:
+        """Whether :meth:`rank` orders experts by descending probability (ties aside): then the first
+        two slots of the order are the two most probable experts. Routers that order otherwise say no."""
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "min_k": self.min_k, "max_k": self.max_k, "weights": self.weight_policy}
@@ -478,27 +505,31 @@ class PValueRouter(Router):
         """Experts selected per token before clamping, ``[tokens]`` int64."""
         raise NotImplementedError
 
+    def orders_by_probability(self) -> bool:
+        # Ascending p is descending logit order (softmax probability) only for a null monotone in the logit.
+        return bool(getattr(self.null, "monotone_in_logit", False))
+
     def count_unsorted(self, pvalues: torch.Tensor) -> torch.Tensor:
         """:meth:`count` of ``pvalues`` ``[tokens, experts]`` in any order (subclasses may avoid the sort)."""
         return self.count(torch.sort(pvalues, dim=-1).values)
 
     def rank(self, logits, layer, probs=None):
+        def pvalues(rows: torch.Tensor | None = None) -> torch.Tensor:  # of all tokens, or of some rows
+            return self.null.pvalues(logits if rows is None else logits.index_select(0, rows), layer,
+                                     self.temperature)
+
         if not getattr(self.null, "monotone_in_logit", False):
-            pvalues = self.null.pvalues(logits, layer, self.temperature)
-            order = order_by_pvalue(pvalues, logits)
-            k = self.count(pvalues.gather(-1, order)).clamp(self.min_k, self.max_k)
-            return order[:, : self.max_k].contiguous(), k, pvalues
+            computed = pvalues()
+            order = order_by_pvalue(computed, logits)
+            k = self.count(computed.gather(-1, order)).clamp(self.min_k, self.max_k)
+            return order[:, : self.max_k].contiguous(), k, computed
         # p falls as the logit rises: ascending p (ties: larger logit first) is descending logit order,
         # and only the first max_k experts of it are needed.
         order = top_logit_order(logits, self.max_k)
         if self.min_k == self.max_k:
             # The count is clamped to k whatever it is: the selection is the top k by logit, and the
             # p-values are computed only if someone reads them (a recorder).
-            k = torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device)
-            return order, k, lambda: self.null.pvalues(logits, layer, self.temperature)
-        def pvalues() -> torch.Tensor:
-            return self.null.pvalues(logits, layer, self.temperature)
-
+            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), pvalues
         count = self.count_from_logits(logits, layer)
         if count is not None:  # counted without p-values: they are computed only if someone reads them
             return order, count.clamp_(self.min_k, self.max_k), pvalues

@@ -126,13 +126,14 @@ def evaluate_in_chunks(args: argparse.Namespace, model, router, pad_token_id: in
         for start in range(done, len(windows), size):
             end = min(start + size, len(windows))
             with checkpoint.write_chunk(start, end) as chunk_dir:
+                # p-value moments over the tokens whose detail decisions.parquet keeps (the same counter)
                 recorder = RoutingRecorder(num_layers, num_experts, router.min_k, router.max_k,
-                                           path=chunk_dir / "routing.parquet")
+                                           path=chunk_dir / "routing.parquet", pvalue_every=args.sample_every)
                 if state is not None:
                     recorder.load_state(state, device)
                 sampler = DecisionSampler(chunk_dir / "decisions.parquet", num_experts, args.sample_every,
                                           alpha=getattr(router, "alpha", None))
-                sampler.tokens_seen = tokens_seen
+                recorder.tokens_seen = sampler.tokens_seen = tokens_seen
                 group.recorders = (fault, recorder, sampler)
                 with Stopwatch() as clock:
                     window_scores = score_windows(model, windows.iloc[start:end], args.batch_size, pad_token_id,
