@@ -96,11 +96,13 @@ class BatchedParquetWriter:
     thread is raised by the next :meth:`append` or by :meth:`close`. The file is written under a
     temporary name and renamed onto ``path`` by a successful :meth:`close`, so ``path`` never holds a
     partial file; the row groups, and so the file's content, do not depend on the thread's timing.
+    ``parquet_options`` go to ``pyarrow.parquet.ParquetWriter`` (compression defaults to zstd).
     """
 
     _DONE = object()
 
-    def __init__(self, path: str | os.PathLike, schema: Any, row_group_size: int, max_queued: int = 2):
+    def __init__(self, path: str | os.PathLike, schema: Any, row_group_size: int, max_queued: int = 2,
+                 **parquet_options: Any):
         import queue
         import threading
 
@@ -109,7 +111,7 @@ class BatchedParquetWriter:
         self.path = Path(path)
         self.schema, self.row_group_size = schema, row_group_size
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.partial")
-        self._writer = pq.ParquetWriter(str(self._tmp), schema, compression="zstd")
+        self._writer = pq.ParquetWriter(str(self._tmp), schema, **{"compression": "zstd", **parquet_options})
         self._pending: list = []
         self._pending_rows = 0
         self._queue: Any = queue.Queue(maxsize=max_queued)
