@@ -38,6 +38,33 @@ DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_lay
             num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
 
 
+class Timed:
+    """Wraps a recorder and adds up the wall time spent in its calls (``spent``, seconds)."""
+
+    def __init__(self, recorder) -> None:
+        self.recorder, self.spent = recorder, 0.0
+
+    def _timed(self, name, *args):
+        start = time.perf_counter()
+        getattr(self.recorder, name)(*args)
+        self.spent += time.perf_counter() - start
+
+    def begin_batch(self, *args):
+        self._timed("begin_batch", *args)
+
+    def record(self, *args):
+        self._timed("record", *args)
+
+    def end_batch(self):
+        self._timed("end_batch")
+
+    def close(self):
+        self.recorder.close()
+
+    def summary(self):
+        return self.recorder.summary()
+
+
 def forward(model, inputs, router, recorder) -> tuple[float, float]:
     """Wall and process CPU seconds (all threads, the Parquet writer's included) of one recorded forward."""
     mask = torch.ones_like(inputs)
@@ -88,11 +115,13 @@ def main() -> None:
     both = RecorderGroup(RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp, "r2.parquet"),
                                          pvalue_every=args.pvalue_every),
                          DecisionSampler(detail_path, num_experts, every_n=100, alpha=0.5))
+    full, both = Timed(full), Timed(both)
     variants = {"no logging": None, "full log": full, "full log + 1/100 detail": both}
     labels = list(variants)
     for label in labels:
         forward(model, inputs, router, variants[label])
     times = {label: [] for label in labels}
+    full.spent = both.spent = 0.0
     for rep in range(args.repeats):
         for label in labels[rep % 3:] + labels[:rep % 3]:
             times[label].append(forward(model, inputs, router, variants[label]))
@@ -111,6 +140,8 @@ def main() -> None:
         ratios = [median[label][i] / median["no logging"][i] for i in (0, 1)]
         print(f"  {label:28s} {1000 * median[label][0]:9.2f} {ratios[0]:7.3f} {1000 * median[label][1]:9.2f} "
               f"{ratios[1]:7.3f}")
+    print(f"  time inside the recorders' calls per forward (mean): full log {1000 * full.spent / args.repeats:.2f} ms, "
+          f"with the detail {1000 * both.spent / args.repeats:.2f} ms")
     detail = [median["full log + 1/100 detail"][i] / median["full log"][i] for i in (0, 1)]
     print(f"  1/100 detail on top of the full log: wall {detail[0]:.3f}, CPU {detail[1]:.3f}")
     print(f"  closing routing.parquet (last row group, zstd): {close_ms:.2f} ms per forward recorded")

@@ -13,7 +13,8 @@ from conftest import load_tiny
 from routelab.evaluate import score_windows
 from routelab.nulls import fit_kde_null
 from routelab.patching import install_router
-from routelab.recording import SCHEMA, RecorderGroup, RoutingRecorder, routing_summary
+from routelab.decisions import DecisionSampler
+from routelab.recording import SCHEMA, RecorderGroup, RoutingRecorder, every_nth_real_token, routing_summary
 from routelab.routers import BHRouter, Selection, TopKRouter
 
 # --- routing_summary on a hand-made histogram ----------------------------------------------------
@@ -322,3 +323,35 @@ def test_statistics_do_not_depend_on_how_many_layers_are_reduced_at_once(monkeyp
     for one, other in zip(together["per_layer"], apart["per_layer"]):
         assert one == pytest.approx(other)
     assert together["expert_counts"] == apart["expert_counts"] and together["top1_counts"] == apart["top1_counts"]
+
+
+def test_every_nth_real_token_counts_across_batches_and_skips_padding():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])  # real tokens at flat rows 0, 1, 4, 5, 6
+    rows, among, real = every_nth_real_token(mask, tokens_seen=4, every=3)
+    # ordinals 4, 5, 6, 7, 8 -> multiples of 3: 6 (3rd real token, flat row 4)
+    assert rows.tolist() == [4] and among.tolist() == [2] and real == 5
+    assert every_nth_real_token(mask, tokens_seen=4, every=3)[0] is rows  # asked again: the same tensor
+    assert every_nth_real_token(mask, tokens_seen=0, every=2)[0].tolist() == [0, 4, 6]  # ordinals 0, 2, 4
+
+
+def test_detail_log_and_recorder_compute_the_sampled_pvalues_once(tmp_path):
+    logits = torch.from_numpy(np.random.default_rng(4).normal(size=(2 * 6, 5)).astype(np.float32))
+    computed = []
+
+    def pvalues(rows):
+        computed.append(None if rows is None else rows.tolist())
+        chosen = logits if rows is None else logits.index_select(0, rows)
+        return torch.sigmoid(-chosen)
+
+    selection = Selection(torch.tensor([[0, 1]] * 12), torch.full((12, 2), 0.3), torch.full((12,), 2), pvalues)
+    recorder = RoutingRecorder(1, 5, 1, 2, pvalue_every=3)
+    sampler = DecisionSampler(tmp_path / "d.parquet", 5, every_n=3)
+    group = RecorderGroup(recorder, sampler)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    group.begin_batch(mask, torch.arange(2), torch.arange(2), torch.full((2, 6), 7))
+    group.record(0, logits, selection)
+    group.end_batch()
+    group.close()
+    assert computed == [[0, 3, 6, 9]], "each recorder computed the sampled p-values itself"
+    expected = torch.sigmoid(-logits[[0, 3, 6, 9]]).double()
+    assert recorder.summary()["pvalue_mean"] == pytest.approx(float(expected.mean()), rel=1e-6)

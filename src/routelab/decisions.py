@@ -34,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from .io import BatchedParquetWriter
+from .recording import every_nth_real_token
 from .routers import Selection, bh_count, check_fraction
 
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
@@ -75,10 +76,8 @@ class DecisionSampler:
         self._batch = None
         if self.every_n == 0:
             return
-        valid_flat = attention_mask.bool().reshape(-1).nonzero().squeeze(-1)  # flat [B*S] index of real tokens
-        ordinal = self.tokens_seen + torch.arange(valid_flat.numel(), device=valid_flat.device)
-        self.tokens_seen += valid_flat.numel()
-        kept = valid_flat[ordinal % self.every_n == 0]
+        kept, _, real = every_nth_real_token(attention_mask, self.tokens_seen, self.every_n)  # flat [B*S] rows
+        self.tokens_seen += real
         seq = attention_mask.shape[1]
         rows, cols = kept // seq, kept % seq
         self._batch = {"kept": kept, "window_id": window_ids.to(kept.device)[rows],

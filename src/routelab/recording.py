@@ -93,10 +93,9 @@ class RoutingRecorder:
         seq = valid.shape[1]
         rows, cols = flat_rows // seq, flat_rows % seq
         real = flat_rows.numel()
-        sampled = None  # which real tokens' p-values enter the moments: all (None) or every n-th
+        sampled = sampled_rows = None  # which real tokens' p-values enter the moments: all (None) or every n-th
         if self.pvalue_every > 1:
-            ordinal = self.tokens_seen + torch.arange(real, device=valid.device)
-            sampled = (ordinal % self.pvalue_every == 0).nonzero().squeeze(1)
+            sampled_rows, sampled, _ = every_nth_real_token(attention_mask, self.tokens_seen, self.pvalue_every)
         self.tokens_seen += real
         self._batch = {
             # None when every position is a real token: the layers then skip the row gather (a copy).
@@ -104,7 +103,7 @@ class RoutingRecorder:
             "window_id": window_ids.to(valid.device)[rows], "doc_id": doc_ids.to(valid.device)[rows],
             "position": cols, "token_id": input_ids[rows, cols],
             # positions among the real tokens and rows of the flat [batch * seq] layout of the sample
-            "pvalue_index": sampled, "pvalue_rows": None if sampled is None else flat_rows[sampled],
+            "pvalue_index": sampled, "pvalue_rows": sampled_rows,
         }
         self._layers = {}
         if self._k_hist is None:
@@ -124,10 +123,15 @@ class RoutingRecorder:
     def end_batch(self) -> None:
         """Add the batch to the running counts and queue its rows for Parquet (one host copy)."""
         batch, self._batch = self._batch, None
-        if batch is None or not self._layers:
+        layers_seen, self._layers = self._layers, {}
+        if batch is None or not layers_seen:
             return
-        layer_ids = sorted(self._layers)
-        selections = [self._layers[i][1] for i in layer_ids]
+        self._process(batch, layers_seen)
+
+    def _process(self, batch: dict[str, Any], layers_seen: dict[int, tuple[torch.Tensor, Selection]]) -> None:
+        """:meth:`end_batch`'s work on one batch's metadata and per-layer ``(logits, selection)``."""
+        layer_ids = sorted(layers_seen)
+        selections = [layers_seen[i][1] for i in layer_ids]
         device = selections[0].k.device
         k = torch.stack([s.k for s in selections])  # [L, N]
         indices = torch.stack([s.indices for s in selections])  # [L, N, max_k]
@@ -145,7 +149,7 @@ class RoutingRecorder:
         group = max(1, _STATS_ELEMENTS // max(1, k.shape[1] * self.num_experts))
         for start in range(0, len(layer_ids), group):
             part = slice(start, start + group)
-            logits = torch.stack([self._layers[i][0].to(device) for i in layer_ids[part]])  # [l, N, E]
+            logits = torch.stack([layers_seen[i][0].to(device) for i in layer_ids[part]])  # [l, N, E]
             # the router's own probabilities (float32 softmax) when every layer's selection carries them
             probs = _stacked([s.probs for s in selections[part]], device)
             top = [_stacked([s.top_expert for s in selections[part]], device),
@@ -157,7 +161,6 @@ class RoutingRecorder:
             self._accumulate_router_stats(layers[part], logits, probs, weights[part], *top)
             if self.pvalue_every:
                 self._accumulate_sampled_pvalues(batch, selections[part], indices[part], rows, device)
-        self._layers = {}
         if self._writer is not None:
             self._write_rows(batch, layer_ids, k, indices, weights)
 
@@ -302,6 +305,32 @@ class RoutingRecorder:
                 raise ValueError(f"recorder state {name}: shape {tuple(state[name].shape)} does not match this "
                                  f"recorder's {tuple(target.shape)} (another model or router?)")
             target.copy_(torch.as_tensor(state[name]))
+
+
+_LAST_SAMPLE: list[tuple[Any, ...]] = []  # (attention_mask, tokens_seen, every, result)
+
+
+def every_nth_real_token(attention_mask: torch.Tensor, tokens_seen: int,
+                         every: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The real tokens of a batch whose running ordinal ``tokens_seen + i`` (over real tokens, in the flat
+    ``[batch * seq]`` order) is a multiple of ``every``: ``(their flat rows, their positions among the real
+    tokens, the number of real tokens)``.
+
+    :class:`routelab.decisions.DecisionSampler` and :class:`RoutingRecorder` of one run ask with the same
+    arguments and get the very same tensors back (the last answer is kept), so a
+    :class:`~routelab.routers.Selection` that computes p-values for these rows computes them once for both.
+    The kept answer is for the same mask object and arguments only (a mask changed in place between the
+    two calls of one batch is not supported; consecutive batches differ in ``tokens_seen`` anyway).
+    """
+    key = (attention_mask, tokens_seen, every)
+    if _LAST_SAMPLE and _LAST_SAMPLE[0][0] is attention_mask and _LAST_SAMPLE[0][1:3] == key[1:]:
+        return _LAST_SAMPLE[0][3]
+    valid_flat = attention_mask.bool().reshape(-1).nonzero().squeeze(-1)
+    ordinal = tokens_seen + torch.arange(valid_flat.numel(), device=valid_flat.device)
+    among = (ordinal % every == 0).nonzero().squeeze(-1)
+    result = (valid_flat.index_select(0, among), among, int(valid_flat.numel()))
+    _LAST_SAMPLE[:] = [(*key, result)]
+    return result
 
 
 def _stacked(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:

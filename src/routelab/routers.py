@@ -66,13 +66,14 @@ class Selection:
     largest probabilities, whatever k is), so statistics need no index reduction over all experts.
     """
 
-    __slots__ = ("indices", "weights", "k", "_pvalues", "probs", "top_expert", "top_probs")
+    __slots__ = ("indices", "weights", "k", "_pvalues", "probs", "top_expert", "top_probs", "_rows_asked")
 
     def __init__(self, indices: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, pvalues: PValues = None,
                  probs: torch.Tensor | None = None, top_expert: torch.Tensor | None = None,
                  top_probs: torch.Tensor | None = None):
         self.indices, self.weights, self.k, self._pvalues, self.probs = indices, weights, k, pvalues, probs
         self.top_expert, self.top_probs = top_expert, top_probs
+        self._rows_asked: tuple[torch.Tensor, torch.Tensor] | None = None  # the last pvalues_at(rows) and its answer
 
     @property
     def pvalues(self) -> torch.Tensor | None:
@@ -83,9 +84,13 @@ class Selection:
 
     def pvalues_at(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The p-values of the token rows ``rows`` (1-D int64 on the selection's device), ``[len(rows),
-        experts]``; computes only those rows unless all were computed already. None without p-values."""
+        experts]``; computes only those rows unless all were computed already, and answers a second call
+        with the same ``rows`` tensor (the same object: several recorders sampling alike) from the first.
+        None without p-values."""
         if callable(self._pvalues):
-            return self._pvalues(rows)
+            if self._rows_asked is None or self._rows_asked[0] is not rows:
+                self._rows_asked = (rows, self._pvalues(rows))
+            return self._rows_asked[1]
         return None if self._pvalues is None else self._pvalues.index_select(0, rows)
 
     def __repr__(self) -> str:
