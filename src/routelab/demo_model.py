@@ -120,9 +120,9 @@ def train(settings: dict, out_dir: str | Path, seed: int = 0, progress: bool = T
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             elapsed = time.perf_counter() - start
-            aux = float(out.aux_loss.detach())
-            lm_loss = float(out.loss) - settings["router_aux_loss_coef"] * aux
-            tracker.log(step, loss=float(out.loss), lm_loss=lm_loss, aux_loss=aux, lr=lr,
+            aux, loss = float(out.aux_loss.detach()), float(out.loss.detach())
+            lm_loss = loss - settings["router_aux_loss_coef"] * aux
+            tracker.log(step, loss=loss, lm_loss=lm_loss, aux_loss=aux, lr=lr,
                         grad_norm=float(grad_norm), tokens_per_s=batch * seq / elapsed)
             bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux:.3f}", refresh=False)
             if step % max(1, steps // 10) == 0 or step == steps - 1:

@@ -375,7 +375,6 @@ class FirstPassingRank:
     def __init__(self, cuts: torch.Tensor):
         device = cuts.device
         host = cuts.detach().double().cpu().numpy()
-        n = host.size
         distinct = np.unique(host[np.isfinite(host)])[::-1]  # descending
         # first rank of each distinct cut, and the rank of x below every finite cut (-inf cuts pass anyway)
         ascending = -host  # non-decreasing
