@@ -22,13 +22,20 @@ shows how the ratio scales with the experts' share (not the target model); and, 
 available, an OLMoE-1B-7B-sized layer stack (16 layers, 64 experts, top-8, hidden 2048, expert size
 1024) in bfloat16.
 
-    python benchmarks/routing_overhead.py [--repeats 20] [--tokens 2048] [--threads N] [--wide]
+    python benchmarks/routing_overhead.py [--repeats 20] [--tokens 2048] [--threads N] [--wide] [--stable-malloc]
+
+``--stable-malloc`` reruns the script with glibc's ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+raised, so large temporaries are reused instead of being returned to the system and faulted back in:
+the native ``grouped_mm`` path (which gathers a fresh ``[tokens * k, hidden]`` tensor every layer) then
+takes the same time in every process instead of moving between two levels ~30 % apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -57,6 +64,8 @@ def build(shape: dict, device: str, dtype: torch.dtype, kernel: str):
 
 
 WIDE = {**DEMO, "intermediate_size": 512}
+STABLE_MALLOC = ("MALLOC_MMAP_THRESHOLD_", "33554432")  # blocks up to 32 MiB from the heap, not mmap
+TRIM = ("MALLOC_TRIM_THRESHOLD_", "4294967296")  # and the heap is not trimmed back to the system
 
 
 def timed(model, inputs, router=None) -> tuple[float, float]:
@@ -171,7 +180,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--wide", action="store_true", help="also the experts-dominated wide demo variant")
+    parser.add_argument("--stable-malloc", action="store_true",
+                        help="rerun with glibc malloc settings that keep large temporaries (steadier native times)")
     args = parser.parse_args()
+    if args.stable_malloc and STABLE_MALLOC[0] not in os.environ:  # glibc reads them at start-up only
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **dict([STABLE_MALLOC, TRIM])})
+    if args.stable_malloc:
+        print(f"glibc malloc: {STABLE_MALLOC[0]}={os.environ[STABLE_MALLOC[0]]} {TRIM[0]}={os.environ.get(TRIM[0])}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     bench("demo model (CPU)", DEMO, "cpu", torch.float32, args.tokens, args.repeats)

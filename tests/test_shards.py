@@ -183,3 +183,26 @@ def test_batch_size_changes_results_only_at_float_rounding_level(setup):
     windows = pd.read_parquet(data_dir / "windows.parquet")
     assert windows["input_ids"].map(len).nunique() > 1  # batches of 8 hold padding
     assert_same_run(read_run(root / "batch1"), read_run(root / "batch8"), float_tol=1e-5)
+
+
+def test_concat_parquet_joins_parts_in_order_and_takes_one_part_as_it_is(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from routelab.shards import concat_parquet
+
+    parts = []
+    for i, rows in enumerate([3, 0, 5]):
+        path = tmp_path / f"part{i}.parquet"
+        pq.write_table(pa.table({"x": pa.array(range(10 * i, 10 * i + rows), pa.int32())}), path)
+        parts.append(path)
+    concat_parquet(parts, tmp_path / "all.parquet")
+    assert pq.read_table(tmp_path / "all.parquet").column("x").to_pylist() == [0, 1, 2, 20, 21, 22, 23, 24]
+    # one part: the very bytes (no decode and re-encode), the part left in place
+    concat_parquet(parts[2:], tmp_path / "one.parquet")
+    assert (tmp_path / "one.parquet").read_bytes() == parts[2].read_bytes() and parts[2].exists()
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"y": pa.array([1.0])}), other)
+    with pytest.raises(ValueError, match="other.parquet: schema differs"):
+        concat_parquet([parts[0], other], tmp_path / "bad.parquet")
+    assert not (tmp_path / "bad.parquet").exists()

@@ -134,7 +134,7 @@ def train(settings: dict, out_dir: str | Path, seed: int = 0, progress: bool = T
         model.eval()
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        tracker.log_final(lm_loss=lm_loss, aux_loss=aux, loss=float(out.loss))
+        tracker.log_final(lm_loss=lm_loss, aux_loss=aux, loss=loss)
     return {"final_lm_loss": lm_loss, "final_aux_loss": aux, **hparams}
 
 
