@@ -292,3 +292,21 @@ def test_snakemake_dry_run_stops_on_bad_config(tmp_path, case):
     assert_names(lines[0], *expected)
     assert "rule route" not in output and "Job stats" not in output, output
     assert not (REPO / "results" / EXPERIMENT).exists()
+
+
+def test_names_with_regex_characters_plan_every_job(tmp_path):
+    # The schema allows "." and "+" in names; unescaped in the wildcard constraints, "+" matched nothing
+    # (snakemake -n failed: missing input for rule all).
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["experiment"] = "demo+regex.test"
+    config["routing"] = [{**spec, "name": spec["name"].replace("topk4", "top+k4")} for spec in config["routing"]]
+    config["datasets"] = {("gram+mar" if name == "grammar" else name): spec for name, spec in config["datasets"].items()}
+    path = tmp_path / "plus.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["snakemake", "-n", "--configfile", str(path), "--directory", str(tmp_path)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "results/demo+regex.test/runs/top+k4/gram+mar/routing.parquet" in output
+    assert "results/demo+regex.test/report/report.html" in output

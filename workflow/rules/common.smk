@@ -33,11 +33,17 @@ IS_DEMO = config["model"]["id"] == DEMO_MODEL_ID
 BASELINE = baseline_name(config)
 
 
+def one_of(names):
+    """A wildcard constraint matching exactly these names (or nothing, for an empty list); names may hold
+    regex characters (the schema allows ``.`` and ``+``), so each is escaped."""
+    return "|".join(re.escape(name) for name in names) if names else "(?!)"
+
+
 wildcard_constraints:
-    experiment=EXPERIMENT,
-    dataset="|".join(DATASETS),
-    routing="|".join(ROUTING),
-    null="|".join(CALIBRATED_NULLS),
+    experiment=one_of([EXPERIMENT]),
+    dataset=one_of(DATASETS),
+    routing=one_of(ROUTING),
+    null=one_of(CALIBRATED_NULLS),
 
 
 def as_json(value):
@@ -90,10 +96,6 @@ def dataset_spec(wildcards):
 SHARDS = {name: spec["shards"] for name, spec in config["datasets"].items()}
 SHARDED = [name for name in DATASETS if SHARDS[name] > 1]
 
-
-def one_of(names):
-    """A wildcard constraint matching exactly these names (or nothing, for an empty list)."""
-    return "|".join(re.escape(name) for name in names) if names else "(?!)"
 
 
 def shard_dirs(wildcards):
