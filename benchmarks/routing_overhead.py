@@ -33,6 +33,7 @@ takes the same time in every process instead of moving between two levels ~30 % 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -83,32 +84,40 @@ def timed(model, inputs, router=None) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def experts_share(model, inputs, repeats: int) -> float:
-    """Median share of a native forward's wall time spent inside the MoE experts modules."""
+def module_times(model, inputs, router, repeats: int) -> dict[str, float]:
+    """Median ms per forward spent in the MoE routers (gates) and in the experts modules, and the whole
+    forward, timed by hooks in separate forwards (hooks add overhead: not used for the ratios)."""
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-    spent: list[float] = []
+    spent = {"router": 0.0, "experts": 0.0}
 
-    def enter(module, args):
-        sync()
-        spent.append(-time.perf_counter())
+    def hooks_for(name):
+        def enter(module, args):
+            sync()
+            spent[name] -= time.perf_counter()
 
-    def leave(module, args, output):
-        sync()
-        spent[-1] += time.perf_counter()
+        def leave(module, args, output):
+            sync()
+            spent[name] += time.perf_counter()
 
-    hooks = []
-    for layer in find_moe_layers(model):
-        hooks += [layer.experts.register_forward_pre_hook(enter), layer.experts.register_forward_hook(leave)]
-    shares = []
-    try:
-        for _ in range(repeats):
-            spent.clear()
-            total = timed(model, inputs)[0]
-            shares.append(sum(spent) / total)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return statistics.median(shares)
+        return enter, leave
+
+    samples = {"router": [], "experts": [], "forward": []}
+    with install_router(model, router) if router is not None else contextlib.nullcontext():
+        hooks = []
+        for layer in find_moe_layers(model):
+            for name, module in (("router", layer.gate), ("experts", layer.experts)):
+                enter, leave = hooks_for(name)
+                hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        try:
+            for _ in range(repeats):
+                spent.update(router=0.0, experts=0.0)
+                total = timed(model, inputs)[0]
+                for name, value in (*spent.items(), ("forward", total)):
+                    samples[name].append(1000 * value)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 class MeanK:
@@ -158,7 +167,8 @@ def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, 
     for rep in range(repeats):
         for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
             times[label].append(timed(model, inputs, variants[label]))
-    share = experts_share(model, inputs, max(3, repeats // 2))
+    parts = {label: module_times(model, inputs, variants[label], max(3, repeats // 2)) for label in labels}
+    share = parts["native"]["experts"] / parts["native"]["forward"]
     native_wall = statistics.median(wall for wall, _ in times["native"])
     native_cpu = statistics.median(cpu for _, cpu in times["native"])
     print(f"\n{name}: {num_layers} layers x {num_experts} experts, top-{k}, hidden {shape['hidden_size']}, expert "
@@ -172,6 +182,12 @@ def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, 
         print(f"  {label:45s} {1000 * wall:10.2f} {wall / native_wall:16.3f} {cpu / native_cpu:15.3f}")
     print(f"  experts' share of the native forward: {share:.2f}; at mean k {mean:.2f} of {k} the ratio could "
           f"reach {1 - share * (1 - mean / k):.3f} if experts' cost fell in proportion and routing cost nothing")
+    print("  where the time goes (ms per forward, hook-timed in separate forwards; hooks add a little):")
+    print(f"  {'variant':45s} {'routers':>10s} {'experts':>10s} {'the rest':>10s}")
+    for label in labels:
+        times = parts[label]
+        rest = times["forward"] - times["router"] - times["experts"]
+        print(f"  {label:45s} {times['router']:10.2f} {times['experts']:10.2f} {rest:10.2f}")
 
 
 def main() -> None:

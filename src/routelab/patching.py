@@ -321,7 +321,7 @@ def _grouped_pairs_impl(experts: nn.Module, pair_hidden: torch.Tensor, pair_expe
     projected = _grouped_linear(projected, experts.down_proj, offsets, bias=bias, is_transposed=experts.is_transposed)
     if getattr(experts, "has_post_expert_norm", False):
         projected = experts.post_expert_norm(projected)
-    return projected * pair_weights.unsqueeze(-1)
+    return projected.mul_(pair_weights.unsqueeze(-1).to(projected.dtype))  # in place: no fresh [P, hidden] block
 
 
 _grouped_pairs = None if _grouped_linear is None else _grouped_pairs_impl
