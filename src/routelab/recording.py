@@ -32,7 +32,7 @@ from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mea
 
 # No column holds nulls, and saying so spares Parquet the definition levels; the list columns are
 # written without dictionary encoding (weights never repeat enough, expert lists compress well without;
-# measured: 17 % less encoding time, the same file size).
+# measured: 17 % less encoding time, and files no larger — 28 % smaller in logging_overhead.py).
 SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in (
     ("window_id", pa.int32()), ("doc_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
     ("layer", pa.int16()), ("k", pa.int16()),
