@@ -110,7 +110,9 @@ class RoutingRecorder:
             self._init_counts(valid.device)
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
-        """Called from the patched router for every layer of every forward pass: keeps references only.
+        """Called from the patched router for every layer of every forward pass: keeps references only
+        (until :meth:`end_batch`: the logits and the selection, with the router's float32 probabilities,
+        ``tokens x experts x 4`` bytes per layer — 17 MB per layer for 65k tokens of OLMoE).
 
         ``router_logits [tokens, E]`` and the selection (``[tokens, max_k]``, ``k [tokens]``, optional
         ``pvalues [tokens, E]``) over the flat ``batch * seq`` tokens. All work happens in
