@@ -300,19 +300,22 @@ def test_batched_writer_abort_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_statistics_do_not_depend_on_how_many_layers_are_reduced_at_once(monkeypatch):
-    """end_batch reduces [layers, tokens, E] in groups of layers to bound memory; any grouping gives the same."""
+def test_pvalue_moments_do_not_depend_on_how_many_layers_are_reduced_at_once(monkeypatch):
+    """end_batch reduces the p-values [layers, tokens, E] in groups of layers to bound memory; any
+    grouping gives the same summary."""
     import routelab.recording as recording
 
     gen = torch.Generator().manual_seed(5)
     logits = [torch.randn(12, NUM_EXPERTS, generator=gen) * 2 for _ in range(3)]
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    router = BHRouter(NUM_EXPERTS, fit_kde_null([layer.numpy() for layer in logits], NUM_EXPERTS), alpha=0.5,
+                      min_k=1, max_k=4)
 
     def summary():
-        recorder = RoutingRecorder(3, NUM_EXPERTS, 1, 4)
+        recorder = RoutingRecorder(3, NUM_EXPERTS, 1, 4, pvalue_every=1)
         recorder.begin_batch(mask, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2, 6, dtype=torch.long))
         for layer, layer_logits in enumerate(logits):
-            recorder.record(layer, layer_logits, TopKRouter(NUM_EXPERTS, 2)(layer_logits))
+            recorder.record(layer, layer_logits, router(layer_logits, layer))
         recorder.end_batch()
         return recorder.summary()
 
@@ -320,9 +323,30 @@ def test_statistics_do_not_depend_on_how_many_layers_are_reduced_at_once(monkeyp
     monkeypatch.setattr(recording, "_STATS_ELEMENTS", 1)  # one layer at a time
     apart = summary()
     assert together["total_decisions"] == apart["total_decisions"] == 30  # 10 real tokens x 3 layers
+    assert together["pvalue_mean"] is not None
+    for key in ("pvalue_mean", "pvalue_std", "selected_pvalue_mean"):
+        assert together[key] == pytest.approx(apart[key], rel=1e-6), key
     for one, other in zip(together["per_layer"], apart["per_layer"]):
         assert one == pytest.approx(other)
     assert together["expert_counts"] == apart["expert_counts"] and together["top1_counts"] == apart["top1_counts"]
+
+
+def test_layers_with_and_without_the_routers_top_expert_count_alike():
+    """A batch where one layer's selection carries the router's top expert and another's does not (the
+    recorder finds the top itself) counts top-1 experts as numpy's argmax does, in both layers."""
+    gen = torch.Generator().manual_seed(9)
+    logits = [torch.randn(10, NUM_EXPERTS, generator=gen) * 2 for _ in range(2)]
+    selections = [TopKRouter(NUM_EXPERTS, 2)(layer_logits) for layer_logits in logits]
+    bare = selections[1]
+    selections[1] = Selection(bare.indices, bare.weights, bare.k)  # no probabilities, no top expert
+    recorder = RoutingRecorder(2, NUM_EXPERTS, 2, 2)
+    recorder.begin_batch(torch.ones(1, 10, dtype=torch.long), torch.tensor([0]), torch.tensor([0]),
+                         torch.ones(1, 10, dtype=torch.long))
+    for layer, (layer_logits, selection) in enumerate(zip(logits, selections)):
+        recorder.record(layer, layer_logits, selection)
+    recorder.end_batch()
+    expected = [np.bincount(layer.numpy().argmax(-1), minlength=NUM_EXPERTS).tolist() for layer in logits]
+    assert recorder.summary()["top1_counts"] == expected
 
 
 def test_every_nth_real_token_counts_across_batches_and_skips_padding():

@@ -100,6 +100,14 @@ def test_router_entropy_matches_scipy():
     assert 0 < layer["router_entropy_norm"] < 1
 
 
+def test_router_entropy_stays_precise_over_a_long_batch_of_large_logits():
+    """Entropy is logsumexp minus <p, logits>, two numbers near 50 here: taken per token before summing,
+    the mean over 100k tokens keeps float32 precision (a difference of whole-batch sums lost 1e-5)."""
+    logits, k = random_logits(100_000, seed=14) + 50.0, random_k(100_000, seed=15)
+    expected = entropy(softmax(logits.astype(np.float64), axis=-1), axis=-1).mean()
+    assert record_one_layer(logits, k)["router_entropy"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_router_z_loss_matches_scipy_logsumexp():
     logits, k = random_logits(64, seed=5) + 3.0, random_k(64, seed=6)  # shifted: logsumexp far from 0
     expected = np.mean(logsumexp(logits.astype(np.float64), axis=-1) ** 2)

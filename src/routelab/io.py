@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,21 +117,25 @@ class BatchedParquetWriter:
         self._pending_rows = 0
         self._queue: Any = queue.Queue(maxsize=max_queued)
         self._error: BaseException | None = None
+        self.encode_seconds = 0.0  # CPU time the writer thread spent building, compressing and writing
         self._thread = threading.Thread(target=self._work, name=f"parquet-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
-    def append(self, batch: Any) -> None:
-        """Add one ``pyarrow.RecordBatch`` (with :attr:`schema`); blocks while ``max_queued`` row groups wait."""
+    def append(self, batch: Any, copy: bool = True) -> None:
+        """Add one ``pyarrow.RecordBatch`` (with :attr:`schema`); blocks while ``max_queued`` row groups wait.
+
+        The batch is kept as a copy in Arrow's memory pool unless ``copy`` is False (for a batch whose
+        buffers were allocated there and are not changed afterwards): a batch built from numpy arrays
+        shares their memory, and thousands of such long-lived blocks on the C heap, between the model's
+        large temporaries, slowed every later tensor op (measured: the recorder's statistics 4x slower by
+        the end of a row group)."""
         self._raise_pending()
         if self._writer is None:
             raise RuntimeError(f"{self.path}: append after close")
-        # Kept as a copy in Arrow's memory pool: a batch built from numpy arrays shares their memory, and
-        # thousands of such long-lived blocks on the C heap, between the model's large temporaries,
-        # slowed every later tensor op (measured: the recorder's statistics 4x slower by the end of a
-        # row group). The copy costs ~1 % of building the batch.
-        import pyarrow as pa
+        if copy:
+            import pyarrow as pa
 
-        batch = pa.concat_batches([batch])
+            batch = pa.concat_batches([batch])
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         if self._pending_rows >= self.row_group_size:
@@ -146,11 +151,13 @@ class BatchedParquetWriter:
                 return
             if self._error is not None:  # after a failure: drain, so the producer never blocks on put
                 continue
+            start = time.thread_time()
             try:
                 self._writer.write_table(pa.Table.from_batches(batches, schema=self.schema),
                                          row_group_size=self.row_group_size)
             except BaseException as exc:  # handed to the caller's thread by _raise_pending
                 self._error = exc
+            self.encode_seconds += time.thread_time() - start
 
     def _raise_pending(self) -> None:
         if self._error is not None:

@@ -11,9 +11,11 @@ probability mass and top-1 counts; see :mod:`routelab.routing_stats`) stay on th
 only in :meth:`RoutingRecorder.summary`: recording a layer never waits for the device.
 
 During the forward pass the recorder only keeps each layer's tensors; :meth:`RoutingRecorder.end_batch`
-does the work once for all layers (statistics, counts, the selection compacted on the device and copied
-to the host as one buffer, Arrow lists from offsets), and a background thread compresses and writes
-the row groups (:class:`routelab.io.BatchedParquetWriter`).
+does the work once per batch: each layer's ``[tokens, experts]`` reductions on its own tensors, everything
+smaller stacked and reduced over all layers at once (statistics, all counts in one scatter, the selection
+compacted on the device and copied to the host as one buffer, the Arrow columns written straight into
+Arrow's memory pool), and a background thread compresses and writes the row groups
+(:class:`routelab.io.BatchedParquetWriter`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in (
 )])
 _DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "k"]
 _META = ("window_id", "doc_id", "position", "token_id")  # per-token columns, repeated for each layer
-_STATS_ELEMENTS = 1 << 24  # router statistics take at most this many logits (layers x tokens x E) at once
+_STATS_ELEMENTS = 1 << 24  # sampled p-value moments take at most this many p-values (layers x tokens x E) at once
+_LOG_FLOOR = 1e-30  # a normal float32: log(0) and log(subnormal) are several times slower
 
 
 class RoutingRecorder:
@@ -74,14 +77,19 @@ class RoutingRecorder:
 
     def _init_counts(self, device: torch.device) -> None:
         self._device = device
-        self._k_hist = torch.zeros(self.num_layers, self.num_experts + 1, dtype=torch.long, device=device)
-        self._expert_counts = torch.zeros(self.num_layers, self.num_experts + 1, dtype=torch.long, device=device)
+        layers, experts = self.num_layers, self.num_experts
+        # The three integer counts share one buffer, [layers, k histogram (E+1) | expert counts (E+1) |
+        # top-1 counts (E)], so that a batch adds all of them with a single scatter (_add_counts).
+        self._counts = torch.zeros(layers, 3 * experts + 2, dtype=torch.long, device=device)
+        self._k_hist = self._counts[:, : experts + 1]
+        self._expert_counts = self._counts[:, experts + 1: 2 * experts + 2]
+        self._top1_counts = self._counts[:, 2 * experts + 2:]
+        self._ones = torch.ones(0, dtype=torch.long, device=device)  # grown on demand, for scatter_add_
         # sum p, sum p^2, count, sum p over selected, count selected  (float64 for exact-ish sums)
         self._p_moments = torch.zeros(5, dtype=torch.float64, device=device)
         # per layer: tokens, sum weight entropy, sum router entropy, sum logsumexp^2, sum top-1 margin
-        self._router_sums = torch.zeros(self.num_layers, 5, dtype=torch.float64, device=device)
-        self._router_probs = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=device)
-        self._top1_counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long, device=device)
+        self._router_sums = torch.zeros(layers, 5, dtype=torch.float64, device=device)
+        self._router_probs = torch.zeros(layers, experts, dtype=torch.float64, device=device)
 
     def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
                     input_ids: torch.Tensor) -> None:
@@ -131,7 +139,11 @@ class RoutingRecorder:
         self._process(batch, layers_seen)
 
     def _process(self, batch: dict[str, Any], layers_seen: dict[int, tuple[torch.Tensor, Selection]]) -> None:
-        """:meth:`end_batch`'s work on one batch's metadata and per-layer ``(logits, selection)``."""
+        """:meth:`end_batch`'s work on one batch's metadata and per-layer ``(logits, selection)``.
+
+        CPU time here goes mostly to the fixed cost of each tensor op and to copies, so the ``[T, E]``
+        reductions run on each layer's own tensors (a stack of every layer's logits or probabilities
+        would copy them), and everything smaller is stacked once and reduced over all layers at once."""
         layer_ids = sorted(layers_seen)
         selections = [layers_seen[i][1] for i in layer_ids]
         device = selections[0].k.device
@@ -143,80 +155,77 @@ class RoutingRecorder:
             rows = rows.to(device)
             k, indices, weights = k[:, rows], indices[:, rows], weights[:, rows]
         layers = torch.as_tensor(layer_ids, device=self._device)
-        self._k_hist.index_add_(0, layers, _count_rows(k, self.num_experts + 1).to(self._device))
-        self._expert_counts.index_add_(0, layers, _count_rows(indices.flatten(1), self.num_experts + 1)
-                                       .to(self._device))
-        # [L, T, E] statistics a few layers at a time: a long batch of a large model would otherwise
-        # hold several float32 copies of every layer's logits at once.
-        group = max(1, _STATS_ELEMENTS // max(1, k.shape[1] * self.num_experts))
-        for start in range(0, len(layer_ids), group):
-            part = slice(start, start + group)
-            logits = torch.stack([layers_seen[i][0].to(device) for i in layer_ids[part]])  # [l, N, E]
-            # the router's own probabilities (float32 softmax) when every layer's selection carries them
-            probs = _stacked([s.probs for s in selections[part]], device)
-            top = [_stacked([s.top_expert for s in selections[part]], device),
-                   _stacked([s.top_probs for s in selections[part]], device)]
-            if rows is not None:
-                logits = logits[:, rows]
-                probs = probs[:, rows] if probs is not None else None
-                top = [None if value is None else value[:, rows] for value in top]
-            self._accumulate_router_stats(layers[part], logits, probs, weights[part], *top)
-            if self.pvalue_every:
+        reduced = [self._reduce_layer(layers_seen[i][0].to(device), s, rows) for i, s in zip(layer_ids, selections)]
+        top_logit, top_probs, p_dot_logit, prob_sums, top_expert, top1_counts = (
+            None if any(part is None for part in parts) else torch.stack(parts) for parts in zip(*reduced))
+        if top_expert is None:  # no top expert from the router: each layer counted its top-1 from its probabilities
+            counts = [_count(top, self.num_experts) if top is not None else own for *_, top, own in reduced]
+            self._top1_counts.index_add_(0, layers, torch.stack(counts).to(self._device))
+        # logsumexp = max logit - log p_(1) (the largest probability belongs to the largest logit), and
+        # entropy_t = sum_e p_te (logsumexp_t - logit_te) = logsumexp_t - <p_t, logits_t>.
+        logsumexp = top_logit - top_probs[..., 0].log()  # [L, T]
+        # Unused slots hold weight 0 (the Selection contract) and add 0 x log(tiny) = 0 to the entropy; the
+        # clamp keeps log off 0 and subnormals (5x slower than normal floats on CPU, and xlogy is not vectorised).
+        selected = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        sums = torch.stack([
+            logsumexp.new_full(logsumexp.shape[:1], logsumexp.shape[1]),
+            -torch.linalg.vecdot(selected.flatten(1), selected.clamp_min(_LOG_FLOOR).log().flatten(1)),
+            (logsumexp - p_dot_logit).sum(1),
+            torch.linalg.vecdot(logsumexp, logsumexp),
+            (top_probs[..., 0] - top_probs[..., 1]).sum(1),
+        ], dim=1)  # [L, 5]
+        # One batch is summed in float32 (torch sums pairwise: relative error ~1e-7 for a batch), the
+        # running totals in float64.
+        self._router_sums.index_add_(0, layers, sums.double().to(self._device))
+        self._router_probs.index_add_(0, layers, prob_sums.double().to(self._device))
+        self._add_counts(layers, k, indices, top_expert)
+        if self.pvalue_every:
+            # a few layers at a time: all p-values of a long batch (pvalue_every 1) would be [L, T, E] at once
+            group = max(1, _STATS_ELEMENTS // max(1, k.shape[1] * self.num_experts))
+            for start in range(0, len(layer_ids), group):
+                part = slice(start, start + group)
                 self._accumulate_sampled_pvalues(batch, selections[part], indices[part], rows, device)
         if self._writer is not None:
             self._write_rows(batch, layer_ids, k, indices, weights)
 
-    def _accumulate_router_stats(self, layers: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor | None,
-                                 weights: torch.Tensor, top_expert: torch.Tensor | None = None,
-                                 top_probs: torch.Tensor | None = None) -> None:
-        """Add real tokens' logits ``[L, T, E]`` and selected weights ``[L, T, max_k]`` (0 in unused slots)
-        to the running sums of the layers ``layers [L]``. ``probs`` (their softmax), ``top_expert``
-        ``[L, T]`` and ``top_probs`` ``[L, T, 2]`` come from the router when it has them (see
-        :class:`routelab.routers.Selection`); what is missing is computed here."""
-        # The largest probability belongs to the largest logit, so logsumexp = max logit - log p_(1), and
-        # entropy = -sum_e p_e (logit_e - logsumexp) = logsumexp - sum_e p_e logit_e: reductions that need
-        # no expert index. The top two probabilities and the top expert come from the router's order;
-        # without it, from the probabilities (argmax only in the rare batch with a tie for the top, as
-        # index reductions cost several times more than value reductions on CPU).
+    def _reduce_layer(self, logits: torch.Tensor, selection: Selection, rows: torch.Tensor | None) -> tuple:
+        """One layer's ``[T, E]`` reductions over its real tokens (``rows`` of the flat batch, None: all):
+        ``(max logit [T], top-2 probabilities [T, 2], <probabilities, logits> [T], probability sums [E],
+        top expert [T] or None, top-1 counts [E] or None)``. The probabilities, top expert and top-2
+        probabilities are the router's when it gives them (see :class:`routelab.routers.Selection`)."""
+        probs, top_expert, top_probs = selection.probs, selection.top_expert, selection.top_probs
+        if rows is not None:
+            logits = logits.index_select(0, rows)
+            probs = None if probs is None else probs.index_select(0, rows)
+            top_expert = None if top_expert is None else top_expert.index_select(0, rows)
+            top_probs = None if top_probs is None else top_probs.index_select(0, rows)
         logits = logits.float()
         if probs is None:
-            probs = torch.softmax(logits, dim=-1)  # [L, T, E]
-        if top_probs is not None and top_expert is not None:
-            top1_prob, margin = top_probs[..., 0], top_probs[..., 0] - top_probs[..., 1]
-            top1_counts = _count_rows(top_expert, self.num_experts)
+            probs = torch.softmax(logits, dim=-1)
+        counts = None
+        if top_expert is not None and top_probs is not None:
+            top_logit = logits.gather(-1, top_expert.unsqueeze(-1)).squeeze(-1)
         else:
-            top1_prob, margin, top1_counts = self._top_from_probs(probs)
-        logsumexp = logits.amax(dim=-1) - top1_prob.log()
-        router_entropy = logsumexp - torch.linalg.vecdot(probs, logits)
-        # Unused slots hold weight 0 (the Selection contract) and add 0 to the entropy (xlogy(0, 0) = 0).
-        selected = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        per_token = torch.stack([
-            torch.ones_like(logsumexp),
-            -torch.special.xlogy(selected, selected).sum(-1),
-            router_entropy,
-            logsumexp * logsumexp,
-            margin,
-        ], dim=-1)  # [L, T, 5]
-        # One batch is summed in float32 (torch sums pairwise: relative error ~1e-7 for a batch), the
-        # running totals in float64; a float64 copy of [L, T, E] first cost more than the statistics.
-        self._router_sums.index_add_(0, layers, per_token.sum(1).double().to(self._device))
-        self._router_probs.index_add_(0, layers, probs.sum(1).double().to(self._device))
-        self._top1_counts.index_add_(0, layers, top1_counts.long().to(self._device))
+            top_logit, (top_probs, counts), top_expert = logits.amax(dim=-1), _top_from_probs(probs), None
+        # per token: the entropy is a small difference of two such numbers, so it is taken per token
+        # before summing (a dot product over the whole layer lost up to 1e-5 relative on 100k tokens)
+        p_dot_logit = torch.linalg.vecdot(probs, logits)
+        return top_logit, top_probs, p_dot_logit, probs.sum(0), top_expert, counts
 
-    def _top_from_probs(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(p_(1) [L, T], p_(1) - p_(2) [L, T], top-1 counts [L, E])`` of ``probs [L, T, E]``; the runner-up
-        is the maximum once the top is masked, 0 margin when tied for the top (first index counts)."""
-        top1_prob = probs.amax(dim=-1, keepdim=True)
-        is_top = probs == top1_prob
-        tops = is_top.sum(dim=-1)  # experts sharing the top probability (1 unless tied)
-        top1_prob = top1_prob.squeeze(-1)
-        if self.num_experts > 1:
-            margin = torch.where(tops > 1, 0.0, top1_prob - probs.masked_fill(is_top, -1.0).amax(-1))
-        else:
-            margin = top1_prob
-        if bool((tops > 1).any()):
-            return top1_prob, margin, _count_rows(probs.argmax(dim=-1), self.num_experts)
-        return top1_prob, margin, is_top.sum(dim=1)
+    def _add_counts(self, layers: torch.Tensor, k: torch.Tensor, indices: torch.Tensor,
+                    top_expert: torch.Tensor | None) -> None:
+        """Add the histogram of ``k [L, T]``, the counts of ``indices [L, T, max_k]`` (the sentinel in
+        its own bin) and, if given, of ``top_expert [L, T]`` to the layers ``layers``: one scatter into
+        the shared count buffer (one op instead of one per count and layer; never waits for the device)."""
+        experts = self.num_experts
+        base = (layers * self._counts.shape[1]).to(k.device).unsqueeze(1)  # [L, 1] row offsets
+        parts = [k + base, indices.flatten(1) + (base + experts + 1)]
+        if top_expert is not None:
+            parts.append(top_expert + (base + 2 * experts + 2))
+        flat = torch.cat(parts, dim=1).view(-1)
+        if self._ones.numel() < flat.numel():
+            self._ones = torch.ones(2 * flat.numel(), dtype=torch.long, device=self._device)
+        self._counts.view(-1).scatter_add_(0, flat.to(self._device), self._ones[: flat.numel()])
 
     def _accumulate_sampled_pvalues(self, batch: dict[str, Any], selections: list[Selection], indices: torch.Tensor,
                                     rows: torch.Tensor | None, device: torch.device) -> None:
@@ -266,19 +275,39 @@ class RoutingRecorder:
         total = int(packed.size - (4 + n_layers) * tokens) // 2
         meta_host, k_host = packed[: 4 * tokens].reshape(4, tokens), packed[4 * tokens: (4 + n_layers) * tokens]
         experts, weight_values = packed[(4 + n_layers) * tokens:].reshape(2, total)
-        offsets = np.zeros(k_host.size + 1, dtype=np.int32)
+        # The columns are written straight into buffers of Arrow's memory pool: no conversion, no copy
+        # when the writer keeps the batch (numpy-backed batches kept thousands of blocks on the C heap).
+        rows = tokens * n_layers
+        columns = []
+        for j in range(len(_META)):  # each token's value once per layer
+            buffer, values = _arrow_buffer(np.int32, rows)
+            np.copyto(values.reshape(tokens, n_layers), meta_host[j][:, None])
+            columns.append(pa.Array.from_buffers(pa.int32(), rows, [None, buffer]))
+        buffer, values = _arrow_buffer(np.int16, rows)
+        values.reshape(tokens, n_layers)[:] = layer_ids
+        columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, buffer]))
+        buffer, values = _arrow_buffer(np.int16, rows)
+        values[:] = k_host
+        columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, buffer]))
+        offsets_buffer, offsets = _arrow_buffer(np.int32, rows + 1)
+        offsets[0] = 0
         np.cumsum(k_host, out=offsets[1:])
-        offsets = pa.array(offsets)
-        columns = [pa.array(np.repeat(meta_host[j], n_layers)) for j in range(len(_META))]
-        columns += [pa.array(np.tile(np.asarray(layer_ids, dtype=np.int16), tokens)),
-                    pa.array(k_host.astype(np.int16)),
-                    pa.ListArray.from_arrays(offsets, pa.array(experts.astype(np.int16))),
-                    pa.ListArray.from_arrays(offsets, pa.array(weight_values.view(np.float32)))]
-        self._writer.append(pa.RecordBatch.from_arrays(columns, schema=SCHEMA))
+        for kind, dtype, host in ((pa.int16(), np.int16, experts), (pa.float32(), np.float32, weight_values.view(np.float32))):
+            buffer, values = _arrow_buffer(dtype, total)
+            values[:] = host
+            columns.append(pa.ListArray.from_buffers(
+                pa.list_(pa.field("element", kind, nullable=False)), rows, [None, offsets_buffer],
+                children=[pa.Array.from_buffers(kind, total, [None, buffer])]))
+        self._writer.append(pa.RecordBatch.from_arrays(columns, schema=SCHEMA), copy=False)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+    @property
+    def encode_seconds(self) -> float:
+        """CPU time the Parquet writer's thread has spent encoding and writing routing.parquet so far."""
+        return 0.0 if self._writer is None else self._writer.encode_seconds
 
     def summary(self) -> dict[str, Any]:
         """Routing statistics of everything recorded so far (counts as ints, rates in %)."""
@@ -335,20 +364,34 @@ def every_nth_real_token(attention_mask: torch.Tensor, tokens_seen: int,
     return result
 
 
-def _stacked(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
-    """``torch.stack`` of per-layer tensors on ``device``, None if any layer lacks one."""
-    if any(t is None for t in tensors):
-        return None
-    return torch.stack([t.to(device) for t in tensors])
+def _top_from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top-2 probabilities [T, 2], top-1 counts [E])`` of ``probs [T, E]``: the runner-up is the maximum
+    once the top is masked, so a tie for the top gives both slots the top probability (margin 0); the
+    counts credit the first of tied experts. Value reductions (several times cheaper than an index
+    reduction on CPU), with ``argmax`` where there is a tie, or always on an accelerator (no sync)."""
+    experts = probs.shape[-1]
+    top1 = probs.amax(dim=-1, keepdim=True)
+    is_top = probs == top1
+    tops = is_top.sum(dim=-1)  # experts sharing the top probability (1 unless tied)
+    second = probs.masked_fill(is_top, -1.0).amax(-1, keepdim=True) if experts > 1 else torch.zeros_like(top1)
+    top_probs = torch.cat([top1, torch.where(tops.unsqueeze(-1) > 1, top1, second)], dim=-1)
+    if probs.device.type != "cpu" or bool((tops > 1).any()):
+        counts = _count(probs.argmax(dim=-1), experts)
+    else:
+        counts = is_top.sum(dim=0)
+    return top_probs, counts
 
 
-def _count_rows(values: torch.Tensor, size: int) -> torch.Tensor:
-    """``[rows, size]`` int64 occurrences of each value ``0..size-1`` in each row of ``values [rows, n]``
-    (one scatter for all rows; unlike ``bincount``, never waits for the device)."""
-    rows = values.shape[0]
-    flat = values.long() + torch.arange(rows, device=values.device).unsqueeze(1) * size
-    return torch.zeros(rows * size, dtype=torch.long, device=values.device).scatter_add_(
-        0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.long, device=values.device)).view(rows, size)
+def _arrow_buffer(dtype: Any, size: int) -> tuple[pa.Buffer, np.ndarray]:
+    """A new buffer of ``size`` values of numpy ``dtype`` in Arrow's memory pool and a writable numpy view."""
+    buffer = pa.allocate_buffer(size * np.dtype(dtype).itemsize)
+    return buffer, np.frombuffer(buffer, dtype=dtype)
+
+
+def _count(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``[size]`` int64 occurrences of each value ``0..size-1`` in ``values`` (no device sync, unlike bincount)."""
+    return torch.zeros(size, dtype=torch.long, device=values.device).index_add_(
+        0, values.reshape(-1), torch.ones(values.numel(), dtype=torch.long, device=values.device))
 
 
 def _k_stats(hist: np.ndarray, min_k: int, max_k: int) -> dict[str, float]:
