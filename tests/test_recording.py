@@ -259,8 +259,9 @@ def test_batched_writer_row_groups_and_content(tmp_path):
     path = tmp_path / "out.parquet"
     writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=8)
     sizes, start = [5, 7, 3, 10, 1], 0
-    for size in sizes:
-        writer.append(_int_batch(list(range(start, start + size))))
+    for i, size in enumerate(sizes):
+        # kept by reference (copy=False) or copied later in groups: the order is the order of appends
+        writer.append(_int_batch(list(range(start, start + size))), copy=i % 2 == 0)
         start += size
     assert not path.exists(), "the file appears only when complete"
     writer.close()
@@ -271,6 +272,37 @@ def test_batched_writer_row_groups_and_content(tmp_path):
     assert pq.read_table(path)["x"].to_pylist() == list(range(26))
     assert meta.row_group(0).column(0).compression == "ZSTD"
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"], "no temporary file left"
+
+
+def test_batched_writer_copies_many_small_batches_in_groups_in_order(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    monkeypatch.setattr(BatchedParquetWriter, "_COPY_EVERY", 3)
+    path = tmp_path / "out.parquet"
+    writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=10)
+    for start in range(0, 40, 2):
+        writer.append(_int_batch([start, start + 1]), copy=start % 14 != 0)
+        assert len(writer._uncopied) < 3
+    writer.close()
+    assert pq.read_table(path)["x"].to_pylist() == list(range(40))
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10] * 4
+
+
+def test_batched_writer_batch_of_another_schema_fails_cleanly(tmp_path):
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    path = tmp_path / "out.parquet"
+    writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=100)
+    writer.append(_int_batch([1, 2]))
+    writer.append(_int_batch([3], name="wrong"))
+    with pytest.raises(RuntimeError, match=f"writing {path} failed"):
+        writer.close()
+    assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_batched_writer_error_on_thread_reaches_the_caller(tmp_path):
