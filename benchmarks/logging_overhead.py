@@ -14,10 +14,12 @@ runs, in rotating order:
 Targets: full log <= 1.05 x no logging; the 1/100 detail on top <= 1.02 x the full log. Also prints
 the CPU time the Parquet writer's thread spends encoding routing.parquet (which the interleaved forwards
 do not see: the benchmark's records fit in one row group, written at the end) and the ratio with it
-added, and the Parquet bytes per million (token, layer) records.
+added, the recorders' own work replayed on one batch's captured calls without the model (a steadier
+figure than a difference of forward times on a noisy machine), and the Parquet bytes per million
+(token, layer) records.
 
     python benchmarks/logging_overhead.py [--model results/demo/model] [--repeats 20] [--tokens 2048]
-                                          [--threads N] [--pvalue-every 100]
+                                          [--threads N] [--pvalue-every 100] [--replays 300]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from routelab.decisions import DecisionSampler
 from routelab.nulls import fit_kde_null
 from routelab.patching import install_router, model_routing_shape
 from routelab.recording import RecorderGroup, RoutingRecorder
-from routelab.routers import BHRouter
+from routelab.routers import BHRouter, Selection
 
 DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
@@ -81,6 +83,41 @@ def forward(model, inputs, router, recorder) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+class Capture:
+    """A recorder that keeps one forward's ``record`` calls, to replay them without the model."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def begin_batch(self, *args):
+        self.calls = []
+
+    def record(self, *args):
+        self.calls.append(args)
+
+    def end_batch(self):
+        pass
+
+
+def replay(recorder, calls, inputs, repeats: int) -> float:
+    """Median seconds of one batch of ``recorder`` work (begin_batch, the captured record calls, end_batch)
+    replayed ``repeats`` times without a forward pass: the recorder's own cost, steadier than the
+    difference of two forward times. Each replay gets fresh Selections (their p-value memo is per batch)."""
+    mask, ids = torch.ones_like(inputs), torch.arange(inputs.shape[0])
+    spent = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            batch = [(layer, logits, Selection(s.indices, s.weights, s.k, s._pvalues, s.probs, s.top_expert,
+                                               s.top_probs)) for layer, logits, s in calls]
+            start = time.perf_counter()
+            recorder.begin_batch(mask, ids, ids, inputs)
+            for call in batch:
+                recorder.record(*call)
+            recorder.end_batch()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(spent[repeats // 10:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
@@ -88,6 +125,8 @@ def main() -> None:
     parser.add_argument("--model", default="results/demo/model",
                         help="a saved MoE model (default: the demo's); random demo weights if it does not exist")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--replays", type=int, default=300,
+                        help="replays of one batch's recorder work without the model (0: skip)")
     parser.add_argument("--pvalue-every", type=int, default=100,
                         help="p-value moments over every n-th token (the pipeline: evaluation.decision_sample_every)")
     args = parser.parse_args()
@@ -150,6 +189,20 @@ def main() -> None:
     print(f"  Parquet encoding on the writer thread (its CPU time): {encode_ms:.2f} ms per forward; with no core "
           f"to spare for it (here torch uses every core) it adds to the forward:")
     print(f"  full log with its encoding: wall {(1000 * median['full log'][0] + encode_ms) / base_ms:.3f}")
+    if args.replays:
+        capture = Capture()
+        forward(model, inputs, router, capture)
+        tmp_replay = tempfile.mkdtemp(prefix="routelab-replay-")
+        alone = RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp_replay, "routing.parquet"),
+                                pvalue_every=args.pvalue_every)
+        sampler = DecisionSampler(os.path.join(tmp_replay, "decisions.parquet"), num_experts, every_n=100, alpha=0.5)
+        replayed = {"full log": replay(alone, capture.calls, inputs, args.replays),
+                    "1/100 detail alone": replay(sampler, capture.calls, inputs, args.replays)}
+        alone.close()
+        sampler.close()
+        print(f"  recorder work alone, one batch replayed {args.replays} times without the model (median): "
+              + ", ".join(f"{label} {1000 * value:.2f} ms" for label, value in replayed.items())
+              + f" (the no-logging forward: {base_ms:.2f} ms)")
     records = (args.repeats + 1) * inputs.numel() * num_layers
     print(f"  routing.parquet: {os.path.getsize(full_path) / records * 1e6 / 2**20:.2f} MiB per million "
           f"(token, layer) records ({records} records, mean k {full.summary()['experts_mean']:.2f})")
