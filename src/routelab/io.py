@@ -126,6 +126,10 @@ class BatchedParquetWriter:
     def append(self, batch: Any, copy: bool = True) -> None:
         """Add one ``pyarrow.RecordBatch`` (with :attr:`schema`); blocks while ``max_queued`` row groups wait.
 
+        ``batch`` may also be any object with ``num_rows`` and a ``to_batch()`` method returning the
+        record batch: the writer thread calls it, just before the row group is written (a compact form
+        is cheaper to keep, and the expansion leaves the caller's thread); such objects are not copied.
+
         Batches are kept as copies in Arrow's memory pool unless ``copy`` is False (for a batch whose
         buffers were allocated there and are not changed afterwards): a batch built from numpy arrays
         shares their memory, and thousands of such long-lived blocks on the C heap, between the model's
@@ -136,7 +140,7 @@ class BatchedParquetWriter:
         self._raise_pending()
         if self._writer is None:
             raise RuntimeError(f"{self.path}: append after close")
-        if copy:
+        if copy and not hasattr(batch, "to_batch"):
             self._uncopied.append(batch)
         else:
             self._copy_uncopied()  # keeps the order of the batches
@@ -172,6 +176,7 @@ class BatchedParquetWriter:
                 continue
             start = time.thread_time()
             try:
+                batches = [b.to_batch() if hasattr(b, "to_batch") else b for b in batches]
                 self._writer.write_table(pa.Table.from_batches(batches, schema=self.schema),
                                          row_group_size=self.row_group_size)
             except BaseException as exc:  # handed to the caller's thread by _raise_pending
