@@ -105,47 +105,77 @@ class DecisionSampler:
         detail = {name: torch.stack([self._layers[i][name] for i in layers], dim=1)  # each [tokens, layers, ...]
                   for name in self._layers[layers[0]]}
         self._layers = {}
-        logits = detail["logits"] = detail["logits"].float()
-        detail["weights"] = detail["weights"].float()
-        detail["logit_stats"] = torch.stack([logits.mean(-1), logits.std(-1, unbiased=False), logits.amin(-1),
-                                             logits.amax(-1)], dim=-1)
-        if "pvalues" in detail:
-            detail["pvalues"] = detail["pvalues"].float()
+        for name in ("logits", "weights", "pvalues"):
+            if name in detail:
+                detail[name] = detail[name].float()
         host = {name: value.cpu().numpy() for name, value in detail.items()}
-        if "pvalues" in host:  # a few rows: sorted on the host (torch.sort costs ~7x more for such small rows)
-            host["sorted_pvalues"] = np.sort(host["pvalues"], axis=-1)
-            if self.alpha is not None:
-                host["passing_rank"] = bh_count(torch.from_numpy(host["sorted_pvalues"]), self.alpha).numpy()
-        meta = {key: batch[key].cpu().numpy().astype(np.int32) for key in _META}
-        self._writer.append(self._rows(host, meta, layers))
-
-    def _rows(self, host: dict[str, np.ndarray], meta: dict[str, np.ndarray], layers: list[int]) -> pa.RecordBatch:
-        """One Parquet row per (token, layer) from host arrays ``[tokens, layers, ...]``."""
-        tokens, n_layers = host["k"].shape
-        rows = tokens * n_layers
-        k = host["k"].reshape(-1)
-        used = np.arange(host["indices"].shape[-1]) < host["k"][..., None]
-        offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
-        stats = host["logit_stats"].reshape(rows, 4).astype(np.float32)
-        columns: dict[str, Any] = {key: np.repeat(value, n_layers) for key, value in meta.items()}
-        columns["layer"] = np.tile(np.asarray(layers, dtype=np.int16), tokens)
-        columns["k"] = k.astype(np.int16)
-        for j, name in enumerate(("logit_mean", "logit_std", "logit_min", "logit_max")):
-            columns[name] = stats[:, j]
-        columns["logits"] = _fixed_lists(host["logits"].reshape(rows, -1))
-        for name in ("pvalues", "sorted_pvalues"):  # absent for routers without p-values
-            columns[name] = _fixed_lists(host[name].reshape(rows, -1)) if name in host else pa.nulls(rows, _F32_LIST)
-        columns["bh_thresholds"] = (_fixed_lists(np.tile(bh_thresholds(self.num_experts, self.alpha), (rows, 1)))
-                                    if self.alpha is not None else pa.nulls(rows, _F32_LIST))
-        columns["passing_rank"] = (pa.array(host["passing_rank"].reshape(-1).astype(np.int16))
-                                   if "passing_rank" in host else pa.nulls(rows, pa.int16()))
-        columns["selected"] = pa.ListArray.from_arrays(offsets, host["indices"][used].astype(np.int16))
-        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
-        return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
+        meta = np.stack([batch[key].cpu().numpy() for key in _META]).astype(np.int32)  # [4, tokens]
+        self._writer.append(_SampledRows(host, meta, layers, self.num_experts, self.alpha))
 
     def close(self) -> None:
         """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
         self._writer.close()
+
+
+class _SampledRows:
+    """One batch's sample as kept until its row group is written: the sampled tokens' logits, p-values
+    and selection, copied into Arrow's memory pool. :meth:`to_batch` derives the rest (logit statistics,
+    sorted p-values, BH thresholds and passing rank) and builds the rows on the Parquet writer's thread
+    (see :class:`routelab.io.BatchedParquetWriter`), off the model's thread."""
+
+    __slots__ = ("num_rows", "_host", "_meta", "_layers", "_num_experts", "_alpha")
+
+    def __init__(self, host: dict[str, np.ndarray], meta: np.ndarray, layers: list[int], num_experts: int,
+                 alpha: float | None):
+        """``host``: ``logits``, ``k``, ``indices``, ``weights`` and optionally ``pvalues``, each
+        ``[tokens, layers, ...]``; ``meta`` ``[4, tokens]`` int32 (window, document, position, token id)."""
+        self._host = {name: _pooled(value) for name, value in host.items()}
+        self._meta, self._layers = _pooled(meta), list(layers)
+        self._num_experts, self._alpha = num_experts, alpha
+        self.num_rows = meta.shape[1] * len(layers)
+
+    def to_batch(self) -> pa.RecordBatch:
+        """One Parquet row per (token, layer), with :data:`SCHEMA`."""
+        host, n_layers, rows = self._host, len(self._layers), self.num_rows
+        tokens = rows // n_layers
+        logits = host["logits"].reshape(rows, -1)
+        wide = logits.astype(np.float64)
+        stats = np.stack([wide.mean(-1), wide.std(-1), wide.min(-1), wide.max(-1)], axis=-1).astype(np.float32)
+        k = host["k"].reshape(-1)
+        used = np.arange(host["indices"].shape[-1]) < host["k"][..., None]
+        offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
+        columns: dict[str, Any] = {key: np.repeat(self._meta[j], n_layers) for j, key in enumerate(_META)}
+        columns["layer"] = np.tile(np.asarray(self._layers, dtype=np.int16), tokens)
+        columns["k"] = k.astype(np.int16)
+        for j, name in enumerate(("logit_mean", "logit_std", "logit_min", "logit_max")):
+            columns[name] = stats[:, j]
+        columns["logits"] = _fixed_lists(logits)
+        if "pvalues" in host:  # absent for routers without p-values
+            pvalues = host["pvalues"].reshape(rows, -1)
+            ordered = np.sort(pvalues, axis=-1)
+            columns["pvalues"], columns["sorted_pvalues"] = _fixed_lists(pvalues), _fixed_lists(ordered)
+        else:
+            columns["pvalues"] = columns["sorted_pvalues"] = pa.nulls(rows, _F32_LIST)
+        if self._alpha is not None:
+            columns["bh_thresholds"] = _fixed_lists(np.tile(bh_thresholds(self._num_experts, self._alpha), (rows, 1)))
+        else:
+            columns["bh_thresholds"] = pa.nulls(rows, _F32_LIST)
+        if self._alpha is not None and "pvalues" in host:
+            columns["passing_rank"] = pa.array(bh_count(torch.from_numpy(ordered), self._alpha).numpy().astype(np.int16))
+        else:
+            columns["passing_rank"] = pa.nulls(rows, pa.int16())
+        columns["selected"] = pa.ListArray.from_arrays(offsets, host["indices"][used].astype(np.int16))
+        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
+        return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
+
+
+def _pooled(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` in Arrow's memory pool (kept until its row group is written: long-lived numpy
+    blocks on the C heap slow the model's later tensor ops)."""
+    buffer = pa.allocate_buffer(array.nbytes)
+    copy = np.frombuffer(buffer, dtype=array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
 
 
 def bh_thresholds(num_experts: int, alpha: float) -> np.ndarray:
