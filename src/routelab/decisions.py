@@ -4,7 +4,8 @@
 ``close``). It keeps every ``every_n``-th real (non-padding) token, counted by one global counter over
 all batches in row-major order (batch row, then position), so the sample is deterministic and holds
 ``ceil(real tokens / every_n)`` tokens. Kept tokens are picked on the model's device; each batch is
-copied to the host once. ``decisions.parquet`` has one row per (kept token, MoE layer), token-major:
+copied to the host once, and the logit statistics, sorted p-values, BH rank and rows are computed on the
+Parquet writer's thread. ``decisions.parquet`` has one row per (kept token, MoE layer), token-major:
 
 ``window_id, doc_id, position, token_id int32; layer, k int16;
 logit_mean, logit_std, logit_min, logit_max float32`` (over the experts; std is the population std);
@@ -97,7 +98,8 @@ class DecisionSampler:
         self._layers[layer] = detail
 
     def end_batch(self) -> None:
-        """Statistics of this batch's sample, one copy per field to the host, and its rows queued."""
+        """This batch's sample: one copy per field to the host, queued for the writer thread (which
+        derives the statistics and builds the rows when the row group is written)."""
         batch, self._batch = self._batch, None
         if batch is None or not self._layers or batch["kept"].numel() == 0:
             return
@@ -108,6 +110,7 @@ class DecisionSampler:
         for name in ("logits", "weights", "pvalues"):
             if name in detail:
                 detail[name] = detail[name].float()
+        detail["k"], detail["indices"] = detail["k"].to(torch.int16), detail["indices"].to(torch.int16)  # kept until written
         host = {name: value.cpu().numpy() for name, value in detail.items()}
         meta = np.stack([batch[key].cpu().numpy() for key in _META]).astype(np.int32)  # [4, tokens]
         self._writer.append(_SampledRows(host, meta, layers, self.num_experts, self.alpha))
