@@ -135,8 +135,7 @@ class BatchedParquetWriter:
         shares their memory, and thousands of such long-lived blocks on the C heap, between the model's
         large temporaries, slowed every later tensor op (measured: the recorder's statistics 4x slower by
         the end of a row group). Small batches are copied together, ``_COPY_EVERY`` at a time (a copy
-        has a fixed cost per column: 0.2 ms for one 80-row batch of decisions.parquet), so a batch must
-        not be changed after it is appended."""
+        has a fixed cost per column and buffer), so a batch must not be changed after it is appended."""
         self._raise_pending()
         if self._writer is None:
             raise RuntimeError(f"{self.path}: append after close")
