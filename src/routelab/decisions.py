@@ -36,7 +36,7 @@ import torch
 
 from .io import BatchedParquetWriter
 from .recording import every_nth_real_token
-from .routers import Selection, bh_count, check_fraction
+from .routers import Selection, check_fraction
 
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
 SCHEMA = pa.schema([
@@ -164,12 +164,21 @@ class _SampledRows:
         else:
             columns["bh_thresholds"] = pa.nulls(rows, _F32_LIST)
         if self._alpha is not None and "pvalues" in host:
-            columns["passing_rank"] = pa.array(bh_count(torch.from_numpy(ordered), self._alpha).numpy().astype(np.int16))
+            columns["passing_rank"] = pa.array(_bh_count(ordered, self._alpha).astype(np.int16))
         else:
             columns["passing_rank"] = pa.nulls(rows, pa.int16())
         columns["selected"] = pa.ListArray.from_arrays(offsets, host["indices"][used].astype(np.int16))
         columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
+
+
+def _bh_count(sorted_pvalues: np.ndarray, alpha: float) -> np.ndarray:
+    """:func:`routelab.routers.bh_count` in numpy, with the same float64 thresholds, for the writer thread:
+    a torch op there on a large sample would start a second OpenMP team next to the model's."""
+    n = sorted_pvalues.shape[-1]
+    ranks = np.arange(1, n + 1)
+    passing = sorted_pvalues.astype(np.float64) <= ranks.astype(np.float64) * (alpha / n)
+    return (passing * ranks).max(axis=-1)
 
 
 def _pooled(array: np.ndarray) -> np.ndarray:
