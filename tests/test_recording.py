@@ -291,6 +291,36 @@ def test_batched_writer_copies_many_small_batches_in_groups_in_order(tmp_path, m
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10] * 4
 
 
+def test_batched_writer_expands_compact_batches_on_its_thread_in_order(tmp_path):
+    """Objects with num_rows and to_batch() (the recorders' compact pending rows) are expanded by the
+    writer thread when their row group is written, in the order of appends, between ordinary batches."""
+    import threading
+
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter
+
+    class Compact:
+        def __init__(self, values):
+            self.values, self.num_rows, self.built_on = values, len(values), None
+
+        def to_batch(self):
+            self.built_on = threading.current_thread()
+            return _int_batch(self.values)
+
+    path = tmp_path / "out.parquet"
+    writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=4)
+    compact = [Compact([0, 1, 2]), Compact([5, 6])]
+    writer.append(compact[0])
+    assert compact[0].built_on is None, "kept compact until its row group is written"
+    writer.append(_int_batch([3, 4]))  # 5 rows: the row group goes to the thread
+    writer.append(compact[1])
+    writer.append(_int_batch([7]))
+    writer.close()
+    assert pq.read_table(path)["x"].to_pylist() == list(range(8))
+    assert all(item.built_on not in (None, threading.main_thread()) for item in compact)
+
+
 def test_batched_writer_batch_of_another_schema_fails_cleanly(tmp_path):
     import pyarrow as pa
 
