@@ -13,8 +13,8 @@ only in :meth:`RoutingRecorder.summary`: recording a layer never waits for the d
 During the forward pass the recorder only keeps each layer's tensors; :meth:`RoutingRecorder.end_batch`
 does the work once per batch: each layer's ``[tokens, experts]`` reductions on its own tensors, everything
 smaller stacked and reduced over all layers at once (statistics, all counts in one scatter, the selection
-compacted on the device and copied to the host as one buffer, the Arrow columns written straight into
-Arrow's memory pool), and a background thread compresses and writes the row groups
+compacted on the device and copied to the host as one buffer, kept compact in Arrow's memory pool), and
+a background thread expands each batch into its columns and compresses and writes the row groups
 (:class:`routelab.io.BatchedParquetWriter`).
 """
 
