@@ -251,6 +251,19 @@ def _int_batch(values, name="x"):
     return pa.RecordBatch.from_pydict({name: pa.array(values, pa.int32())})
 
 
+class _Compact:
+    """A compact pending batch as the recorders append: expanded by the writer thread via to_batch()."""
+
+    def __init__(self, values):
+        self.values, self.num_rows, self.built_on = values, len(values), None
+
+    def to_batch(self):
+        import threading
+
+        self.built_on = threading.current_thread()
+        return _int_batch(self.values)
+
+
 def test_batched_writer_row_groups_and_content(tmp_path):
     import pyarrow as pa
 
@@ -260,8 +273,9 @@ def test_batched_writer_row_groups_and_content(tmp_path):
     writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=8)
     sizes, start = [5, 7, 3, 10, 1], 0
     for i, size in enumerate(sizes):
-        # kept by reference (copy=False) or copied later in groups: the order is the order of appends
-        writer.append(_int_batch(list(range(start, start + size))), copy=i % 2 == 0)
+        # record batches (copied later, in groups) and compact batches: the order is the order of appends
+        values = list(range(start, start + size))
+        writer.append(_int_batch(values) if i % 2 == 0 else _Compact(values))
         start += size
     assert not path.exists(), "the file appears only when complete"
     writer.close()
@@ -283,7 +297,7 @@ def test_batched_writer_copies_many_small_batches_in_groups_in_order(tmp_path, m
     path = tmp_path / "out.parquet"
     writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=10)
     for start in range(0, 40, 2):
-        writer.append(_int_batch([start, start + 1]), copy=start % 14 != 0)
+        writer.append(_int_batch([start, start + 1]) if start % 14 else _Compact([start, start + 1]))
         assert len(writer._uncopied) < 3
     writer.close()
     assert pq.read_table(path)["x"].to_pylist() == list(range(40))
@@ -300,17 +314,9 @@ def test_batched_writer_expands_compact_batches_on_its_thread_in_order(tmp_path)
 
     from routelab.io import BatchedParquetWriter
 
-    class Compact:
-        def __init__(self, values):
-            self.values, self.num_rows, self.built_on = values, len(values), None
-
-        def to_batch(self):
-            self.built_on = threading.current_thread()
-            return _int_batch(self.values)
-
     path = tmp_path / "out.parquet"
     writer = BatchedParquetWriter(path, pa.schema([("x", pa.int32())]), row_group_size=4)
-    compact = [Compact([0, 1, 2]), Compact([5, 6])]
+    compact = [_Compact([0, 1, 2]), _Compact([5, 6])]
     writer.append(compact[0])
     assert compact[0].built_on is None, "kept compact until its row group is written"
     writer.append(_int_batch([3, 4]))  # 5 rows: the row group goes to the thread

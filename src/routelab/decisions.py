@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter
+from .io import BatchedParquetWriter, arrow_backed
 from .recording import every_nth_real_token
 from .routers import Selection, check_fraction
 
@@ -182,10 +182,8 @@ def _bh_count(sorted_pvalues: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _pooled(array: np.ndarray) -> np.ndarray:
-    """A copy of ``array`` in Arrow's memory pool (kept until its row group is written: long-lived numpy
-    blocks on the C heap slow the model's later tensor ops)."""
-    buffer = pa.allocate_buffer(array.nbytes)
-    copy = np.frombuffer(buffer, dtype=array.dtype).reshape(array.shape)
+    """A copy of ``array`` in Arrow's memory pool (see :func:`routelab.io.arrow_backed`)."""
+    copy = arrow_backed(array.dtype, array.size)[1].reshape(array.shape)
     copy[...] = array
     return copy
 

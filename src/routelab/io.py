@@ -87,6 +87,16 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
         pq.write_table(table, tmp, **kwargs)
 
 
+def arrow_backed(dtype: Any, size: int) -> tuple[Any, np.ndarray]:
+    """A new buffer of ``size`` values of numpy ``dtype`` in Arrow's memory pool and a writable numpy view
+    of it: for data kept until a row group is written (long-lived numpy blocks on the C heap, between a
+    model's large temporaries, slow its later tensor ops)."""
+    import pyarrow as pa
+
+    buffer = pa.allocate_buffer(size * np.dtype(dtype).itemsize)
+    return buffer, np.frombuffer(buffer, dtype=dtype)
+
+
 class BatchedParquetWriter:
     """Parquet (zstd) written in large row groups from many small record batches, on a background thread.
 
@@ -115,7 +125,7 @@ class BatchedParquetWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.partial")
         self._writer = pq.ParquetWriter(str(self._tmp), schema, **{"compression": "zstd", **parquet_options})
         self._pending: list = []  # batches of the next row group, in order
-        self._uncopied: list = []  # batches appended with copy=True, not yet copied (they follow _pending)
+        self._uncopied: list = []  # record batches not yet copied (they follow _pending)
         self._pending_rows = 0
         self._queue: Any = queue.Queue(maxsize=max_queued)
         self._error: BaseException | None = None
@@ -123,27 +133,26 @@ class BatchedParquetWriter:
         self._thread = threading.Thread(target=self._work, name=f"parquet-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
-    def append(self, batch: Any, copy: bool = True) -> None:
+    def append(self, batch: Any) -> None:
         """Add one ``pyarrow.RecordBatch`` (with :attr:`schema`); blocks while ``max_queued`` row groups wait.
 
         ``batch`` may also be any object with ``num_rows`` and a ``to_batch()`` method returning the
         record batch: the writer thread calls it, just before the row group is written (a compact form
-        is cheaper to keep, and the expansion leaves the caller's thread); such objects are not copied.
+        is cheaper to keep, and the expansion leaves the caller's thread); such objects are kept as given.
 
-        Batches are kept as copies in Arrow's memory pool unless ``copy`` is False (for a batch whose
-        buffers were allocated there and are not changed afterwards): a batch built from numpy arrays
-        shares their memory, and thousands of such long-lived blocks on the C heap, between the model's
-        large temporaries, slowed every later tensor op (measured: the recorder's statistics 4x slower by
-        the end of a row group). Small batches are copied together, ``_COPY_EVERY`` at a time (a copy
-        has a fixed cost per column and buffer), so a batch must not be changed after it is appended."""
+        Record batches are kept as copies in Arrow's memory pool: a batch built from numpy arrays shares
+        their memory, and thousands of such long-lived blocks on the C heap, between the model's large
+        temporaries, slowed every later tensor op (measured: the recorder's statistics 4x slower by the
+        end of a row group). Small batches are copied together, ``_COPY_EVERY`` at a time (a copy has a
+        fixed cost per column and buffer), so a batch must not be changed after it is appended."""
         self._raise_pending()
         if self._writer is None:
             raise RuntimeError(f"{self.path}: append after close")
-        if copy and not hasattr(batch, "to_batch"):
-            self._uncopied.append(batch)
-        else:
+        if hasattr(batch, "to_batch"):
             self._copy_uncopied()  # keeps the order of the batches
             self._pending.append(batch)
+        else:
+            self._uncopied.append(batch)
         self._pending_rows += batch.num_rows
         if len(self._uncopied) >= self._COPY_EVERY or self._pending_rows >= self.row_group_size:
             self._copy_uncopied()

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter
+from .io import BatchedParquetWriter, arrow_backed
 from .routers import Selection
 from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mean_over_layers
 
@@ -374,8 +374,8 @@ class _CompactRows:
         self.num_rows, self._tokens, self._layer_ids = tokens * n_layers, tokens, list(layer_ids)
         # int32 / float32 first, then int16: every part stays aligned to its type
         sizes = {"meta": 16 * tokens, "weights": 4 * total, "k": 2 * self.num_rows, "experts": 2 * total}
-        self._buffer = pa.allocate_buffer(sum(sizes.values()))
-        raw, start, self._parts = np.frombuffer(self._buffer, dtype=np.uint8), 0, {}
+        self._buffer, raw = arrow_backed(np.uint8, sum(sizes.values()))
+        start, self._parts = 0, {}
         for name, size in sizes.items():
             self._parts[name] = (start, size)
             start += size
@@ -402,14 +402,14 @@ class _CompactRows:
         total = self._parts["experts"][1] // 2
         columns = []
         for j in range(len(_META)):  # each token's value once per layer
-            buffer, values = _arrow_buffer(np.int32, rows)
+            buffer, values = arrow_backed(np.int32, rows)
             np.copyto(values.reshape(tokens, n_layers), meta[j][:, None])
             columns.append(pa.Array.from_buffers(pa.int32(), rows, [None, buffer]))
-        buffer, values = _arrow_buffer(np.int16, rows)
+        buffer, values = arrow_backed(np.int16, rows)
         values.reshape(tokens, n_layers)[:] = self._layer_ids
         columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, buffer]))
         columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, self._slice("k")]))
-        offsets_buffer, offsets = _arrow_buffer(np.int32, rows + 1)
+        offsets_buffer, offsets = arrow_backed(np.int32, rows + 1)
         offsets[0] = 0
         np.cumsum(k, out=offsets[1:])
         for kind, name in ((pa.int16(), "experts"), (pa.float32(), "weights")):
@@ -417,12 +417,6 @@ class _CompactRows:
                 pa.list_(pa.field("element", kind, nullable=False)), rows, [None, offsets_buffer],
                 children=[pa.Array.from_buffers(kind, total, [None, self._slice(name)])]))
         return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
-
-
-def _arrow_buffer(dtype: Any, size: int) -> tuple[pa.Buffer, np.ndarray]:
-    """A new buffer of ``size`` values of numpy ``dtype`` in Arrow's memory pool and a writable numpy view."""
-    buffer = pa.allocate_buffer(size * np.dtype(dtype).itemsize)
-    return buffer, np.frombuffer(buffer, dtype=dtype)
 
 
 def _count(values: torch.Tensor, size: int) -> torch.Tensor:
