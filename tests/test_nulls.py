@@ -8,7 +8,7 @@ import torch
 from scipy.stats import gaussian_kde
 
 from routelab.nulls import (NullMismatchError, TabulatedNull, UniformSegments, fit_kde_layer, fit_kde_null,
-                            interpolate)
+                            fit_null, interpolate)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -41,6 +41,39 @@ def test_uniform_segments_lookup_equals_the_binary_search_exactly(seed):
     expected = interpolate(x, xp, fp)
     got = UniformSegments(xp, fp)(x.reshape(-1, 2) if x.numel() % 2 == 0 else x).reshape(-1)
     assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_uniform_segments_of_several_curves_equal_each_curve_alone():
+    # One lookup over the stacked curves of several layers (the recorders' batched p-values) must give
+    # what each curve's own lookup and the binary search give, bit for bit, including a repeated knot.
+    rng = np.random.default_rng(7)
+    xp = torch.stack([torch.linspace(-3.0, 4.0, 300), torch.linspace(-1.0, 9.0, 300), torch.linspace(0.5, 0.75, 300)])
+    xp[1, 150] = xp[1, 149]
+    fp = torch.from_numpy(np.sort(rng.uniform(size=(3, 300)), axis=-1)[:, ::-1].copy()).float()
+    x = torch.from_numpy(rng.uniform(-5, 11, size=(3, 40, 7))).float()
+    x[:, 0, :3] = xp[:, [0, 150, 299]]  # on the knots
+    got = UniformSegments(xp, fp)(x)
+    for curve in range(3):
+        alone = UniformSegments(xp[curve], fp[curve])(x[curve])
+        assert torch.equal(got[curve], alone)
+        assert torch.equal(alone, interpolate(x[curve], xp[curve], fp[curve]))
+    with pytest.raises(ValueError, match=r"x: expected a first axis of 3 \(one slice per curve\), got shape \(2, 40\)"):
+        UniformSegments(xp, fp)(x[:2, :, 0])
+
+
+@pytest.mark.parametrize("kind", ["kde", "empirical"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_pvalues_of_several_layers_in_one_call_equal_one_call_per_layer(kind, temperature):
+    rng = np.random.default_rng(3)
+    layers = [rng.normal(loc, 1.0, size=(200, 6)).astype(np.float32) for loc in (0.0, 1.0, -0.5)]
+    null = fit_null(kind, layers, 6)
+    logits = torch.from_numpy(rng.normal(0.2, 1.5, size=(2, 9, 6))).float()
+    chosen = [2, 0]
+    got = null.pvalues_layers(logits, chosen, temperature)
+    expected = torch.stack([null.pvalues(logits[i], layer, temperature) for i, layer in enumerate(chosen)])
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match=r"logits: expected shape \[3 layers, tokens, experts\], got \(2, 9, 6\)"):
+        null.pvalues_layers(logits, [0, 1, 2])
 
 
 def test_interpolate_keeps_shape_and_clamps():

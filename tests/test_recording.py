@@ -447,3 +447,58 @@ def test_detail_log_and_recorder_compute_the_sampled_pvalues_once(tmp_path):
     assert computed == [[0, 3, 6, 9]], "each recorder computed the sampled p-values itself"
     expected = torch.sigmoid(-logits[[0, 3, 6, 9]]).double()
     assert recorder.summary()["pvalue_mean"] == pytest.approx(float(expected.mean()), rel=1e-6)
+
+
+def test_sampled_pvalues_of_every_layer_are_computed_in_one_call_and_shared(tmp_path, monkeypatch):
+    """With a per-layer tabulated null, the sampled p-values of all layers come from one call of the
+    null, equal (exactly) to one call per layer, and the detail log reuses them instead of recomputing."""
+    from routelab.nulls import TabulatedNull
+
+    gen = torch.Generator().manual_seed(11)
+    logits = [torch.randn(2 * 8, NUM_EXPERTS, generator=gen) * 2 for _ in range(3)]
+    null = fit_kde_null([layer.numpy() for layer in logits], NUM_EXPERTS)
+    router = BHRouter(NUM_EXPERTS, null, alpha=0.5, min_k=1, max_k=4)
+    calls = {"pvalues": 0, "pvalues_layers": 0}
+    for name in calls:
+        original = getattr(TabulatedNull, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TabulatedNull, name, counted)
+    selections = [router(layer_logits, layer) for layer, layer_logits in enumerate(logits)]
+    calls.update(pvalues=0, pvalues_layers=0)  # routing itself counted in logit space
+    recorder = RoutingRecorder(3, NUM_EXPERTS, 1, 4, pvalue_every=3)
+    sampler = DecisionSampler(tmp_path / "d.parquet", NUM_EXPERTS, every_n=3, alpha=0.5)
+    group = RecorderGroup(recorder, sampler)
+    group.begin_batch(torch.ones(2, 8, dtype=torch.long), torch.arange(2), torch.arange(2),
+                      torch.ones(2, 8, dtype=torch.long))
+    for layer, (layer_logits, selection) in enumerate(zip(logits, selections)):
+        group.record(layer, layer_logits, selection)
+    group.end_batch()
+    group.close()
+    assert calls == {"pvalues": 0, "pvalues_layers": 1}
+    sample = [0, 3, 6, 9, 12, 15]
+    expected = np.stack([null.pvalues(layer_logits[sample], layer).numpy() for layer, layer_logits in enumerate(logits)])
+    rows = pq.read_table(tmp_path / "d.parquet").to_pandas().sort_values(["window_id", "position", "layer"])
+    got = np.stack(rows["pvalues"].to_numpy()).reshape(len(sample), 3, NUM_EXPERTS).transpose(1, 0, 2)
+    np.testing.assert_array_equal(got, expected)
+    assert recorder.summary()["pvalue_mean"] == pytest.approx(float(expected.astype(np.float64).mean()), rel=1e-6)
+
+
+def test_pvalues_at_layers_falls_back_to_one_call_per_layer():
+    """Nulls without a batched method (here gaussian) and selections without p-values still work."""
+    from routelab.nulls import GaussianNull
+    from routelab.routers import pvalues_at_layers
+
+    gen = torch.Generator().manual_seed(12)
+    logits = [torch.randn(6, NUM_EXPERTS, generator=gen) for _ in range(2)]
+    null = GaussianNull()
+    router = BHRouter(NUM_EXPERTS, null, alpha=0.5, min_k=1, max_k=4)
+    rows = torch.tensor([1, 4])
+    selections = [router(layer_logits, layer) for layer, layer_logits in enumerate(logits)]
+    expected = torch.stack([null.pvalues(layer_logits[rows], layer) for layer, layer_logits in enumerate(logits)])
+    assert torch.equal(pvalues_at_layers(selections, rows), expected)
+    bare = TopKRouter(NUM_EXPERTS, 2)(logits[0])
+    assert pvalues_at_layers([selections[0], bare], rows) is None

@@ -36,7 +36,7 @@ import torch
 
 from .io import BatchedParquetWriter, arrow_backed
 from .recording import every_nth_real_token
-from .routers import Selection, check_fraction
+from .routers import Selection, check_fraction, pvalues_at_layers
 
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
 SCHEMA = pa.schema([
@@ -90,12 +90,9 @@ class DecisionSampler:
         if self._batch is None:
             return
         kept = self._batch["kept"].to(router_logits.device)
-        detail = {"logits": router_logits[kept], "k": selection.k[kept], "indices": selection.indices[kept],
-                  "weights": selection.weights[kept]}
-        pvalues = selection.pvalues_at(kept)  # only the sampled rows are computed (routers compute lazily)
-        if pvalues is not None:
-            detail["pvalues"] = pvalues
-        self._layers[layer] = detail
+        self._layers[layer] = {"logits": router_logits[kept], "k": selection.k[kept],
+                               "indices": selection.indices[kept], "weights": selection.weights[kept],
+                               "selection": selection}  # its p-values: in end_batch, all layers at once
 
     def end_batch(self) -> None:
         """This batch's sample: one copy per field to the host, queued for the writer thread (which
@@ -104,8 +101,13 @@ class DecisionSampler:
         if batch is None or not self._layers or batch["kept"].numel() == 0:
             return
         layers = sorted(self._layers)
+        # only the sampled rows' p-values are computed (routers compute them lazily), of all layers in one call
+        selections = [self._layers[i].pop("selection") for i in layers]
+        pvalues = pvalues_at_layers(selections, batch["kept"].to(selections[0].k.device))
         detail = {name: torch.stack([self._layers[i][name] for i in layers], dim=1)  # each [tokens, layers, ...]
                   for name in self._layers[layers[0]]}
+        if pvalues is not None:
+            detail["pvalues"] = pvalues.transpose(0, 1)
         self._layers = {}
         for name in ("logits", "weights", "pvalues"):
             if name in detail:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,6 +117,26 @@ class TabulatedNull:
         else:
             grid, sf = self._tables(logits.device)
             p = interpolate(x.contiguous(), grid[layer], sf[layer])
+        return p.clamp_(min=self.min_pvalue, max=1.0)
+
+    def pvalues_layers(self, logits: torch.Tensor, layers: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+        """:meth:`pvalues` of several layers in one call, equal to them exactly: ``logits`` ``[len(layers),
+        tokens, experts]``, slice ``i`` against layer ``layers[i]``'s curve (recorders ask for a few sampled
+        tokens of every layer at once, where a call per layer would cost more than the arithmetic)."""
+        layers = [int(layer) for layer in layers]
+        if logits.dim() != 3 or logits.shape[0] != len(layers):
+            raise ValueError(f"logits: expected shape [{len(layers)} layers, tokens, experts], got {tuple(logits.shape)}")
+        x = logits.float()
+        if temperature != 1.0:
+            x = x / temperature
+        grid, sf = self._tables(logits.device)
+        if self.kind == "kde":
+            key = (str(logits.device), tuple(layers))
+            if key not in self._device_cache:
+                self._device_cache[key] = UniformSegments(grid[layers], sf[layers])
+            p = self._device_cache[key](x)
+        else:
+            p = interpolate_rows(x.reshape(len(layers), -1), grid[layers], sf[layers]).view(x.shape)
         return p.clamp_(min=self.min_pvalue, max=1.0)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -280,8 +301,12 @@ def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> tor
 
 
 class UniformSegments:
-    """:func:`interpolate` for knots ``xp`` ``[points]`` evenly spaced (up to float rounding), without a
-    binary search; built once per curve, then called on ``x`` of any shape (routing does so per layer).
+    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding), without a binary
+    search; built once per curve, then called on ``x`` of any shape (routing does so per layer).
+
+    ``xp`` / ``fp`` are one curve ``[points]`` or several ``[curves, points]`` (the layers of a null,
+    whose p-values are then computed in one call); with several, ``x``'s first axis runs over the
+    curves (``[curves, ...]``) and each slice is interpolated on its own curve, exactly as one curve would.
 
     The segment of ``x`` is computed from the spacing and corrected by one step against the stored
     knots, so the result equals the ``searchsorted`` one exactly, including at the knots. Per segment
@@ -291,31 +316,47 @@ class UniformSegments:
     """
 
     def __init__(self, xp: torch.Tensor, fp: torch.Tensor):
-        self.last = xp.numel() - 1
-        self.x0, self.x1, self.y0 = xp[:-1].contiguous(), xp[1:].contiguous(), fp[:-1].contiguous()
-        self.rise = (fp[1:] - fp[:-1]).contiguous()
-        self.low, self.high = torch.minimum(fp[:-1], fp[1:]).contiguous(), torch.maximum(fp[:-1], fp[1:]).contiguous()
+        self.curves = None if xp.dim() == 1 else xp.shape[0]
+        xp, fp = xp.reshape(-1, xp.shape[-1]), fp.reshape(-1, fp.shape[-1])  # [curves, points]
+        self.last = xp.shape[-1] - 1
+
+        def flat(table: torch.Tensor) -> torch.Tensor:  # [curves * segments]: one lookup table
+            return table.reshape(-1).contiguous()
+
+        self.x0, self.x1, self.y0 = flat(xp[:, :-1]), flat(xp[:, 1:]), flat(fp[:, :-1])
+        self.rise = flat(fp[:, 1:] - fp[:, :-1])
+        self.low, self.high = flat(torch.minimum(fp[:, :-1], fp[:, 1:])), flat(torch.maximum(fp[:, :-1], fp[:, 1:]))
         width = self.x1 - self.x0
         self.positive = width > 0
         self.width = torch.where(self.positive, width, 1.0)
         self.all_positive = bool(self.positive.all())
-        self.start, self.scale = xp[0], self.last / (xp[-1] - xp[0])
+        self.start, self.scale = xp[:, :1], self.last / (xp[:, -1:] - xp[:, :1])  # [curves, 1]
+        # where each curve's segments start in the tables (None for one curve: nothing to add)
+        self.offset = (None if self.curves is None else
+                       torch.arange(0, xp.shape[0] * self.last, self.last, dtype=torch.int32, device=xp.device)[:, None])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.curves is not None and (x.dim() == 0 or x.shape[0] != self.curves):
+            raise ValueError(f"x: expected a first axis of {self.curves} (one slice per curve), got shape {tuple(x.shape)}")
+        rows = x.reshape(1 if self.curves is None else self.curves, -1)  # [curves, values]
+
         def at(table: torch.Tensor) -> torch.Tensor:
-            return table.index_select(0, segment).view(x.shape)
+            return table.index_select(0, segment).view(rows.shape)
+
+        def in_table(local: torch.Tensor) -> torch.Tensor:  # a curve's segment -> its row of the tables
+            return (local if self.offset is None else local + self.offset).reshape(-1)
 
         # Segment j holds x in (knot j, knot j + 1] (searchsorted, side="left"; the first also what lies
         # below, the last what lies beyond): the guess is within one segment of it.
-        segment = ((x - self.start) * self.scale).clamp_(0.0, float(self.last - 1)).floor_().int().reshape(-1)
-        shape = segment.view(x.shape)
-        move = (x > at(self.x1)).int()
-        move -= (x <= at(self.x0)).int()
-        segment = (shape + move).clamp_(0, self.last - 1).reshape(-1)
-        t = (x - at(self.x0)) / at(self.width)
+        guess = ((rows - self.start) * self.scale).clamp_(0.0, float(self.last - 1)).floor_().int()
+        segment = in_table(guess)
+        move = (rows > at(self.x1)).int()
+        move -= (rows <= at(self.x0)).int()
+        segment = in_table((guess + move).clamp_(0, self.last - 1))
+        t = (rows - at(self.x0)) / at(self.width)
         if not self.all_positive:  # repeated knots (ties in the data): a step at the knot
-            t = torch.where(at(self.positive), t, (x >= at(self.x1)).to(x.dtype))
-        return (at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)).clamp_(at(self.low), at(self.high))
+            t = torch.where(at(self.positive), t, (rows >= at(self.x1)).to(rows.dtype))
+        return (at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)).clamp_(at(self.low), at(self.high)).view(x.shape)
 
 
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from .io import BatchedParquetWriter, arrow_backed
-from .routers import Selection
+from .routers import Selection, pvalues_at_layers
 from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mean_over_layers
 
 # No column holds nulls, and saying so spares Parquet the definition levels; the list columns are
@@ -231,7 +231,7 @@ class RoutingRecorder:
                                     rows: torch.Tensor | None, device: torch.device) -> None:
         """The p-value moments of this batch's sampled tokens (all of them for ``pvalue_every`` 1), for
         the layers of ``selections``; ``indices [l, real tokens, max_k]``. Routers that compute p-values
-        on demand compute only the sampled rows."""
+        on demand compute only the sampled rows, of all layers at once (:func:`routelab.routers.pvalues_at_layers`)."""
         if batch["pvalue_index"] is None:
             pvalues = [s.pvalues for s in selections]
             if any(p is None for p in pvalues):
@@ -239,11 +239,9 @@ class RoutingRecorder:
             pvalues = torch.stack(pvalues)
             self._accumulate_pvalues(pvalues if rows is None else pvalues[:, rows], indices)
             return
-        sample = batch["pvalue_rows"].to(device)
-        pvalues = [s.pvalues_at(sample) for s in selections]
-        if any(p is None for p in pvalues):
-            return
-        self._accumulate_pvalues(torch.stack(pvalues), indices.index_select(1, batch["pvalue_index"].to(device)))
+        pvalues = pvalues_at_layers(selections, batch["pvalue_rows"].to(device))  # all layers in one call
+        if pvalues is not None:
+            self._accumulate_pvalues(pvalues, indices.index_select(1, batch["pvalue_index"].to(device)))
 
     def _accumulate_pvalues(self, pvalues: torch.Tensor, indices: torch.Tensor) -> None:
         """Add ``pvalues [L, T, E]`` and those of the selected experts ``indices [L, T, max_k]`` to the

@@ -24,7 +24,7 @@ computed only if a recorder reads :attr:`Selection.pvalues`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any, ClassVar, Protocol
 
@@ -95,6 +95,47 @@ class Selection:
 
     def __repr__(self) -> str:
         return f"Selection(tokens={self.k.shape[0]}, max_k={self.indices.shape[-1]})"
+
+
+class LayerPValues:
+    """One layer's p-values, computed when read: a p-value router's lazy :attr:`Selection.pvalues`.
+    Called with ``rows`` (1-D int64), the p-values of those token rows only; with None, of all tokens.
+    :func:`pvalues_at_layers` computes several layers' at once when their null can."""
+
+    __slots__ = ("null", "logits", "layer", "temperature")
+
+    def __init__(self, null: PValueNull, logits: torch.Tensor, layer: int, temperature: float):
+        self.null, self.logits, self.layer, self.temperature = null, logits, layer, temperature
+
+    def __call__(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits if rows is None else self.logits.index_select(0, rows)
+        return self.null.pvalues(logits, self.layer, self.temperature)
+
+
+def pvalues_at_layers(selections: Sequence[Selection], rows: torch.Tensor) -> torch.Tensor | None:
+    """``[len(selections), len(rows), experts]``: :meth:`Selection.pvalues_at` of each selection (one per
+    layer of a forward pass), None if any has no p-values.
+
+    The layers whose p-values are still to compute, against one null with a ``pvalues_layers`` method
+    (the per-layer tabulated nulls), are computed in one call instead of one per layer, and kept in
+    each selection as :meth:`~Selection.pvalues_at` keeps its answers: a second recorder asking with
+    the same ``rows`` tensor computes nothing.
+    """
+    pending = [s for s in selections if isinstance(s._pvalues, LayerPValues)
+               and (s._rows_asked is None or s._rows_asked[0] is not rows)]
+    first = pending[0]._pvalues if pending else None
+    if (len(pending) > 1 and hasattr(first.null, "pvalues_layers")
+            and all(s._pvalues.null is first.null and s._pvalues.temperature == first.temperature
+                    and s._pvalues.logits.dtype == first.logits.dtype
+                    and s._pvalues.logits.device == first.logits.device for s in pending)):
+        logits = torch.stack([s._pvalues.logits.index_select(0, rows) for s in pending])
+        computed = first.null.pvalues_layers(logits, [s._pvalues.layer for s in pending], first.temperature)
+        for selection, pvalues in zip(pending, computed):
+            selection._rows_asked = (rows, pvalues)
+        if len(pending) == len(selections):
+            return computed
+    answers = [s.pvalues_at(rows) for s in selections]
+    return None if any(p is None for p in answers) else torch.stack(answers)
 
 
 def check_fraction(key: str, value: Any) -> float:
@@ -518,10 +559,7 @@ class PValueRouter(Router):
         return self.count(torch.sort(pvalues, dim=-1).values)
 
     def rank(self, logits, layer, probs=None):
-        def pvalues(rows: torch.Tensor | None = None) -> torch.Tensor:  # of all tokens, or of some rows
-            return self.null.pvalues(logits if rows is None else logits.index_select(0, rows), layer,
-                                     self.temperature)
-
+        pvalues = LayerPValues(self.null, logits, layer, self.temperature)
         if not getattr(self.null, "monotone_in_logit", False):
             computed = pvalues()
             order = order_by_pvalue(computed, logits)
