@@ -310,9 +310,9 @@ class UniformSegments:
 
     The segment of ``x`` is computed from the spacing and corrected by one step against the stored
     knots, so the result equals the ``searchsorted`` one exactly, including at the knots. Per segment
-    ``j`` (knots ``j`` and ``j + 1``) the tables hold what :func:`interpolate_rows` computes per value
+    ``j`` (knots ``j`` and ``j + 1``) a table row holds what :func:`interpolate_rows` computes per value
     (left and right knot, width, left value, rise and the end values' range), with the same float
-    operations, so a call is a few 1-D ``index_select`` lookups and elementwise passes.
+    operations, so a call is two row lookups (``index_select``) and a few elementwise passes.
     """
 
     def __init__(self, xp: torch.Tensor, fp: torch.Tensor):
@@ -320,16 +320,15 @@ class UniformSegments:
         xp, fp = xp.reshape(-1, xp.shape[-1]), fp.reshape(-1, fp.shape[-1])  # [curves, points]
         self.last = xp.shape[-1] - 1
 
-        def flat(table: torch.Tensor) -> torch.Tensor:  # [curves * segments]: one lookup table
-            return table.reshape(-1).contiguous()
-
-        self.x0, self.x1, self.y0 = flat(xp[:, :-1]), flat(xp[:, 1:]), flat(fp[:, :-1])
-        self.rise = flat(fp[:, 1:] - fp[:, :-1])
-        self.low, self.high = flat(torch.minimum(fp[:, :-1], fp[:, 1:])), flat(torch.maximum(fp[:, :-1], fp[:, 1:]))
-        width = self.x1 - self.x0
-        self.positive = width > 0
-        self.width = torch.where(self.positive, width, 1.0)
-        self.all_positive = bool(self.positive.all())
+        x0, x1, y0, y1 = (part.reshape(-1) for part in (xp[:, :-1], xp[:, 1:], fp[:, :-1], fp[:, 1:]))
+        width = x1 - x0
+        positive = width > 0
+        self.all_positive = bool(positive.all())
+        # One row per segment (all curves' segments in turn), read with one index_select per lookup:
+        # the knots to correct the guess by, then what the interpolation needs.
+        self.knots = torch.stack([x0, x1], dim=-1)
+        self.segments = torch.stack([x0, torch.where(positive, width, 1.0), y0, y1 - y0, torch.minimum(y0, y1),
+                                     torch.maximum(y0, y1), x1, positive.to(x0.dtype)], dim=-1)
         self.start, self.scale = xp[:, :1], self.last / (xp[:, -1:] - xp[:, :1])  # [curves, 1]
         # where each curve's segments start in the tables (None for one curve: nothing to add)
         self.offset = (None if self.curves is None else
@@ -340,23 +339,21 @@ class UniformSegments:
             raise ValueError(f"x: expected a first axis of {self.curves} (one slice per curve), got shape {tuple(x.shape)}")
         rows = x.reshape(1 if self.curves is None else self.curves, -1)  # [curves, values]
 
-        def at(table: torch.Tensor) -> torch.Tensor:
-            return table.index_select(0, segment).view(rows.shape)
-
-        def in_table(local: torch.Tensor) -> torch.Tensor:  # a curve's segment -> its row of the tables
-            return (local if self.offset is None else local + self.offset).reshape(-1)
+        def lookup(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:  # [curves, values, columns]
+            segment = (local if self.offset is None else local + self.offset).reshape(-1)
+            return table.index_select(0, segment).view(*rows.shape, table.shape[-1])
 
         # Segment j holds x in (knot j, knot j + 1] (searchsorted, side="left"; the first also what lies
         # below, the last what lies beyond): the guess is within one segment of it.
         guess = ((rows - self.start) * self.scale).clamp_(0.0, float(self.last - 1)).floor_().int()
-        segment = in_table(guess)
-        move = (rows > at(self.x1)).int()
-        move -= (rows <= at(self.x0)).int()
-        segment = in_table((guess + move).clamp_(0, self.last - 1))
-        t = (rows - at(self.x0)) / at(self.width)
+        knots = lookup(self.knots, guess)
+        move = (rows > knots[..., 1]).int()
+        move -= (rows <= knots[..., 0]).int()
+        x0, width, y0, rise, low, high, x1, positive = lookup(self.segments, (guess + move).clamp_(0, self.last - 1)).unbind(-1)
+        t = (rows - x0) / width
         if not self.all_positive:  # repeated knots (ties in the data): a step at the knot
-            t = torch.where(at(self.positive), t, (rows >= at(self.x1)).to(rows.dtype))
-        return (at(self.y0) + t.clamp_(0.0, 1.0) * at(self.rise)).clamp_(at(self.low), at(self.high)).view(x.shape)
+            t = torch.where(positive > 0, t, (rows >= x1).to(rows.dtype))
+        return (y0 + t.clamp_(0.0, 1.0) * rise).clamp_(low, high).view(x.shape)
 
 
 def interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,6 @@ SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in (
     ("weights", pa.list_(pa.field("element", pa.float32(), nullable=False))),
 )])
 _DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "k"]
-_META = ("window_id", "doc_id", "position", "token_id")  # per-token columns, repeated for each layer
 _STATS_ELEMENTS = 1 << 24  # sampled p-value moments take at most this many p-values (layers x tokens x E) at once
 _LOG_FLOOR = 1e-30  # a normal float32: log(0) and log(subnormal) are several times slower
 
@@ -72,6 +71,8 @@ class RoutingRecorder:
         self._batch: dict[str, Any] | None = None
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._device: torch.device | None = None
+        self._offsets: dict[tuple, _LayerOffsets] = {}  # per set of layers and device
+        self._slots: dict[tuple, torch.Tensor] = {}  # arange(max_k) per max_k and device
         self._k_hist = self._expert_counts = self._p_moments = None
         self._router_sums = self._router_probs = self._top1_counts = None
 
@@ -94,12 +95,10 @@ class RoutingRecorder:
     def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
                     input_ids: torch.Tensor) -> None:
         """``attention_mask`` / ``input_ids`` ``[batch, seq]``; ids ``[batch]``. Pads are not recorded."""
-        valid = attention_mask.bool()
+        valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
         # Row indices of real tokens in the flat [batch * seq] layout: found once per batch, so that
         # selecting them in every layer needs no device-to-host sync (a boolean mask would).
         flat_rows = valid.reshape(-1).nonzero().squeeze(1)
-        seq = valid.shape[1]
-        rows, cols = flat_rows // seq, flat_rows % seq
         real = flat_rows.numel()
         sampled = sampled_rows = None  # which real tokens' p-values enter the moments: all (None) or every n-th
         if self.pvalue_every > 1:
@@ -107,9 +106,9 @@ class RoutingRecorder:
         self.tokens_seen += real
         self._batch = {
             # None when every position is a real token: the layers then skip the row gather (a copy).
-            "flat_rows": None if real == valid.numel() else flat_rows,
-            "window_id": window_ids.to(valid.device)[rows], "doc_id": doc_ids.to(valid.device)[rows],
-            "position": cols, "token_id": input_ids[rows, cols],
+            "flat_rows": None if real == valid.numel() else flat_rows, "seq": valid.shape[1],
+            # the rows' metadata, gathered only when the rows are written (and expanded on the writer thread)
+            "window_ids": window_ids, "doc_ids": doc_ids, "input_ids": input_ids,
             # positions among the real tokens and rows of the flat [batch * seq] layout of the sample
             "pvalue_index": sampled, "pvalue_rows": sampled_rows,
         }
@@ -141,52 +140,64 @@ class RoutingRecorder:
     def _process(self, batch: dict[str, Any], layers_seen: dict[int, tuple[torch.Tensor, Selection]]) -> None:
         """:meth:`end_batch`'s work on one batch's metadata and per-layer ``(logits, selection)``.
 
-        CPU time here goes mostly to the fixed cost of each tensor op and to copies, so the ``[T, E]``
-        reductions run on each layer's own tensors (a stack of every layer's logits or probabilities
-        would copy them), and everything smaller is stacked once and reduced over all layers at once."""
+        CPU time here goes mostly to the fixed cost of each tensor op (several microseconds, more when the
+        forward pass has just evicted torch's own code and data from the caches), so the ops are few: the
+        ``[T, E]`` reductions run on each layer's own tensors (a stack of every layer's logits or
+        probabilities would copy them), everything smaller is stacked once, token-major (``[T, L, ...]``,
+        the order of routing.parquet's rows) and reduced over all layers at once."""
         layer_ids = sorted(layers_seen)
         selections = [layers_seen[i][1] for i in layer_ids]
         device = selections[0].k.device
-        k = torch.stack([s.k for s in selections])  # [L, N]
-        indices = torch.stack([s.indices for s in selections])  # [L, N, max_k]
-        weights = torch.stack([s.weights for s in selections]).float()
+        k = torch.stack([s.k for s in selections], dim=1)  # [T, L]
+        indices = torch.stack([s.indices for s in selections], dim=1)  # [T, L, max_k]
+        weights = torch.stack([s.weights for s in selections], dim=1)
+        if weights.dtype != torch.float32:
+            weights = weights.float()
         rows = batch["flat_rows"]
         if rows is not None:  # drop the padding (a gather on the device, no sync)
-            rows = rows.to(device)
-            k, indices, weights = k[:, rows], indices[:, rows], weights[:, rows]
-        layers = torch.as_tensor(layer_ids, device=self._device)
-        reduced = [self._reduce_layer(layers_seen[i][0].to(device), s, rows) for i, s in zip(layer_ids, selections)]
+            rows = _on(rows, device)
+            k, indices, weights = k.index_select(0, rows), indices.index_select(0, rows), weights.index_select(0, rows)
+        layers = self._layer_offsets(layer_ids, device)
+        reduced = [self._reduce_layer(_on(layers_seen[i][0], device), s, rows) for i, s in zip(layer_ids, selections)]
+        # [T, L], [T, L, 2], [T, L], [L, E], [T, L] or None, [L, E] or None
         top_logit, top_probs, p_dot_logit, prob_sums, top_expert, top1_counts = (
-            None if any(part is None for part in parts) else torch.stack(parts) for parts in zip(*reduced))
+            None if any(part is None for part in parts) else torch.stack(parts, dim=dim)
+            for parts, dim in zip(zip(*reduced), (1, 1, 1, 0, 1, 0)))
         if top_expert is None:  # no top expert from the router: each layer counted its top-1 from its probabilities
             counts = [_count(top, self.num_experts) if top is not None else own for *_, top, own in reduced]
-            self._top1_counts.index_add_(0, layers, torch.stack(counts).to(self._device))
+            self._top1_counts.index_add_(0, _on(layers.ids, self._device), torch.stack(counts).to(self._device))
         # logsumexp = max logit - log p_(1) (the largest probability belongs to the largest logit), and
         # entropy_t = sum_e p_te (logsumexp_t - logit_te) = logsumexp_t - <p_t, logits_t>.
-        logsumexp = top_logit - top_probs[..., 0].log()  # [L, T]
+        logsumexp = top_logit - top_probs[..., 0].log()  # [T, L]
         # Unused slots hold weight 0 (the Selection contract) and add 0 x log(tiny) = 0 to the entropy; the
         # clamp keeps log off 0 and subnormals (5x slower than normal floats on CPU, and xlogy is not vectorised).
         selected = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        sums = torch.stack([
-            logsumexp.new_full(logsumexp.shape[:1], logsumexp.shape[1]),
-            -torch.linalg.vecdot(selected.flatten(1), selected.clamp_min(_LOG_FLOOR).log().flatten(1)),
-            (logsumexp - p_dot_logit).sum(1),
-            torch.linalg.vecdot(logsumexp, logsumexp),
-            (top_probs[..., 0] - top_probs[..., 1]).sum(1),
-        ], dim=1)  # [L, 5]
+        per_token = torch.stack([  # [T, L, 4]
+            torch.linalg.vecdot(selected, selected.clamp_min(_LOG_FLOOR).log()).neg_(),  # weight entropy
+            logsumexp - p_dot_logit,  # router entropy
+            logsumexp * logsumexp,
+            top_probs[..., 0] - top_probs[..., 1],  # top-1 margin
+        ], dim=-1)
         # One batch is summed in float32 (torch sums pairwise: relative error ~1e-7 for a batch), the
-        # running totals in float64.
-        self._router_sums.index_add_(0, layers, sums.double().to(self._device))
-        self._router_probs.index_add_(0, layers, prob_sums.double().to(self._device))
+        # running totals in float64; the first column counts the tokens.
+        sums = torch.cat([layers.token_column(k.shape[0]), per_token.sum(0)], dim=1)  # [L, 5]
+        self._router_sums.index_add_(0, layers.ids, sums.to(self._device, torch.float64))
+        self._router_probs.index_add_(0, layers.ids, prob_sums.to(self._device, torch.float64))
         self._add_counts(layers, k, indices, top_expert)
         if self.pvalue_every:
-            # a few layers at a time: all p-values of a long batch (pvalue_every 1) would be [L, T, E] at once
-            group = max(1, _STATS_ELEMENTS // max(1, k.shape[1] * self.num_experts))
+            # a few layers at a time: all p-values of a long batch (pvalue_every 1) would be [T, L, E] at once
+            group = max(1, _STATS_ELEMENTS // max(1, k.shape[0] * self.num_experts))
             for start in range(0, len(layer_ids), group):
                 part = slice(start, start + group)
-                self._accumulate_sampled_pvalues(batch, selections[part], indices[part], rows, device)
+                self._accumulate_sampled_pvalues(batch, selections[part], indices[:, part], rows, device)
         if self._writer is not None:
-            self._write_rows(batch, layer_ids, k, indices, weights)
+            self._write_rows(batch, layer_ids, k, indices, weights, device)
+
+    def _layer_offsets(self, layer_ids: list[int], device: torch.device) -> "_LayerOffsets":
+        key = (tuple(layer_ids), str(device))
+        if key not in self._offsets:
+            self._offsets[key] = _LayerOffsets(layer_ids, self.num_experts, device, self._device)
+        return self._offsets[key]
 
     def _reduce_layer(self, logits: torch.Tensor, selection: Selection, rows: torch.Tensor | None) -> tuple:
         """One layer's ``[T, E]`` reductions over its real tokens (``rows`` of the flat batch, None: all):
@@ -199,12 +210,13 @@ class RoutingRecorder:
             probs = None if probs is None else probs.index_select(0, rows)
             top_expert = None if top_expert is None else top_expert.index_select(0, rows)
             top_probs = None if top_probs is None else top_probs.index_select(0, rows)
-        logits = logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if probs is None:
             probs = torch.softmax(logits, dim=-1)
         counts = None
         if top_expert is not None and top_probs is not None:
-            top_logit = logits.gather(-1, top_expert.unsqueeze(-1)).squeeze(-1)
+            top_logit = logits.gather(-1, top_expert.view(-1, 1)).view(-1)
         else:
             top_logit, (top_probs, counts), top_expert = logits.amax(dim=-1), _top_from_probs(probs), None
         # per token: the entropy is a small difference of two such numbers, so it is taken per token
@@ -212,66 +224,78 @@ class RoutingRecorder:
         p_dot_logit = torch.linalg.vecdot(probs, logits)
         return top_logit, top_probs, p_dot_logit, probs.sum(0), top_expert, counts
 
-    def _add_counts(self, layers: torch.Tensor, k: torch.Tensor, indices: torch.Tensor,
+    def _add_counts(self, layers: "_LayerOffsets", k: torch.Tensor, indices: torch.Tensor,
                     top_expert: torch.Tensor | None) -> None:
-        """Add the histogram of ``k [L, T]``, the counts of ``indices [L, T, max_k]`` (the sentinel in
-        its own bin) and, if given, of ``top_expert [L, T]`` to the layers ``layers``: one scatter into
-        the shared count buffer (one op instead of one per count and layer; never waits for the device)."""
-        experts = self.num_experts
-        base = (layers * self._counts.shape[1]).to(k.device).unsqueeze(1)  # [L, 1] row offsets
-        parts = [k + base, indices.flatten(1) + (base + experts + 1)]
+        """Add the histogram of ``k [T, L]``, the counts of ``indices [T, L, max_k]`` (the sentinel in
+        its own bin) and, if given, of ``top_expert [T, L]`` to their layers: one scatter into the shared
+        count buffer (one op instead of one per count and layer; never waits for the device)."""
+        parts = [(k + layers.k_bins).view(-1), (indices + layers.expert_bins).view(-1)]
         if top_expert is not None:
-            parts.append(top_expert + (base + 2 * experts + 2))
-        flat = torch.cat(parts, dim=1).view(-1)
+            parts.append((top_expert + layers.top1_bins).view(-1))
+        flat = torch.cat(parts)
         if self._ones.numel() < flat.numel():
             self._ones = torch.ones(2 * flat.numel(), dtype=torch.long, device=self._device)
-        self._counts.view(-1).scatter_add_(0, flat.to(self._device), self._ones[: flat.numel()])
+        self._counts.view(-1).scatter_add_(0, _on(flat, self._device), self._ones[: flat.numel()])
 
     def _accumulate_sampled_pvalues(self, batch: dict[str, Any], selections: list[Selection], indices: torch.Tensor,
                                     rows: torch.Tensor | None, device: torch.device) -> None:
         """The p-value moments of this batch's sampled tokens (all of them for ``pvalue_every`` 1), for
-        the layers of ``selections``; ``indices [l, real tokens, max_k]``. Routers that compute p-values
+        the layers of ``selections``; ``indices [real tokens, l, max_k]``. Routers that compute p-values
         on demand compute only the sampled rows, of all layers at once (:func:`routelab.routers.pvalues_at_layers`)."""
         if batch["pvalue_index"] is None:
             pvalues = [s.pvalues for s in selections]
             if any(p is None for p in pvalues):
                 return
-            pvalues = torch.stack(pvalues)
-            self._accumulate_pvalues(pvalues if rows is None else pvalues[:, rows], indices)
+            pvalues = torch.stack(pvalues, dim=1)  # [tokens, l, E]
+            self._accumulate_pvalues(pvalues if rows is None else pvalues.index_select(0, rows), indices)
             return
-        pvalues = pvalues_at_layers(selections, batch["pvalue_rows"].to(device))  # all layers in one call
+        pvalues = pvalues_at_layers(selections, _on(batch["pvalue_rows"], device))  # [l, sampled, E]
         if pvalues is not None:
-            self._accumulate_pvalues(pvalues, indices.index_select(1, batch["pvalue_index"].to(device)))
+            self._accumulate_pvalues(pvalues, indices.index_select(0, _on(batch["pvalue_index"], device)).transpose(0, 1))
 
     def _accumulate_pvalues(self, pvalues: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add ``pvalues [L, T, E]`` and those of the selected experts ``indices [L, T, max_k]`` to the
-        p-value moments (batch sums in float32, running totals in float64; no boolean-mask gather, which
-        would wait for the device)."""
-        pvalues = pvalues.float()
+        """Add ``pvalues [..., E]`` and those of the selected experts ``indices [..., max_k]`` (the same
+        leading shape) to the p-value moments (batch sums in float32, running totals in float64; no
+        boolean-mask gather, which would wait for the device)."""
+        if pvalues.dtype != torch.float32:
+            pvalues = pvalues.float()
         used = indices < self.num_experts
         chosen = pvalues.gather(-1, indices.clamp(max=self.num_experts - 1)) * used
         self._p_moments += torch.stack([
             pvalues.sum(), (pvalues * pvalues).sum(), torch.full((), float(pvalues.numel()), device=pvalues.device),
             chosen.sum(), used.sum().float(),
-        ]).double().to(self._device)
+        ]).to(self._device, torch.float64)
 
     def _write_rows(self, batch: dict[str, Any], layer_ids: list[int], k: torch.Tensor, indices: torch.Tensor,
-                    weights: torch.Tensor) -> None:
-        """Queue one Parquet row per (real token, layer), token-major, from ``k [L, T]`` and
-        ``indices`` / ``weights [L, T, max_k]``: compacted on the device, copied to the host once."""
-        n_layers, tokens = k.shape
-        k = k.T.int().contiguous()  # [T, L]: rows token-major
+                    weights: torch.Tensor, device: torch.device) -> None:
+        """Queue one Parquet row per (real token, layer), token-major, from ``k [T, L]`` and
+        ``indices`` / ``weights [T, L, max_k]``: compacted on the device and written straight into one
+        buffer of Arrow's memory pool (one copy to the host), expanded into columns on the writer thread."""
+        tokens, n_layers = k.shape
         # The k selected experts lead each row: the used slots in row-major order are exactly the flat
         # list values, so the Arrow offsets are the running sum of k and no per-row work is needed.
-        slots = torch.arange(indices.shape[-1], device=k.device, dtype=torch.int32)
-        used = (slots < k.unsqueeze(-1)).view(-1).nonzero().squeeze(1)  # flat [T, L, max_k] positions
-        experts = indices.to(torch.int32).transpose(0, 1).reshape(-1).index_select(0, used)
-        weight_bits = weights.transpose(0, 1).reshape(-1).index_select(0, used).view(torch.int32)
-        meta = torch.stack([batch[key].to(k.device) for key in _META]).int()  # [4, T]
-        # One int32 buffer (weights bit-cast) -> a single device-to-host copy per batch.
-        packed = torch.cat([meta.reshape(-1), k.reshape(-1), experts, weight_bits]).cpu().numpy()
-        total = int(packed.size - (4 + n_layers) * tokens) // 2
-        self._writer.append(_CompactRows(packed, tokens, layer_ids, total))
+        slots = self._slots.get((indices.shape[-1], str(device)))
+        if slots is None:
+            slots = self._slots[(indices.shape[-1], str(device))] = torch.arange(indices.shape[-1], device=device)
+        used = (k.unsqueeze(-1) > slots).view(-1).nonzero().squeeze(1)  # flat [T, L, max_k] positions
+        experts = indices.view(-1).index_select(0, used).to(torch.int16)
+        chosen = weights.view(-1).index_select(0, used)
+        # each window's ids once, the real tokens' ids (and, with padding, their flat rows): int32
+        ids = [batch["window_ids"], batch["doc_ids"], batch["input_ids"].reshape(-1)]
+        rows = batch["flat_rows"]
+        if rows is not None:
+            ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
+            ids.append(rows)
+        meta = torch.cat([_on(part, device) for part in ids]).to(torch.int32)
+        parts = [meta, chosen, k.to(torch.int16).view(-1), experts]  # 4-byte values first: all aligned
+        buffer, raw = arrow_backed(np.uint8, sum(part.numel() * part.element_size() for part in parts))
+        host = torch.from_numpy(raw)
+        if device.type == "cpu":
+            torch.cat([part.view(torch.uint8) for part in parts], out=host)
+        else:
+            host.copy_(torch.cat([part.view(torch.uint8) for part in parts]))
+        self._writer.append(_CompactRows(buffer, len(batch["window_ids"]), batch["seq"], tokens, layer_ids,
+                                         used.numel(), padded=rows is not None))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -355,65 +379,78 @@ def _top_from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top_probs, counts
 
 
+class _LayerOffsets:
+    """For one set of recorded layers (kept per set): their ids and where each layer's bins start in the
+    recorder's shared count buffer (``[layers, k histogram | expert counts | top-1 counts]``), shaped to
+    broadcast over ``k [T, L]``, ``indices [T, L, max_k]`` and ``top_expert [T, L]``."""
+
+    def __init__(self, layer_ids: list[int], num_experts: int, device: torch.device, count_device: torch.device):
+        self.ids = torch.as_tensor(layer_ids, device=count_device)
+        base = torch.as_tensor(layer_ids, device=device) * (3 * num_experts + 2)
+        self.k_bins, self.expert_bins, self.top1_bins = base, (base + num_experts + 1)[:, None], base + 2 * num_experts + 2
+        self._column: tuple[int, torch.Tensor] | None = None
+
+    def token_column(self, tokens: int) -> torch.Tensor:
+        """``[L, 1]`` float32 filled with ``tokens`` (the last one asked for is kept: batches repeat it)."""
+        if self._column is None or self._column[0] != tokens:
+            self._column = (tokens, torch.full((len(self.k_bins), 1), float(tokens), device=self.k_bins.device))
+        return self._column[1]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when it is there already, without a call into torch's dispatcher)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
 class _CompactRows:
-    """One batch of routing.parquet rows as kept until its row group is written: each token's metadata
-    once (not once per layer), k and the selected experts and weights, in one buffer of Arrow's memory
-    pool (~19 bytes per row at mean k 2, against ~41 for the full columns). :meth:`to_batch` expands it
-    into the record batch on the Parquet writer's thread (see :class:`routelab.io.BatchedParquetWriter`),
-    so the model's thread neither builds the columns nor touches their memory: fresh memory costs a page
-    fault per 4 KiB on first touch, and such faults took more time than all the statistics on CPU."""
+    """One batch of routing.parquet rows as kept until its row group is written, in one buffer of Arrow's
+    memory pool: each window's ids once, each real token's id once (not once per layer), with padding
+    the real tokens' flat rows, then the selected weights, k and the selected experts (~19 bytes per row
+    at mean k 2, against ~41 for the full columns). :meth:`to_batch` expands it into the record batch on
+    the Parquet writer's thread (see :class:`routelab.io.BatchedParquetWriter`), so the model's thread
+    neither builds the columns nor touches their memory: fresh memory costs a page fault per 4 KiB on
+    first touch, and such faults took more time than all the statistics on CPU."""
 
-    __slots__ = ("num_rows", "_tokens", "_layer_ids", "_buffer", "_parts")
+    __slots__ = ("num_rows", "_buffer", "_windows", "_seq", "_tokens", "_layer_ids", "_total", "_padded")
 
-    def __init__(self, packed: np.ndarray, tokens: int, layer_ids: list[int], total: int):
-        """``packed``: int32 ``[meta (4 x tokens) | k (tokens x layers, token-major) | experts (total) |
-        weight bits (total)]``, as :meth:`RoutingRecorder._write_rows` copies it from the device."""
-        n_layers = len(layer_ids)
-        self.num_rows, self._tokens, self._layer_ids = tokens * n_layers, tokens, list(layer_ids)
-        # int32 / float32 first, then int16: every part stays aligned to its type
-        sizes = {"meta": 16 * tokens, "weights": 4 * total, "k": 2 * self.num_rows, "experts": 2 * total}
-        self._buffer, raw = arrow_backed(np.uint8, sum(sizes.values()))
-        start, self._parts = 0, {}
-        for name, size in sizes.items():
-            self._parts[name] = (start, size)
-            start += size
-        meta_end, k_end = 4 * tokens, (4 + n_layers) * tokens
-        self._view(raw, "meta", np.int32)[:] = packed[:meta_end]
-        self._view(raw, "k", np.int16)[:] = packed[meta_end:k_end]
-        self._view(raw, "experts", np.int16)[:] = packed[k_end:k_end + total]
-        self._view(raw, "weights", np.int32)[:] = packed[k_end + total:]
-
-    def _view(self, raw: np.ndarray, name: str, dtype: Any) -> np.ndarray:
-        start, size = self._parts[name]
-        return raw[start:start + size].view(dtype)
-
-    def _slice(self, name: str) -> pa.Buffer:
-        start, size = self._parts[name]
-        return self._buffer.slice(start, size)
+    def __init__(self, buffer: pa.Buffer, windows: int, seq: int, tokens: int, layer_ids: list[int], total: int,
+                 padded: bool):
+        """``buffer``: int32 ``[window ids (windows) | doc ids (windows) | token ids (tokens) | flat rows
+        (tokens, only if padded)]``, float32 ``weights (total)``, int16 ``[k (tokens x layers, token-major) |
+        experts (total)]``, as :meth:`RoutingRecorder._write_rows` writes it."""
+        self._buffer, self._windows, self._seq, self._tokens = buffer, windows, seq, tokens
+        self._layer_ids, self._total, self._padded = list(layer_ids), total, padded
+        self.num_rows = tokens * len(self._layer_ids)
 
     def to_batch(self) -> pa.RecordBatch:
-        """The full record batch with :data:`SCHEMA`: the metadata repeated for each layer, the layer
-        column, and list offsets from the running sum of k (the selected experts lead each row)."""
-        tokens, n_layers, rows = self._tokens, len(self._layer_ids), self.num_rows
-        raw = np.frombuffer(self._buffer, dtype=np.uint8)
-        meta, k = self._view(raw, "meta", np.int32).reshape(4, tokens), self._view(raw, "k", np.int16)
-        total = self._parts["experts"][1] // 2
+        """The full record batch with :data:`SCHEMA`: each token's metadata repeated for each layer, the
+        layer column, and list offsets from the running sum of k (the selected experts lead each row)."""
+        windows, tokens, n_layers, rows, total = self._windows, self._tokens, len(self._layer_ids), self.num_rows, self._total
+        n_meta = 2 * windows + tokens * (2 if self._padded else 1)
+        meta = np.frombuffer(self._buffer, dtype=np.int32, count=n_meta)
+        flat = meta[2 * windows + tokens:] if self._padded else np.arange(tokens, dtype=np.int32)
+        window, position = np.divmod(flat, self._seq)
+        start = 4 * n_meta
+        weights = self._buffer.slice(start, 4 * total)
+        k = np.frombuffer(self._buffer, dtype=np.int16, count=rows, offset=start + 4 * total)
+        experts = self._buffer.slice(start + 4 * total + 2 * rows, 2 * total)
         columns = []
-        for j in range(len(_META)):  # each token's value once per layer
-            buffer, values = arrow_backed(np.int32, rows)
-            np.copyto(values.reshape(tokens, n_layers), meta[j][:, None])
+        for values in (meta[:windows][window], meta[windows:2 * windows][window], position,
+                       meta[2 * windows:2 * windows + tokens]):  # each token's value once per layer
+            buffer, repeated = arrow_backed(np.int32, rows)
+            np.copyto(repeated.reshape(tokens, n_layers), values[:, None])
             columns.append(pa.Array.from_buffers(pa.int32(), rows, [None, buffer]))
-        buffer, values = arrow_backed(np.int16, rows)
-        values.reshape(tokens, n_layers)[:] = self._layer_ids
+        buffer, layer = arrow_backed(np.int16, rows)
+        layer.reshape(tokens, n_layers)[:] = self._layer_ids
         columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, buffer]))
-        columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, self._slice("k")]))
+        columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, self._buffer.slice(start + 4 * total, 2 * rows)]))
         offsets_buffer, offsets = arrow_backed(np.int32, rows + 1)
         offsets[0] = 0
         np.cumsum(k, out=offsets[1:])
-        for kind, name in ((pa.int16(), "experts"), (pa.float32(), "weights")):
+        for kind, values in ((pa.int16(), experts), (pa.float32(), weights)):
             columns.append(pa.ListArray.from_buffers(
                 pa.list_(pa.field("element", kind, nullable=False)), rows, [None, offsets_buffer],
-                children=[pa.Array.from_buffers(kind, total, [None, self._slice(name)])]))
+                children=[pa.Array.from_buffers(kind, total, [None, values])]))
         return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
 
 
