@@ -426,6 +426,21 @@ def test_every_nth_real_token_counts_across_batches_and_skips_padding():
     assert every_nth_real_token(mask, tokens_seen=0, every=2)[0].tolist() == [0, 4, 6]  # ordinals 0, 2, 4
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_nth_real_token_matches_counting_one_by_one(padded):
+    rng = np.random.default_rng(int(padded))
+    for _ in range(20):
+        mask = np.ones((3, 7), dtype=np.int64)
+        if padded:
+            for row in range(3):
+                mask[row, rng.integers(0, 8):] = 0
+        seen, every = int(rng.integers(0, 50)), int(rng.integers(1, 6))
+        real_rows = np.flatnonzero(mask.reshape(-1))
+        keep = [i for i in range(real_rows.size) if (seen + i) % every == 0]
+        rows, among, real = every_nth_real_token(torch.from_numpy(mask), seen, every)
+        assert among.tolist() == keep and rows.tolist() == real_rows[keep].tolist() and real == real_rows.size
+
+
 def test_detail_log_and_recorder_compute_the_sampled_pvalues_once(tmp_path):
     logits = torch.from_numpy(np.random.default_rng(4).normal(size=(2 * 6, 5)).astype(np.float32))
     computed = []

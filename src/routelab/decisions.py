@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter, arrow_backed
+from .io import BatchedParquetWriter, pack_in_arrow_pool
 from .recording import every_nth_real_token
 from .routers import Selection, check_fraction, pvalues_at_layers
 
@@ -79,43 +79,51 @@ class DecisionSampler:
             return
         kept, _, real = every_nth_real_token(attention_mask, self.tokens_seen, self.every_n)  # flat [B*S] rows
         self.tokens_seen += real
-        seq = attention_mask.shape[1]
-        rows, cols = kept // seq, kept % seq
-        self._batch = {"kept": kept, "window_id": window_ids.to(kept.device)[rows],
-                       "doc_id": doc_ids.to(kept.device)[rows], "position": cols, "token_id": input_ids[rows, cols]}
+        # the sample's metadata is gathered with its rows in end_batch, and expanded on the writer thread
+        self._batch = {"kept": kept, "seq": attention_mask.shape[1], "window_ids": window_ids, "doc_ids": doc_ids,
+                       "input_ids": input_ids}
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
         """Called from the patched router for every layer of every forward pass: gathers the sampled
-        tokens on the device; the statistics wait for :meth:`end_batch`, computed once for all layers."""
+        tokens' logits and selection on the device; the rest waits for :meth:`end_batch`, done once for
+        all layers."""
         if self._batch is None:
             return
-        kept = self._batch["kept"].to(router_logits.device)
-        self._layers[layer] = {"logits": router_logits[kept], "k": selection.k[kept],
-                               "indices": selection.indices[kept], "weights": selection.weights[kept],
-                               "selection": selection}  # its p-values: in end_batch, all layers at once
+        kept = self._batch["kept"]
+        if kept.device != router_logits.device:
+            kept = kept.to(router_logits.device)
+        self._layers[layer] = (router_logits.index_select(0, kept), selection.indices.index_select(0, kept),
+                               selection.weights.index_select(0, kept), selection)
 
     def end_batch(self) -> None:
-        """This batch's sample: one copy per field to the host, queued for the writer thread (which
+        """This batch's sample: copied to the host as one buffer, queued for the writer thread (which
         derives the statistics and builds the rows when the row group is written)."""
         batch, self._batch = self._batch, None
-        if batch is None or not self._layers or batch["kept"].numel() == 0:
+        layers_seen, self._layers = self._layers, {}
+        if batch is None or not layers_seen or batch["kept"].numel() == 0:
             return
-        layers = sorted(self._layers)
+        layers = sorted(layers_seen)
+        logits, indices, weights, selections = zip(*(layers_seen[i] for i in layers))
+        device = selections[0].k.device
+        kept = batch["kept"] if batch["kept"].device == device else batch["kept"].to(device)
         # only the sampled rows' p-values are computed (routers compute them lazily), of all layers in one call
-        selections = [self._layers[i].pop("selection") for i in layers]
-        pvalues = pvalues_at_layers(selections, batch["kept"].to(selections[0].k.device))
-        detail = {name: torch.stack([self._layers[i][name] for i in layers], dim=1)  # each [tokens, layers, ...]
-                  for name in self._layers[layers[0]]}
+        pvalues = pvalues_at_layers(selections, kept)  # [layers, tokens, E]
+        ids = [batch["window_ids"], batch["doc_ids"], batch["input_ids"].reshape(-1), batch["kept"]]
+        ids[2] = ids[2].index_select(0, batch["kept"].to(ids[2].device))
+        meta = torch.cat([part if part.device == device else part.to(device) for part in ids]).to(torch.int32)
+        parts = {"meta": meta, "logits": torch.stack(logits, dim=1), "weights": torch.stack(weights, dim=1)}
         if pvalues is not None:
-            detail["pvalues"] = pvalues.transpose(0, 1)
-        self._layers = {}
-        for name in ("logits", "weights", "pvalues"):
-            if name in detail:
-                detail[name] = detail[name].float()
-        detail["k"], detail["indices"] = detail["k"].to(torch.int16), detail["indices"].to(torch.int16)  # kept until written
-        host = {name: value.cpu().numpy() for name, value in detail.items()}
-        meta = np.stack([batch[key].cpu().numpy() for key in _META]).astype(np.int32)  # [4, tokens]
-        self._writer.append(_SampledRows(host, meta, layers, self.num_experts, self.alpha))
+            parts["pvalues"] = pvalues
+        parts["k"] = torch.stack([s.k for s in selections], dim=1).index_select(0, kept)
+        parts["indices"] = torch.stack(indices, dim=1)
+        for name, kind in (("logits", torch.float32), ("weights", torch.float32), ("pvalues", torch.float32),
+                           ("k", torch.int16), ("indices", torch.int16)):  # 4-byte values first, then 2-byte ones
+            if name in parts and parts[name].dtype != kind:
+                parts[name] = parts[name].to(kind)
+        buffer, offsets = pack_in_arrow_pool(list(parts.values()))
+        shapes = {name: tuple(part.shape) for name, part in parts.items()}
+        self._writer.append(_SampledRows(buffer, dict(zip(parts, offsets)), shapes, batch["seq"], layers,
+                                         self.num_experts, self.alpha))
 
     def close(self) -> None:
         """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
@@ -123,40 +131,51 @@ class DecisionSampler:
 
 
 class _SampledRows:
-    """One batch's sample as kept until its row group is written: the sampled tokens' logits, p-values
-    and selection, copied into Arrow's memory pool. :meth:`to_batch` derives the rest (logit statistics,
-    sorted p-values, BH thresholds and passing rank) and builds the rows on the Parquet writer's thread
-    (see :class:`routelab.io.BatchedParquetWriter`), off the model's thread."""
+    """One batch's sample as kept until its row group is written, in one buffer of Arrow's memory pool:
+    the windows' and sampled tokens' ids, the sampled tokens' logits, weights, p-values (layer-major, as
+    computed), k and selected experts. :meth:`to_batch` derives the rest (logit statistics, sorted
+    p-values, BH thresholds and passing rank) and builds the rows on the Parquet writer's thread (see
+    :class:`routelab.io.BatchedParquetWriter`), off the model's thread."""
 
-    __slots__ = ("num_rows", "_host", "_meta", "_layers", "_num_experts", "_alpha")
+    __slots__ = ("num_rows", "_buffer", "_offsets", "_shapes", "_seq", "_layers", "_num_experts", "_alpha")
 
-    def __init__(self, host: dict[str, np.ndarray], meta: np.ndarray, layers: list[int], num_experts: int,
-                 alpha: float | None):
-        """``host``: ``logits``, ``k``, ``indices``, ``weights`` and optionally ``pvalues``, each
-        ``[tokens, layers, ...]``; ``meta`` ``[4, tokens]`` int32 (window, document, position, token id)."""
-        self._host = {name: _pooled(value) for name, value in host.items()}
-        self._meta, self._layers = _pooled(meta), list(layers)
-        self._num_experts, self._alpha = num_experts, alpha
-        self.num_rows = meta.shape[1] * len(layers)
+    def __init__(self, buffer: pa.Buffer, offsets: dict[str, int], shapes: dict[str, tuple[int, ...]], seq: int,
+                 layers: list[int], num_experts: int, alpha: float | None):
+        """``buffer`` holds, at ``offsets`` with ``shapes``: ``meta`` int32 ``[window ids | doc ids | token
+        ids | flat rows]``, ``logits`` / ``weights`` float32 ``[tokens, layers, ...]``, optionally ``pvalues``
+        float32 ``[layers, tokens, E]``, ``k`` int16 ``[tokens, layers]`` and ``indices`` int16 ``[tokens,
+        layers, max_k]``, as :meth:`DecisionSampler.end_batch` packs them."""
+        self._buffer, self._offsets, self._shapes, self._seq = buffer, offsets, shapes, seq
+        self._layers, self._num_experts, self._alpha = list(layers), num_experts, alpha
+        self.num_rows = shapes["k"][0] * len(layers)
+
+    def _array(self, name: str, dtype: Any) -> np.ndarray:
+        shape = self._shapes[name]
+        return np.frombuffer(self._buffer, dtype=dtype, count=int(np.prod(shape)), offset=self._offsets[name]).reshape(shape)
 
     def to_batch(self) -> pa.RecordBatch:
         """One Parquet row per (token, layer), with :data:`SCHEMA`."""
-        host, n_layers, rows = self._host, len(self._layers), self.num_rows
+        n_layers, rows = len(self._layers), self.num_rows
         tokens = rows // n_layers
-        logits = host["logits"].reshape(rows, -1)
+        meta = self._array("meta", np.int32)
+        windows = (meta.size - 2 * tokens) // 2
+        window, position = np.divmod(meta[2 * windows + tokens:], self._seq)
+        logits = self._array("logits", np.float32).reshape(rows, -1)
         wide = logits.astype(np.float64)
         stats = np.stack([wide.mean(-1), wide.std(-1), wide.min(-1), wide.max(-1)], axis=-1).astype(np.float32)
-        k = host["k"].reshape(-1)
-        used = np.arange(host["indices"].shape[-1]) < host["k"][..., None]
-        offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
-        columns: dict[str, Any] = {key: np.repeat(self._meta[j], n_layers) for j, key in enumerate(_META)}
+        k, indices = self._array("k", np.int16), self._array("indices", np.int16)
+        used = np.arange(indices.shape[-1]) < k[..., None]
+        offsets = np.concatenate([[0], np.cumsum(k.reshape(-1))]).astype(np.int32)
+        per_token = (meta[:windows][window], meta[windows:2 * windows][window], position,
+                     meta[2 * windows:2 * windows + tokens])
+        columns: dict[str, Any] = {key: np.repeat(values, n_layers) for key, values in zip(_META, per_token)}
         columns["layer"] = np.tile(np.asarray(self._layers, dtype=np.int16), tokens)
-        columns["k"] = k.astype(np.int16)
+        columns["k"] = k.reshape(-1)
         for j, name in enumerate(("logit_mean", "logit_std", "logit_min", "logit_max")):
             columns[name] = stats[:, j]
         columns["logits"] = _fixed_lists(logits)
-        if "pvalues" in host:  # absent for routers without p-values
-            pvalues = host["pvalues"].reshape(rows, -1)
+        if "pvalues" in self._shapes:  # absent for routers without p-values
+            pvalues = self._array("pvalues", np.float32).transpose(1, 0, 2).reshape(rows, -1)  # token-major
             ordered = np.sort(pvalues, axis=-1)
             columns["pvalues"], columns["sorted_pvalues"] = _fixed_lists(pvalues), _fixed_lists(ordered)
         else:
@@ -165,12 +184,12 @@ class _SampledRows:
             columns["bh_thresholds"] = _fixed_lists(np.tile(bh_thresholds(self._num_experts, self._alpha), (rows, 1)))
         else:
             columns["bh_thresholds"] = pa.nulls(rows, _F32_LIST)
-        if self._alpha is not None and "pvalues" in host:
+        if self._alpha is not None and "pvalues" in self._shapes:
             columns["passing_rank"] = pa.array(_bh_count(ordered, self._alpha).astype(np.int16))
         else:
             columns["passing_rank"] = pa.nulls(rows, pa.int16())
-        columns["selected"] = pa.ListArray.from_arrays(offsets, host["indices"][used].astype(np.int16))
-        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, host["weights"][used].astype(np.float32))
+        columns["selected"] = pa.ListArray.from_arrays(offsets, indices[used])
+        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, self._array("weights", np.float32)[used])
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
 
 
@@ -181,13 +200,6 @@ def _bh_count(sorted_pvalues: np.ndarray, alpha: float) -> np.ndarray:
     ranks = np.arange(1, n + 1)
     passing = sorted_pvalues.astype(np.float64) <= ranks.astype(np.float64) * (alpha / n)
     return (passing * ranks).max(axis=-1)
-
-
-def _pooled(array: np.ndarray) -> np.ndarray:
-    """A copy of ``array`` in Arrow's memory pool (see :func:`routelab.io.arrow_backed`)."""
-    copy = arrow_backed(array.dtype, array.size)[1].reshape(array.shape)
-    copy[...] = array
-    return copy
 
 
 def bh_thresholds(num_experts: int, alpha: float) -> np.ndarray:

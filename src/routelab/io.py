@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,27 @@ def arrow_backed(dtype: Any, size: int) -> tuple[Any, np.ndarray]:
 
     buffer = pa.allocate_buffer(size * np.dtype(dtype).itemsize)
     return buffer, np.frombuffer(buffer, dtype=dtype)
+
+
+def pack_in_arrow_pool(parts: Sequence[Any]) -> tuple[Any, list[int]]:
+    """Copy tensors (any device and dtype, each contiguous) back to back into one new buffer of Arrow's
+    memory pool (see :func:`arrow_backed`) with a single torch op: a ``cat`` into the buffer on CPU, one
+    device-to-host copy otherwise. Returns the buffer and each part's byte offset in it. Put parts with
+    4-byte values before 2-byte ones so that every part is aligned to its type.
+
+    The recorders keep each batch so until its row group is written: one op, where a ``.numpy()`` per
+    tensor costs four calls into torch and a copy per part would cost another."""
+    import torch
+
+    views = [part.reshape(-1).view(torch.uint8) for part in parts]
+    offsets = np.cumsum([0] + [view.numel() for view in views]).tolist()
+    buffer, raw = arrow_backed(np.uint8, offsets[-1])
+    host = torch.from_numpy(raw)
+    if all(view.device.type == "cpu" for view in views):
+        torch.cat(views, out=host)
+    else:
+        host.copy_(torch.cat(views))
+    return buffer, offsets[:-1]
 
 
 class BatchedParquetWriter:

@@ -105,7 +105,7 @@ class TabulatedNull:
 
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
-        x = logits.float()
+        x = logits if logits.dtype == torch.float32 else logits.float()
         if temperature != 1.0:  # x / 1 is x: skip a pass over the logits
             x = x / temperature
         if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
@@ -126,7 +126,7 @@ class TabulatedNull:
         layers = [int(layer) for layer in layers]
         if logits.dim() != 3 or logits.shape[0] != len(layers):
             raise ValueError(f"logits: expected shape [{len(layers)} layers, tokens, experts], got {tuple(logits.shape)}")
-        x = logits.float()
+        x = logits if logits.dtype == torch.float32 else logits.float()
         if temperature != 1.0:
             x = x / temperature
         grid, sf = self._tables(logits.device)
@@ -330,27 +330,26 @@ class UniformSegments:
         self.segments = torch.stack([x0, torch.where(positive, width, 1.0), y0, y1 - y0, torch.minimum(y0, y1),
                                      torch.maximum(y0, y1), x1, positive.to(x0.dtype)], dim=-1)
         self.start, self.scale = xp[:, :1], self.last / (xp[:, -1:] - xp[:, :1])  # [curves, 1]
-        # where each curve's segments start in the tables (None for one curve: nothing to add)
-        self.offset = (None if self.curves is None else
-                       torch.arange(0, xp.shape[0] * self.last, self.last, dtype=torch.int32, device=xp.device)[:, None])
+        # where each curve's segments start in the tables, for the guess and (one less) for the corrected segment
+        self.offset = torch.arange(0, xp.shape[0] * self.last, self.last, dtype=torch.int32, device=xp.device)[:, None]
+        self.offset_before = self.offset - 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.curves is not None and (x.dim() == 0 or x.shape[0] != self.curves):
             raise ValueError(f"x: expected a first axis of {self.curves} (one slice per curve), got shape {tuple(x.shape)}")
         rows = x.reshape(1 if self.curves is None else self.curves, -1)  # [curves, values]
 
-        def lookup(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:  # [curves, values, columns]
-            segment = (local if self.offset is None else local + self.offset).reshape(-1)
-            return table.index_select(0, segment).view(*rows.shape, table.shape[-1])
+        def lookup(table: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+            return table.index_select(0, (segment + offset).view(-1)).view(*rows.shape, table.shape[-1])
 
         # Segment j holds x in (knot j, knot j + 1] (searchsorted, side="left"; the first also what lies
-        # below, the last what lies beyond): the guess is within one segment of it.
+        # below, the last what lies beyond): the guess is within one segment of it, and guess + [x > its
+        # right knot] + [x > its left knot] - 1 is the segment (the - 1 is in offset_before).
         guess = ((rows - self.start) * self.scale).clamp_(0.0, float(self.last - 1)).floor_().int()
-        knots = lookup(self.knots, guess)
-        move = (rows > knots[..., 1]).int()
-        move -= (rows <= knots[..., 0]).int()
-        x0, width, y0, rise, low, high, x1, positive = lookup(self.segments, (guess + move).clamp_(0, self.last - 1)).unbind(-1)
-        t = (rows - x0) / width
+        knots = lookup(self.knots, guess, self.offset)
+        segment = (guess + (rows > knots[..., 1])).add_(rows > knots[..., 0]).clamp_(1, self.last)
+        x0, width, y0, rise, low, high, x1, positive = lookup(self.segments, segment, self.offset_before).unbind(-1)
+        t = (rows - x0).div_(width)
         if not self.all_positive:  # repeated knots (ties in the data): a step at the knot
             t = torch.where(positive > 0, t, (rows >= x1).to(rows.dtype))
         return (y0 + t.clamp_(0.0, 1.0) * rise).clamp_(low, high).view(x.shape)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter, arrow_backed
+from .io import BatchedParquetWriter, arrow_backed, pack_in_arrow_pool
 from .routers import Selection, pvalues_at_layers
 from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mean_over_layers
 
@@ -287,13 +287,7 @@ class RoutingRecorder:
             ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
             ids.append(rows)
         meta = torch.cat([_on(part, device) for part in ids]).to(torch.int32)
-        parts = [meta, chosen, k.to(torch.int16).view(-1), experts]  # 4-byte values first: all aligned
-        buffer, raw = arrow_backed(np.uint8, sum(part.numel() * part.element_size() for part in parts))
-        host = torch.from_numpy(raw)
-        if device.type == "cpu":
-            torch.cat([part.view(torch.uint8) for part in parts], out=host)
-        else:
-            host.copy_(torch.cat([part.view(torch.uint8) for part in parts]))
+        buffer, _ = pack_in_arrow_pool([meta, chosen, k.to(torch.int16), experts])  # 4-byte values first
         self._writer.append(_CompactRows(buffer, len(batch["window_ids"]), batch["seq"], tokens, layer_ids,
                                          used.numel(), padded=rows is not None))
 
@@ -353,10 +347,12 @@ def every_nth_real_token(attention_mask: torch.Tensor, tokens_seen: int,
     key = (attention_mask, tokens_seen, every)
     if _LAST_SAMPLE and _LAST_SAMPLE[0][0] is attention_mask and _LAST_SAMPLE[0][1:3] == key[1:]:
         return _LAST_SAMPLE[0][3]
-    valid_flat = attention_mask.bool().reshape(-1).nonzero().squeeze(-1)
-    ordinal = tokens_seen + torch.arange(valid_flat.numel(), device=valid_flat.device)
-    among = (ordinal % every == 0).nonzero().squeeze(-1)
-    result = (valid_flat.index_select(0, among), among, int(valid_flat.numel()))
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
+    valid_flat = valid.reshape(-1).nonzero().squeeze(-1)
+    real = valid_flat.numel()
+    # the i-th real token is kept when (tokens_seen + i) % every == 0: i = first, first + every, ...
+    among = torch.arange((-tokens_seen) % every, real, every, device=valid_flat.device)
+    result = (among if real == valid.numel() else valid_flat.index_select(0, among), among, real)
     _LAST_SAMPLE[:] = [(*key, result)]
     return result
 
