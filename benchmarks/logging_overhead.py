@@ -3,23 +3,27 @@
 
 On the trained demo model (``--model``, default ``results/demo/model`` when the demo pipeline has run;
 otherwise the demo architecture with random weights), routed with BH (variable k), each repetition
-runs, in rotating order:
+runs, in rotating order, the configurations the pipeline runs:
 
 - ``no logging``: the router installed, no recorder;
 - ``full log``: :class:`RoutingRecorder` writing every (token, layer) decision to Parquet, with every
-  statistic of summary.json; the p-value moments over every 100th token, as the pipeline computes them
-  by default (``--pvalue-every``; 1 = every token, which computes every p-value the router skipped);
-- ``full log + 1/100 detail``: plus :class:`DecisionSampler` keeping every 100th token's detail.
+  statistic of summary.json: the pipeline with ``evaluation.decision_sample_every: 0`` (no sampling,
+  so no p-values are computed);
+- ``full log + 1/100 detail``: the pipeline's default (``decision_sample_every: 100``): the recorder also
+  takes the p-value moments of every 100th token, and :class:`DecisionSampler` writes those tokens'
+  detail (both read the same p-values, computed once);
+- ``full log + 1/100 p-value moments``: the recorder's part of the default alone (no detail file), to
+  show how the sampling's cost splits.
 
-Targets: full log <= 1.05 x no logging; the 1/100 detail on top <= 1.02 x the full log. Also prints
-the CPU time the Parquet writer's thread spends encoding routing.parquet (which the interleaved forwards
-do not see: the benchmark's records fit in one row group, written at the end) and the ratio with it
-added, the recorders' own work replayed on one batch's captured calls without the model (a steadier
-figure than a difference of forward times on a noisy machine), and the Parquet bytes per million
-(token, layer) records.
+Targets: full log <= 1.05 x no logging; the 1/100 detail on top (default / full log: everything the
+sampling adds, p-values included) <= 1.02. Also prints the CPU time the Parquet writer threads spend
+(which the interleaved forwards do not see: the benchmark's records fit in one row group, written at
+the end) and the ratio with it added, the recorders' own work replayed on one batch's captured calls
+without the model (a steadier figure than a difference of forward times on a noisy machine), and the
+Parquet bytes per million (token, layer) records.
 
-    python benchmarks/logging_overhead.py [--model results/demo/model] [--repeats 20] [--tokens 2048]
-                                          [--threads N] [--pvalue-every 100] [--replays 300]
+    python benchmarks/logging_overhead.py [--model results/demo/model] [--repeats 60] [--tokens 2048]
+                                          [--threads N] [--sample-every 100] [--replays 300]
 """
 
 from __future__ import annotations
@@ -120,15 +124,15 @@ def replay(recorder, calls, inputs, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--model", default="results/demo/model",
                         help="a saved MoE model (default: the demo's); random demo weights if it does not exist")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--replays", type=int, default=300,
                         help="replays of one batch's recorder work without the model (0: skip)")
-    parser.add_argument("--pvalue-every", type=int, default=100,
-                        help="p-value moments over every n-th token (the pipeline: evaluation.decision_sample_every)")
+    parser.add_argument("--sample-every", type=int, default=100,
+                        help="the detail's sampling (the pipeline's evaluation.decision_sample_every)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,63 +153,81 @@ def main() -> None:
         logits = model(input_ids=inputs, output_router_logits=True).router_logits
     null = fit_kde_null([layer.numpy() for layer in logits], num_experts)
     router = BHRouter(num_experts, null, alpha=0.5, min_k=1, max_k=k)
-
+    every = args.sample_every
     tmp = tempfile.mkdtemp(prefix="routelab-logging-")
-    full_path, detail_path = os.path.join(tmp, "routing.parquet"), os.path.join(tmp, "decisions.parquet")
-    full = RoutingRecorder(num_layers, num_experts, 1, k, path=full_path, pvalue_every=args.pvalue_every)
-    both = RecorderGroup(RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp, "r2.parquet"),
-                                         pvalue_every=args.pvalue_every),
-                         DecisionSampler(detail_path, num_experts, every_n=100, alpha=0.5))
-    full, both = Timed(full), Timed(both)
-    variants = {"no logging": None, "full log": full, "full log + 1/100 detail": both}
+
+    def recorder(name: str, pvalue_every: int) -> RoutingRecorder:
+        return RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp, name), pvalue_every=pvalue_every)
+
+    def sampler(name: str) -> DecisionSampler:
+        return DecisionSampler(os.path.join(tmp, name), num_experts, every_n=every, alpha=0.5)
+
+    full_label, default_label, moments_label = "full log", f"full log + 1/{every} detail", f"full log + 1/{every} p-value moments"
+    variants = {"no logging": None, full_label: Timed(recorder("full.parquet", 0)),
+                default_label: Timed(RecorderGroup(recorder("default.parquet", every), sampler("decisions.parquet"))),
+                moments_label: Timed(recorder("moments.parquet", every))}
     labels = list(variants)
     for label in labels:
         forward(model, inputs, router, variants[label])
     times = {label: [] for label in labels}
-    full.spent = both.spent = 0.0
+    for timed in variants.values():
+        if timed is not None:
+            timed.spent = 0.0
     for rep in range(args.repeats):
-        for label in labels[rep % 3:] + labels[:rep % 3]:
+        shift = rep % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             times[label].append(forward(model, inputs, router, variants[label]))
     # Closing writes the last row group (real runs write one per ~1M records while the model runs). The
-    # writer thread's CPU time is what the full log costs beyond the forwards measured above.
-    full.close()
-    encode_ms = 1000 * full.recorder.encode_seconds / (args.repeats + 1)
-    both.close()
+    # writer threads' CPU time is what the logs cost beyond the forwards measured above.
+    encode_ms = {}
+    for label, timed in variants.items():
+        if timed is not None:
+            timed.close()
+            writers = getattr(timed.recorder, "recorders", (timed.recorder,))
+            encode_ms[label] = 1000 * sum(w.encode_seconds for w in writers) / (args.repeats + 1)
     print(f"{source} (CPU, {torch.get_num_threads()} threads, BH alpha 0.5): {num_layers} layers x {num_experts} "
           f"experts, {inputs.numel()} tokens/forward, {args.repeats} interleaved repeats")
     # Wall time is what a user waits; CPU time (process, all threads) is steadier on a shared machine.
-    print(f"  {'variant':28s} {'wall ms':>9s} {'ratio':>7s} {'CPU ms':>9s} {'ratio':>7s}")
+    # Ratios are paired: each repetition's forward over the no-logging forward of the same repetition (run
+    # next to it), then the median over repetitions; slow drifts of a shared machine cancel in each pair.
+    def ratio(label: str, base: str, i: int) -> float:
+        return statistics.median(t[i] / b[i] for t, b in zip(times[label], times[base]))
+
+    print(f"  {'variant':36s} {'wall ms':>9s} {'ratio':>7s} {'CPU ms':>9s} {'ratio':>7s} {'in recorder ms':>15s}")
     median = {}
     for label in labels:
         median[label] = [statistics.median(t[i] for t in times[label]) for i in (0, 1)]
-        ratios = [median[label][i] / median["no logging"][i] for i in (0, 1)]
-        print(f"  {label:28s} {1000 * median[label][0]:9.2f} {ratios[0]:7.3f} {1000 * median[label][1]:9.2f} "
-              f"{ratios[1]:7.3f}")
-    print(f"  time inside the recorders' calls per forward (mean): full log {1000 * full.spent / args.repeats:.2f} ms, "
-          f"with the detail {1000 * both.spent / args.repeats:.2f} ms")
-    detail = [median["full log + 1/100 detail"][i] / median["full log"][i] for i in (0, 1)]
-    print(f"  1/100 detail on top of the full log: wall {detail[0]:.3f}, CPU {detail[1]:.3f}")
+        spent = "" if variants[label] is None else f"{1000 * variants[label].spent / args.repeats:15.2f}"
+        print(f"  {label:36s} {1000 * median[label][0]:9.2f} {ratio(label, 'no logging', 0):7.3f} "
+              f"{1000 * median[label][1]:9.2f} {ratio(label, 'no logging', 1):7.3f} {spent}")
+
+    def on_top(label: str, base: str) -> str:
+        return f"wall {ratio(label, base, 0):.3f}, CPU {ratio(label, base, 1):.3f}"
+
+    print(f"  full log (target <= 1.05): wall {ratio(full_label, 'no logging', 0):.3f}")
+    print(f"  1/{every} detail on top of the full log (target <= 1.02; p-values included): {on_top(default_label, full_label)}")
+    print(f"    of which the p-value moments: {on_top(moments_label, full_label)}; the detail file: "
+          f"{on_top(default_label, moments_label)}")
     base_ms = 1000 * median["no logging"][0]
-    print(f"  Parquet encoding on the writer thread (its CPU time): {encode_ms:.2f} ms per forward; with no core "
-          f"to spare for it (here torch uses every core) it adds to the forward:")
-    print(f"  full log with its encoding: wall {(1000 * median['full log'][0] + encode_ms) / base_ms:.3f}")
+    print("  Parquet encoding on the writer threads (their CPU time, ms per forward) and the ratio with it added "
+          "(where torch uses every core, as here, it competes with the forward):")
+    for label, spent in encode_ms.items():
+        print(f"    {label:36s} {spent:6.2f} ms -> wall {(1000 * median[label][0] + spent) / base_ms:.3f}")
     if args.replays:
         capture = Capture()
         forward(model, inputs, router, capture)
-        tmp_replay = tempfile.mkdtemp(prefix="routelab-replay-")
-        alone = RoutingRecorder(num_layers, num_experts, 1, k, path=os.path.join(tmp_replay, "routing.parquet"),
-                                pvalue_every=args.pvalue_every)
-        sampler = DecisionSampler(os.path.join(tmp_replay, "decisions.parquet"), num_experts, every_n=100, alpha=0.5)
-        replayed = {"full log": replay(alone, capture.calls, inputs, args.replays),
-                    "1/100 detail alone": replay(sampler, capture.calls, inputs, args.replays)}
-        alone.close()
-        sampler.close()
+        replayed = {full_label: recorder("replay-full.parquet", 0),
+                    default_label: RecorderGroup(recorder("replay-default.parquet", every), sampler("replay-d.parquet"))}
+        spent = {label: replay(rec, capture.calls, inputs, args.replays) for label, rec in replayed.items()}
+        for rec in replayed.values():
+            rec.close()
         print(f"  recorder work alone, one batch replayed {args.replays} times without the model (median): "
-              + ", ".join(f"{label} {1000 * value:.2f} ms" for label, value in replayed.items())
+              + ", ".join(f"{label} {1000 * value:.2f} ms" for label, value in spent.items())
               + f" (the no-logging forward: {base_ms:.2f} ms)")
     records = (args.repeats + 1) * inputs.numel() * num_layers
-    print(f"  routing.parquet: {os.path.getsize(full_path) / records * 1e6 / 2**20:.2f} MiB per million "
-          f"(token, layer) records ({records} records, mean k {full.summary()['experts_mean']:.2f})")
+    full = variants[full_label].recorder
+    print(f"  routing.parquet: {os.path.getsize(os.path.join(tmp, 'full.parquet')) / records * 1e6 / 2**20:.2f} MiB "
+          f"per million (token, layer) records ({records} records, mean k {full.summary()['experts_mean']:.2f})")
 
 
 if __name__ == "__main__":

@@ -327,6 +327,56 @@ def test_batched_writer_expands_compact_batches_on_its_thread_in_order(tmp_path)
     assert all(item.built_on not in (None, threading.main_thread()) for item in compact)
 
 
+def _address(array):
+    return array.__array_interface__["data"][0]
+
+
+def test_buffer_arena_reuses_a_chunk_only_once_nothing_refers_to_it():
+    from routelab.io import BufferArena
+
+    arena = BufferArena(chunk_bytes=4096)
+    first, second = arena.take(1000), arena.take(1000)
+    assert _address(second) - _address(first) == 1024 and second.size == 1000  # 64-byte aligned slices
+    first[:], second[:] = 1, 2
+    third = arena.take(3000)  # does not fit the first chunk: a second one
+    assert arena.mapped_bytes == 8192 and (first == 1).all() and (second == 2).all()
+    start = _address(first)
+    del first
+    kept = arena.take(3000)  # the first chunk still has a live slice, the second is in use: a third
+    assert arena.mapped_bytes == 3 * 4096 and _address(kept) != start
+    del second, third
+    reused = arena.take(3000)  # no slice of the first chunk is alive any more: it is reused
+    assert arena.mapped_bytes == 3 * 4096 and _address(reused) == start
+    big = arena.take(10000)  # larger than a chunk: a chunk of its own (10000 rounded up to 64 bytes)
+    assert big.size == 10000 and arena.mapped_bytes == 3 * 4096 + 10048
+
+
+def test_batched_writer_lets_written_batches_memory_be_reused(tmp_path):
+    """Compact batches living in arena memory: once their row group is written nothing refers to them,
+    so a long run keeps writing into the same few chunks."""
+    import pyarrow as pa
+
+    from routelab.io import BatchedParquetWriter, BufferArena
+
+    class Held:
+        def __init__(self, arena, values):
+            raw = arena.take(4 * len(values))
+            raw.view(np.int32)[:] = values
+            self.buffer, self.num_rows = pa.py_buffer(raw), len(values)
+
+        def to_batch(self):
+            return pa.RecordBatch.from_arrays([pa.Array.from_buffers(pa.int32(), self.num_rows, [None, self.buffer])],
+                                              names=["x"])
+
+    arena = BufferArena(chunk_bytes=1 << 16)
+    writer = BatchedParquetWriter(tmp_path / "x.parquet", pa.schema([("x", pa.int32())]), row_group_size=4096)
+    for start in range(0, 200 * 1024, 1024):  # 50 row groups of 4096 rows, 800 KB in all
+        writer.append(Held(arena, np.arange(start, start + 1024)))
+    writer.close()
+    assert pq.read_table(tmp_path / "x.parquet")["x"].to_numpy().tolist() == list(range(200 * 1024))
+    assert arena.mapped_bytes <= 8 * (1 << 16), arena.mapped_bytes  # at most a few row groups' worth
+
+
 def test_batched_writer_batch_of_another_schema_fails_cleanly(tmp_path):
     import pyarrow as pa
 

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter, pack_in_arrow_pool
+from .io import BatchedParquetWriter, BufferArena, pack_for_writer
 from .recording import every_nth_real_token
 from .routers import Selection, check_fraction, pvalues_at_layers
 
@@ -67,6 +67,7 @@ class DecisionSampler:
         self.alpha = None if alpha is None else check_fraction("alpha", alpha)
         self.tokens_seen = 0  # real tokens of all batches so far: the global sampling counter
         self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size)
+        self._arena = BufferArena(chunk_bytes=2 << 20)  # host memory of the batches waiting for their row group
         self._batch: dict[str, torch.Tensor] | None = None
         self._layers: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -120,7 +121,7 @@ class DecisionSampler:
                            ("k", torch.int16), ("indices", torch.int16)):  # 4-byte values first, then 2-byte ones
             if name in parts and parts[name].dtype != kind:
                 parts[name] = parts[name].to(kind)
-        buffer, offsets = pack_in_arrow_pool(list(parts.values()))
+        buffer, offsets = pack_for_writer(list(parts.values()), self._arena)
         shapes = {name: tuple(part.shape) for name, part in parts.items()}
         self._writer.append(_SampledRows(buffer, dict(zip(parts, offsets)), shapes, batch["seq"], layers,
                                          self.num_experts, self.alpha))
@@ -128,6 +129,11 @@ class DecisionSampler:
     def close(self) -> None:
         """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
         self._writer.close()
+
+    @property
+    def encode_seconds(self) -> float:
+        """CPU time the Parquet writer's thread has spent building and writing decisions.parquet so far."""
+        return self._writer.encode_seconds
 
 
 class _SampledRows:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .io import BatchedParquetWriter, arrow_backed, pack_in_arrow_pool
+from .io import BatchedParquetWriter, BufferArena, arrow_backed, pack_for_writer
 from .routers import Selection, pvalues_at_layers
 from .routing_stats import ROUTER_STAT_KEYS, RouterSums, layer_router_stats, mean_over_layers
 
@@ -68,6 +68,7 @@ class RoutingRecorder:
         self.pvalue_every, self.tokens_seen = int(pvalue_every), 0
         self._writer = (BatchedParquetWriter(path, SCHEMA, row_group_size, use_dictionary=_DICTIONARY_COLUMNS)
                         if path is not None else None)
+        self._arena = BufferArena()  # host memory of the batches waiting for their row group
         self._batch: dict[str, Any] | None = None
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._device: torch.device | None = None
@@ -287,7 +288,7 @@ class RoutingRecorder:
             ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
             ids.append(rows)
         meta = torch.cat([_on(part, device) for part in ids]).to(torch.int32)
-        buffer, _ = pack_in_arrow_pool([meta, chosen, k.to(torch.int16), experts])  # 4-byte values first
+        buffer, _ = pack_for_writer([meta, chosen, k.to(torch.int16), experts], self._arena)  # 4-byte values first
         self._writer.append(_CompactRows(buffer, len(batch["window_ids"]), batch["seq"], tokens, layer_ids,
                                          used.numel(), padded=rows is not None))
 
