@@ -567,3 +567,32 @@ def test_pvalues_at_layers_falls_back_to_one_call_per_layer():
     assert torch.equal(pvalues_at_layers(selections, rows), expected)
     bare = TopKRouter(NUM_EXPERTS, 2)(logits[0])
     assert pvalues_at_layers([selections[0], bare], rows) is None
+
+
+def test_counts_land_in_the_recorded_layers_rows_when_some_layers_are_missing():
+    """A batch that records layers 2 and 0 of 3 (e.g. a model whose first layers are dense): each
+    layer's k histogram, expert and top-1 counts go to its own row, the missing layer stays empty."""
+    gen = torch.Generator().manual_seed(21)
+    logits = {layer: torch.randn(10, NUM_EXPERTS, generator=gen) * 2 for layer in (2, 0)}
+    router = BHRouter(NUM_EXPERTS, fit_kde_null([x.numpy() for x in logits.values()], NUM_EXPERTS), alpha=0.5,
+                      min_k=1, max_k=4)
+    recorder = RoutingRecorder(3, NUM_EXPERTS, 1, 4)
+    recorder.begin_batch(torch.ones(1, 10, dtype=torch.long), torch.tensor([0]), torch.tensor([0]),
+                         torch.ones(1, 10, dtype=torch.long))
+    selections = {}
+    for layer, layer_logits in logits.items():
+        selections[layer] = router(layer_logits, layer % 2)
+        recorder.record(layer, layer_logits, selections[layer])
+    recorder.end_batch()
+    state = recorder.state()
+    for layer in (0, 2):
+        s = selections[layer]
+        k = s.k.numpy()
+        assert state["k_hist"][layer].tolist() == np.bincount(k, minlength=NUM_EXPERTS + 1).tolist()
+        chosen = np.concatenate([s.indices[t, : k[t]].numpy() for t in range(10)])
+        assert state["expert_counts"][layer][:NUM_EXPERTS].tolist() == np.bincount(chosen, minlength=NUM_EXPERTS).tolist()
+        top = logits[layer].numpy().argmax(-1)
+        assert state["top1_counts"][layer].tolist() == np.bincount(top, minlength=NUM_EXPERTS).tolist()
+        assert state["router_sums"][layer][0] == 10
+    assert not state["k_hist"][1].any() and not state["expert_counts"][1].any() and not state["top1_counts"][1].any()
+    assert state["router_sums"][1].tolist() == [0.0] * 5

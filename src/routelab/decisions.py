@@ -49,6 +49,10 @@ SCHEMA = pa.schema([
 ])
 
 _META = ("window_id", "doc_id", "position", "token_id")
+# Dictionary encoding for the integer columns only: on the float lists (logits, p-values) it made the
+# writer thread 5x slower and the file 30 % larger (measured on the demo: 17.8 vs 3.3 µs and 951 vs
+# 720 bytes per row), their values hardly ever repeat.
+_DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "k", "passing_rank"]
 
 
 class DecisionSampler:
@@ -66,7 +70,7 @@ class DecisionSampler:
         self.num_experts, self.every_n = num_experts, int(every_n)
         self.alpha = None if alpha is None else check_fraction("alpha", alpha)
         self.tokens_seen = 0  # real tokens of all batches so far: the global sampling counter
-        self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size)
+        self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size, use_dictionary=_DICTIONARY_COLUMNS)
         self._arena = BufferArena(chunk_bytes=2 << 20)  # host memory of the batches waiting for their row group
         self._batch: dict[str, torch.Tensor] | None = None
         self._layers: dict[int, dict[str, torch.Tensor]] = {}

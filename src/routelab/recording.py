@@ -74,6 +74,7 @@ class RoutingRecorder:
         self._device: torch.device | None = None
         self._offsets: dict[tuple, _LayerOffsets] = {}  # per set of layers and device
         self._slots: dict[tuple, torch.Tensor] = {}  # arange(max_k) per max_k and device
+        self._workspace: dict[tuple, dict[str, torch.Tensor]] = {}  # per-batch buffers, per shape and device
         self._k_hist = self._expert_counts = self._p_moments = None
         self._router_sums = self._router_probs = self._top1_counts = None
 
@@ -89,9 +90,10 @@ class RoutingRecorder:
         self._ones = torch.ones(0, dtype=torch.long, device=device)  # grown on demand, for scatter_add_
         # sum p, sum p^2, count, sum p over selected, count selected  (float64 for exact-ish sums)
         self._p_moments = torch.zeros(5, dtype=torch.float64, device=device)
-        # per layer: tokens, sum weight entropy, sum router entropy, sum logsumexp^2, sum top-1 margin
-        self._router_sums = torch.zeros(layers, 5, dtype=torch.float64, device=device)
-        self._router_probs = torch.zeros(layers, experts, dtype=torch.float64, device=device)
+        # per layer: [tokens, sum weight entropy, sum router entropy, sum logsumexp^2, sum top-1 margin |
+        # sum of each expert's probability]: one buffer, so that a batch adds all of them at once
+        self._router = torch.zeros(layers, 5 + experts, dtype=torch.float64, device=device)
+        self._router_sums, self._router_probs = self._router[:, :5], self._router[:, 5:]
 
     def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
                     input_ids: torch.Tensor) -> None:
@@ -144,8 +146,9 @@ class RoutingRecorder:
         CPU time here goes mostly to the fixed cost of each tensor op (several microseconds, more when the
         forward pass has just evicted torch's own code and data from the caches), so the ops are few: the
         ``[T, E]`` reductions run on each layer's own tensors (a stack of every layer's logits or
-        probabilities would copy them), everything smaller is stacked once, token-major (``[T, L, ...]``,
-        the order of routing.parquet's rows) and reduced over all layers at once."""
+        probabilities would copy them) straight into per-batch buffers that are reused, and everything
+        smaller is stacked once, token-major (``[T, L, ...]``, the order of routing.parquet's rows), and
+        reduced over all layers at once."""
         layer_ids = sorted(layers_seen)
         selections = [layers_seen[i][1] for i in layer_ids]
         device = selections[0].k.device
@@ -158,36 +161,39 @@ class RoutingRecorder:
         if rows is not None:  # drop the padding (a gather on the device, no sync)
             rows = _on(rows, device)
             k, indices, weights = k.index_select(0, rows), indices.index_select(0, rows), weights.index_select(0, rows)
+        tokens = k.shape[0]
         layers = self._layer_offsets(layer_ids, device)
-        reduced = [self._reduce_layer(_on(layers_seen[i][0], device), s, rows) for i, s in zip(layer_ids, selections)]
-        # [T, L], [T, L, 2], [T, L], [L, E], [T, L] or None, [L, E] or None
-        top_logit, top_probs, p_dot_logit, prob_sums, top_expert, top1_counts = (
-            None if any(part is None for part in parts) else torch.stack(parts, dim=dim)
-            for parts, dim in zip(zip(*reduced), (1, 1, 1, 0, 1, 0)))
-        if top_expert is None:  # no top expert from the router: each layer counted its top-1 from its probabilities
-            counts = [_count(top, self.num_experts) if top is not None else own for *_, top, own in reduced]
-            self._top1_counts.index_add_(0, _on(layers.ids, self._device), torch.stack(counts).to(self._device))
+        work = self._buffers(len(layer_ids), tokens, device)
+        top_probs, own_top = [], []
+        for i, (layer, selection) in enumerate(zip(layer_ids, selections)):
+            probs, top = self._reduce_layer(_on(layers_seen[layer][0], device), selection, rows, work, i)
+            top_probs.append(probs)
+            own_top.append(top)
+        top_probs = torch.stack(top_probs)  # [L, T, 2]
+        if all(top is None for top in own_top):  # the routers' top experts: slot 0 of their selections
+            top_expert = indices[..., 0]
+        else:  # some layer counted its own top-1 from its probabilities: count every layer so
+            top_expert = None
+            counts = [_count(indices[:, i, 0], self.num_experts) if top is None else top for i, top in enumerate(own_top)]
+            self._top1_counts.index_add_(0, layers.ids, torch.stack(counts).to(self._device))
         # logsumexp = max logit - log p_(1) (the largest probability belongs to the largest logit), and
         # entropy_t = sum_e p_te (logsumexp_t - logit_te) = logsumexp_t - <p_t, logits_t>.
-        logsumexp = top_logit - top_probs[..., 0].log()  # [T, L]
+        logsumexp = work["top_logit"] - top_probs[..., 0].log()  # [L, T]
         # Unused slots hold weight 0 (the Selection contract) and add 0 x log(tiny) = 0 to the entropy; the
         # clamp keeps log off 0 and subnormals (5x slower than normal floats on CPU, and xlogy is not vectorised).
         selected = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        per_token = torch.stack([  # [T, L, 4]
-            torch.linalg.vecdot(selected, selected.clamp_min(_LOG_FLOOR).log()).neg_(),  # weight entropy
-            logsumexp - p_dot_logit,  # router entropy
-            logsumexp * logsumexp,
-            top_probs[..., 0] - top_probs[..., 1],  # top-1 margin
-        ], dim=-1)
+        sums = work["sums"]  # [L, 5 + E]: tokens (filled in once), the four sums below, the probability sums
+        torch.sum(torch.linalg.vecdot(selected, selected.clamp_min(_LOG_FLOOR).log()), 0, out=sums[:, 1]).neg_()
+        torch.sum(logsumexp - work["p_dot_logit"], 1, out=sums[:, 2])  # router entropy
+        torch.linalg.vecdot(logsumexp, logsumexp, out=sums[:, 3])
+        torch.sum(top_probs[..., 0] - top_probs[..., 1], 1, out=sums[:, 4])  # top-1 margin
         # One batch is summed in float32 (torch sums pairwise: relative error ~1e-7 for a batch), the
-        # running totals in float64; the first column counts the tokens.
-        sums = torch.cat([layers.token_column(k.shape[0]), per_token.sum(0)], dim=1)  # [L, 5]
-        self._router_sums.index_add_(0, layers.ids, sums.to(self._device, torch.float64))
-        self._router_probs.index_add_(0, layers.ids, prob_sums.to(self._device, torch.float64))
+        # running totals in float64.
+        self._router.index_add_(0, layers.ids, sums.to(self._device, torch.float64))
         self._add_counts(layers, k, indices, top_expert)
         if self.pvalue_every:
             # a few layers at a time: all p-values of a long batch (pvalue_every 1) would be [T, L, E] at once
-            group = max(1, _STATS_ELEMENTS // max(1, k.shape[0] * self.num_experts))
+            group = max(1, _STATS_ELEMENTS // max(1, tokens * self.num_experts))
             for start in range(0, len(layer_ids), group):
                 part = slice(start, start + group)
                 self._accumulate_sampled_pvalues(batch, selections[part], indices[:, part], rows, device)
@@ -197,14 +203,29 @@ class RoutingRecorder:
     def _layer_offsets(self, layer_ids: list[int], device: torch.device) -> "_LayerOffsets":
         key = (tuple(layer_ids), str(device))
         if key not in self._offsets:
-            self._offsets[key] = _LayerOffsets(layer_ids, self.num_experts, device, self._device)
+            self._offsets[key] = _LayerOffsets(layer_ids, self.num_layers, self.num_experts, device, self._device)
         return self._offsets[key]
 
-    def _reduce_layer(self, logits: torch.Tensor, selection: Selection, rows: torch.Tensor | None) -> tuple:
-        """One layer's ``[T, E]`` reductions over its real tokens (``rows`` of the flat batch, None: all):
-        ``(max logit [T], top-2 probabilities [T, 2], <probabilities, logits> [T], probability sums [E],
-        top expert [T] or None, top-1 counts [E] or None)``. The probabilities, top expert and top-2
-        probabilities are the router's when it gives them (see :class:`routelab.routers.Selection`)."""
+    def _buffers(self, n_layers: int, tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-batch float32 buffers for ``n_layers`` layers of ``tokens`` tokens, reused by later batches
+        of that shape (the last shape asked for is kept): ``top_logit`` and ``p_dot_logit`` ``[L, T]``,
+        ``sums`` ``[L, 5 + E]`` whose first column holds ``tokens``."""
+        key = (n_layers, tokens, str(device))
+        if key not in self._workspace:
+            sums = torch.zeros(n_layers, 5 + self.num_experts, device=device)
+            sums[:, 0] = tokens
+            self._workspace = {key: {"top_logit": torch.empty(n_layers, tokens, device=device),
+                                     "p_dot_logit": torch.empty(n_layers, tokens, device=device), "sums": sums}}
+        return self._workspace[key]
+
+    def _reduce_layer(self, logits: torch.Tensor, selection: Selection, rows: torch.Tensor | None,
+                      work: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's ``[T, E]`` reductions over its real tokens (``rows`` of the flat batch, None: all),
+        written into row ``i`` of the batch buffers (max logit, ``<probabilities, logits>``, probability
+        sums); returns the top-2 probabilities ``[T, 2]`` and, when the router gave no top expert, the
+        layer's top-1 counts ``[E]`` (else None: the router's top expert is its selection's first slot).
+        The probabilities, top expert and top-2 probabilities are the router's when it gives them (see
+        :class:`routelab.routers.Selection`)."""
         probs, top_expert, top_probs = selection.probs, selection.top_expert, selection.top_probs
         if rows is not None:
             logits = logits.index_select(0, rows)
@@ -217,26 +238,37 @@ class RoutingRecorder:
             probs = torch.softmax(logits, dim=-1)
         counts = None
         if top_expert is not None and top_probs is not None:
-            top_logit = logits.gather(-1, top_expert.view(-1, 1)).view(-1)
+            torch.gather(logits, 1, top_expert.view(-1, 1), out=work["top_logit"][i].view(-1, 1))
         else:
-            top_logit, (top_probs, counts), top_expert = logits.amax(dim=-1), _top_from_probs(probs), None
+            torch.amax(logits, dim=-1, out=work["top_logit"][i])
+            top_probs, counts = _top_from_probs(probs)
         # per token: the entropy is a small difference of two such numbers, so it is taken per token
         # before summing (a dot product over the whole layer lost up to 1e-5 relative on 100k tokens)
-        p_dot_logit = torch.linalg.vecdot(probs, logits)
-        return top_logit, top_probs, p_dot_logit, probs.sum(0), top_expert, counts
+        torch.linalg.vecdot(probs, logits, out=work["p_dot_logit"][i])
+        torch.sum(probs, 0, out=work["sums"][i, 5:])
+        return top_probs, counts
 
     def _add_counts(self, layers: "_LayerOffsets", k: torch.Tensor, indices: torch.Tensor,
                     top_expert: torch.Tensor | None) -> None:
         """Add the histogram of ``k [T, L]``, the counts of ``indices [T, L, max_k]`` (the sentinel in
-        its own bin) and, if given, of ``top_expert [T, L]`` to their layers: one scatter into the shared
-        count buffer (one op instead of one per count and layer; never waits for the device)."""
-        parts = [(k + layers.k_bins).view(-1), (indices + layers.expert_bins).view(-1)]
+        its own bin) and, if given, of ``top_expert [T, L]`` to their layers: a scatter per count into
+        the count buffer's rows (never waits for the device); for some of the layers only, into a
+        zeroed buffer added to theirs."""
+        tokens, n_layers, max_k = indices.shape
+        if self._ones.numel() < tokens * n_layers * max_k:
+            self._ones = torch.ones(2 * tokens * n_layers * max_k, dtype=torch.long, device=self._device)
+        target = self._counts if layers.all else layers.scratch.zero_()
+        experts = self.num_experts
+        ones = self._ones[: tokens * n_layers].view(n_layers, tokens)
+        target[:, : experts + 1].scatter_add_(1, _on(k.T, self._device), ones)
+        # layer-major for the scatter (one copy of the indices)
+        by_layer = indices.permute(1, 0, 2).reshape(n_layers, tokens * max_k)
+        target[:, experts + 1: 2 * experts + 2].scatter_add_(
+            1, _on(by_layer, self._device), self._ones[: tokens * n_layers * max_k].view(n_layers, -1))
         if top_expert is not None:
-            parts.append((top_expert + layers.top1_bins).view(-1))
-        flat = torch.cat(parts)
-        if self._ones.numel() < flat.numel():
-            self._ones = torch.ones(2 * flat.numel(), dtype=torch.long, device=self._device)
-        self._counts.view(-1).scatter_add_(0, _on(flat, self._device), self._ones[: flat.numel()])
+            target[:, 2 * experts + 2:].scatter_add_(1, _on(top_expert.T, self._device), ones)
+        if not layers.all:
+            self._counts.index_add_(0, layers.ids, target)
 
     def _accumulate_sampled_pvalues(self, batch: dict[str, Any], selections: list[Selection], indices: torch.Tensor,
                                     rows: torch.Tensor | None, device: torch.device) -> None:
@@ -317,7 +349,8 @@ class RoutingRecorder:
         float64, ``top1_counts [layers, E]`` int64 (see :meth:`_init_counts`)."""
         if self._k_hist is None:
             return None
-        return {name: getattr(self, f"_{name}").cpu().numpy() for name in self._STATE_FIELDS}
+        # copies: the running counts are views of shared buffers that later batches keep adding to
+        return {name: getattr(self, f"_{name}").cpu().numpy().copy() for name in self._STATE_FIELDS}
 
     def load_state(self, state: dict[str, np.ndarray], device: torch.device | str) -> None:
         """Continue from a saved :meth:`state` (e.g. a checkpoint): later batches add to its counts."""
@@ -377,21 +410,15 @@ def _top_from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _LayerOffsets:
-    """For one set of recorded layers (kept per set): their ids and where each layer's bins start in the
-    recorder's shared count buffer (``[layers, k histogram | expert counts | top-1 counts]``), shaped to
-    broadcast over ``k [T, L]``, ``indices [T, L, max_k]`` and ``top_expert [T, L]``."""
+    """For one set of recorded layers (kept per set): their ids on the count device, whether they are all
+    the model's layers in order (then counts are added in place), else a scratch count buffer."""
 
-    def __init__(self, layer_ids: list[int], num_experts: int, device: torch.device, count_device: torch.device):
+    def __init__(self, layer_ids: list[int], num_layers: int, num_experts: int, device: torch.device,
+                 count_device: torch.device):
         self.ids = torch.as_tensor(layer_ids, device=count_device)
-        base = torch.as_tensor(layer_ids, device=device) * (3 * num_experts + 2)
-        self.k_bins, self.expert_bins, self.top1_bins = base, (base + num_experts + 1)[:, None], base + 2 * num_experts + 2
-        self._column: tuple[int, torch.Tensor] | None = None
-
-    def token_column(self, tokens: int) -> torch.Tensor:
-        """``[L, 1]`` float32 filled with ``tokens`` (the last one asked for is kept: batches repeat it)."""
-        if self._column is None or self._column[0] != tokens:
-            self._column = (tokens, torch.full((len(self.k_bins), 1), float(tokens), device=self.k_bins.device))
-        return self._column[1]
+        self.all = list(layer_ids) == list(range(num_layers))
+        self.scratch = None if self.all else torch.zeros(len(layer_ids), 3 * num_experts + 2, dtype=torch.long,
+                                                          device=count_device)
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
