@@ -377,6 +377,29 @@ def test_batched_writer_lets_written_batches_memory_be_reused(tmp_path):
     assert arena.mapped_bytes <= 8 * (1 << 16), arena.mapped_bytes  # at most a few row groups' worth
 
 
+def test_batched_writer_builds_runs_of_combinable_batches_together_in_order(tmp_path):
+    from routelab.io import BatchedParquetWriter
+
+    class Combined(_Compact):
+        calls = []
+
+        @staticmethod
+        def batch_of(items):
+            Combined.calls.append(len(items))
+            return _int_batch([v for item in items for v in item.values])
+
+    writer = BatchedParquetWriter(tmp_path / "x.parquet", _int_batch([0]).schema, row_group_size=100)
+    for part in ([1, 2], [3], [4, 5]):
+        writer.append(Combined(part))
+    writer.append(_Compact([6]))
+    writer.append(_int_batch([7]))
+    for part in ([8], [9, 10]):
+        writer.append(Combined(part))
+    writer.close()
+    assert pq.read_table(tmp_path / "x.parquet")["x"].to_pylist() == list(range(1, 11))
+    assert Combined.calls == [3, 2]  # one call per run of them
+
+
 def test_batched_writer_batch_of_another_schema_fails_cleanly(tmp_path):
     import pyarrow as pa
 

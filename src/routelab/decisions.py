@@ -165,41 +165,60 @@ class _SampledRows:
 
     def to_batch(self) -> pa.RecordBatch:
         """One Parquet row per (token, layer), with :data:`SCHEMA`."""
+        return _SampledRows.batch_of([self])
+
+    def _rows(self) -> dict[str, np.ndarray]:
+        """This batch's rows as numpy arrays: the per-row columns, ``logits`` / ``pvalues`` ``[rows, E]``
+        (``pvalues`` only if kept) and the flat ``selected`` / ``selected_weights`` values."""
         n_layers, rows = len(self._layers), self.num_rows
         tokens = rows // n_layers
         meta = self._array("meta", np.int32)
         windows = (meta.size - 2 * tokens) // 2
         window, position = np.divmod(meta[2 * windows + tokens:], self._seq)
-        logits = self._array("logits", np.float32).reshape(rows, -1)
-        wide = logits.astype(np.float64)
-        stats = np.stack([wide.mean(-1), wide.std(-1), wide.min(-1), wide.max(-1)], axis=-1).astype(np.float32)
-        k, indices = self._array("k", np.int16), self._array("indices", np.int16)
-        used = np.arange(indices.shape[-1]) < k[..., None]
-        offsets = np.concatenate([[0], np.cumsum(k.reshape(-1))]).astype(np.int32)
         per_token = (meta[:windows][window], meta[windows:2 * windows][window], position,
                      meta[2 * windows:2 * windows + tokens])
-        columns: dict[str, Any] = {key: np.repeat(values, n_layers) for key, values in zip(_META, per_token)}
+        columns = {key: np.repeat(values, n_layers) for key, values in zip(_META, per_token)}
         columns["layer"] = np.tile(np.asarray(self._layers, dtype=np.int16), tokens)
+        k, indices = self._array("k", np.int16), self._array("indices", np.int16)
+        used = np.arange(indices.shape[-1]) < k[..., None]
         columns["k"] = k.reshape(-1)
+        columns["logits"] = self._array("logits", np.float32).reshape(rows, -1)
+        if "pvalues" in self._shapes:  # absent for routers without p-values
+            columns["pvalues"] = self._array("pvalues", np.float32).transpose(1, 0, 2).reshape(rows, -1)  # token-major
+        columns["selected"], columns["selected_weights"] = indices[used], self._array("weights", np.float32)[used]
+        return columns
+
+    @staticmethod
+    def batch_of(items: list["_SampledRows"]) -> pa.RecordBatch:
+        """The rows of several batches (of one sampler) as one record batch with :data:`SCHEMA`: the
+        Parquet writer's thread builds a row group's columns once instead of once per forward pass."""
+        if len({(item._alpha, item._num_experts, "pvalues" in item._shapes) for item in items}) > 1:
+            return pa.concat_batches([_SampledRows.batch_of([item]) for item in items])  # not one sampler's
+        parts = [item._rows() for item in items]
+        columns: dict[str, Any] = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        alpha, num_experts, rows = items[0]._alpha, items[0]._num_experts, len(columns["k"])
+        wide = columns["logits"].astype(np.float64)
+        stats = np.stack([wide.mean(-1), wide.std(-1), wide.min(-1), wide.max(-1)], axis=-1).astype(np.float32)
         for j, name in enumerate(("logit_mean", "logit_std", "logit_min", "logit_max")):
             columns[name] = stats[:, j]
-        columns["logits"] = _fixed_lists(logits)
-        if "pvalues" in self._shapes:  # absent for routers without p-values
-            pvalues = self._array("pvalues", np.float32).transpose(1, 0, 2).reshape(rows, -1)  # token-major
-            ordered = np.sort(pvalues, axis=-1)
-            columns["pvalues"], columns["sorted_pvalues"] = _fixed_lists(pvalues), _fixed_lists(ordered)
+        columns["logits"] = _fixed_lists(columns["logits"])
+        has_pvalues = "pvalues" in columns
+        if has_pvalues:
+            ordered = np.sort(columns["pvalues"], axis=-1)
+            columns["pvalues"], columns["sorted_pvalues"] = _fixed_lists(columns["pvalues"]), _fixed_lists(ordered)
         else:
             columns["pvalues"] = columns["sorted_pvalues"] = pa.nulls(rows, _F32_LIST)
-        if self._alpha is not None:
-            columns["bh_thresholds"] = _fixed_lists(np.tile(bh_thresholds(self._num_experts, self._alpha), (rows, 1)))
+        if alpha is not None:
+            columns["bh_thresholds"] = _fixed_lists(np.tile(bh_thresholds(num_experts, alpha), (rows, 1)))
         else:
             columns["bh_thresholds"] = pa.nulls(rows, _F32_LIST)
-        if self._alpha is not None and "pvalues" in self._shapes:
-            columns["passing_rank"] = pa.array(_bh_count(ordered, self._alpha).astype(np.int16))
+        if alpha is not None and has_pvalues:
+            columns["passing_rank"] = pa.array(_bh_count(ordered, alpha).astype(np.int16))
         else:
             columns["passing_rank"] = pa.nulls(rows, pa.int16())
-        columns["selected"] = pa.ListArray.from_arrays(offsets, indices[used])
-        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, self._array("weights", np.float32)[used])
+        offsets = np.concatenate([[0], np.cumsum(columns["k"])]).astype(np.int32)
+        columns["selected"] = pa.ListArray.from_arrays(offsets, columns["selected"])
+        columns["selected_weights"] = pa.ListArray.from_arrays(offsets, columns["selected_weights"])
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
 
 

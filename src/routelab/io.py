@@ -217,7 +217,8 @@ class BatchedParquetWriter:
 
         ``batch`` may also be any object with ``num_rows`` and a ``to_batch()`` method returning the
         record batch: the writer thread calls it, just before the row group is written (a compact form
-        is cheaper to keep, and the expansion leaves the caller's thread); such objects are kept as given.
+        is cheaper to keep, and the expansion leaves the caller's thread); such objects are kept as given,
+        and consecutive ones whose type has a static ``batch_of(list)`` are built by one call of it.
 
         Record batches are kept as copies in Arrow's memory pool: a batch built from numpy arrays shares
         their memory, and thousands of such long-lived blocks on the C heap, between the model's large
@@ -263,7 +264,7 @@ class BatchedParquetWriter:
                 continue
             start = time.thread_time()
             try:
-                batches = [b.to_batch() if hasattr(b, "to_batch") else b for b in batches]
+                batches = _expand(batches)
                 self._writer.write_table(pa.Table.from_batches(batches, schema=self.schema),
                                          row_group_size=self.row_group_size)
             except BaseException as exc:  # handed to the caller's thread by _raise_pending
@@ -307,6 +308,20 @@ class BatchedParquetWriter:
         """Stop without producing ``path`` (e.g. the run failed): the temporary file is removed."""
         self._error = self._error or _AlreadyRaised()
         self._discard()
+
+
+def _expand(batches: list) -> list:
+    """Record batches from a row group's pending batches, in order: compact batches of a type with a
+    ``batch_of(list)`` static method are built together, one record batch per run of them; others by
+    their own ``to_batch()``; record batches are kept."""
+    out = []
+    for kind, run in itertools.groupby(batches, key=type):
+        run = list(run)
+        if hasattr(kind, "batch_of"):
+            out.append(kind.batch_of(run))
+        else:
+            out.extend(b.to_batch() if hasattr(b, "to_batch") else b for b in run)
+    return out
 
 
 class _AlreadyRaised(Exception):
