@@ -20,10 +20,12 @@ sampling adds, p-values included) <= 1.02. Also prints the CPU time the Parquet 
 (which the interleaved forwards do not see: the benchmark's records fit in one row group, written at
 the end) and the ratio with it added, the recorders' own work replayed on one batch's captured calls
 without the model (a steadier figure than a difference of forward times on a noisy machine), and the
-Parquet bytes per million (token, layer) records.
+Parquet bytes per million (token, layer) records, from forwards of distinct random tokens (the timed
+forwards repeat one batch, whose repeats zstd would compress away).
 
     python benchmarks/logging_overhead.py [--model results/demo/model] [--repeats 60] [--tokens 2048]
                                           [--threads N] [--sample-every 100] [--replays 300]
+                                          [--size-forwards 40]
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--replays", type=int, default=300,
                         help="replays of one batch's recorder work without the model (0: skip)")
+    parser.add_argument("--size-forwards", type=int, default=40,
+                        help="forwards of distinct random tokens whose logs measure the file sizes")
     parser.add_argument("--sample-every", type=int, default=100,
                         help="the detail's sampling (the pipeline's evaluation.decision_sample_every)")
     args = parser.parse_args()
@@ -224,10 +228,19 @@ def main() -> None:
         print(f"  recorder work alone, one batch replayed {args.replays} times without the model (median): "
               + ", ".join(f"{label} {1000 * value:.2f} ms" for label, value in spent.items())
               + f" (the no-logging forward: {base_ms:.2f} ms)")
-    records = (args.repeats + 1) * inputs.numel() * num_layers
-    full = variants[full_label].recorder
-    print(f"  routing.parquet: {os.path.getsize(os.path.join(tmp, 'full.parquet')) / records * 1e6 / 2**20:.2f} MiB "
-          f"per million (token, layer) records ({records} records, mean k {full.summary()['experts_mean']:.2f})")
+    # File sizes on distinct inputs: the timed forwards repeat one batch, which zstd compresses away.
+    sized = RecorderGroup(recorder("sized.parquet", every), sampler("sized-decisions.parquet"))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(args.size_forwards):
+        forward(model, torch.randint(0, model.config.vocab_size, inputs.shape, generator=generator), router, sized)
+    sized.close()
+    full, detail = sized.recorders
+    records = args.size_forwards * inputs.numel() * num_layers
+    print(f"  routing.parquet on {args.size_forwards} forwards of distinct random tokens: "
+          f"{os.path.getsize(os.path.join(tmp, 'sized.parquet')) / records * 1e6 / 2**20:.2f} MiB per million "
+          f"(token, layer) records (mean k {full.summary()['experts_mean']:.2f}); decisions.parquet "
+          f"{os.path.getsize(os.path.join(tmp, 'sized-decisions.parquet')) / (records / every):.0f} bytes per sampled "
+          f"(token, layer)")
 
 
 if __name__ == "__main__":
