@@ -133,6 +133,7 @@ class DecisionSampler:
     def close(self) -> None:
         """Finish the Parquet file (a valid, possibly empty, file with :data:`SCHEMA`)."""
         self._writer.close()
+        self._arena = BufferArena(chunk_bytes=2 << 20)  # every batch is written: its chunks are unmapped
 
     @property
     def encode_seconds(self) -> float:

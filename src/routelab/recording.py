@@ -329,6 +329,7 @@ class RoutingRecorder:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self._arena = BufferArena()  # every batch is written: its chunks are unmapped
 
     @property
     def encode_seconds(self) -> float:
