@@ -142,9 +142,9 @@ class DecisionSampler:
 
 
 class _SampledRows:
-    """One batch's sample as kept until its row group is written, in one buffer of Arrow's memory pool:
-    the windows' and sampled tokens' ids, the sampled tokens' logits, weights, p-values (layer-major, as
-    computed), k and selected experts. :meth:`to_batch` derives the rest (logit statistics, sorted
+    """One batch's sample as kept until its row group is written, in one buffer of host memory
+    (:class:`routelab.io.BufferArena`): the windows' and sampled tokens' ids, the sampled tokens' logits,
+    weights, p-values (layer-major, as computed), k and selected experts. :meth:`to_batch` derives the rest (logit statistics, sorted
     p-values, BH thresholds and passing rank) and builds the rows on the Parquet writer's thread (see
     :class:`routelab.io.BatchedParquetWriter`), off the model's thread."""
 

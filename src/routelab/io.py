@@ -149,12 +149,11 @@ class BufferArena:
         return sum(memory.size for memory, _ in self._chunks)
 
 
-def pack_for_writer(parts: Sequence[Any], arena: BufferArena | None = None) -> tuple[Any, list[int]]:
-    """Copy tensors (any device and dtype, each contiguous) back to back into one host buffer with a
-    single torch op: a ``cat`` into it on CPU, one device-to-host copy otherwise. The buffer comes from
-    ``arena`` (else from Arrow's pool, see :func:`arrow_backed`). Returns it as a ``pyarrow.Buffer`` and
-    each part's byte offset in it. Put parts with 4-byte values before 2-byte ones so that every part
-    is aligned to its type.
+def pack_for_writer(parts: Sequence[Any], arena: BufferArena) -> tuple[Any, list[int]]:
+    """Copy tensors (any device and dtype, each contiguous) back to back into one host buffer taken from
+    ``arena``, with a single torch op: a ``cat`` into it on CPU, one device-to-host copy otherwise.
+    Returns it as a ``pyarrow.Buffer`` and each part's byte offset in it. Put parts with 4-byte values
+    before 2-byte ones so that every part is aligned to its type.
 
     The recorders keep each batch so until its row group is written: one op, where a ``.numpy()`` per
     tensor costs four calls into torch and a copy per part would cost another."""
@@ -163,17 +162,13 @@ def pack_for_writer(parts: Sequence[Any], arena: BufferArena | None = None) -> t
 
     views = [part.reshape(-1).view(torch.uint8) for part in parts]
     offsets = list(itertools.accumulate((view.numel() for view in views), initial=0))
-    if arena is None:
-        buffer, raw = arrow_backed(np.uint8, offsets[-1])
-    else:
-        raw = arena.take(offsets[-1])
-        buffer = pa.py_buffer(raw)
+    raw = arena.take(offsets[-1])
     host = torch.from_numpy(raw)
     if all(view.device.type == "cpu" for view in views):
         torch.cat(views, out=host)
     else:
         host.copy_(torch.cat(views))
-    return buffer, offsets[:-1]
+    return pa.py_buffer(raw), offsets[:-1]
 
 
 class BatchedParquetWriter:

@@ -12,10 +12,10 @@ only in :meth:`RoutingRecorder.summary`: recording a layer never waits for the d
 
 During the forward pass the recorder only keeps each layer's tensors; :meth:`RoutingRecorder.end_batch`
 does the work once per batch: each layer's ``[tokens, experts]`` reductions on its own tensors, everything
-smaller stacked and reduced over all layers at once (statistics, all counts in one scatter, the selection
-compacted on the device and copied to the host as one buffer, kept compact in Arrow's memory pool), and
-a background thread expands each batch into its columns and compresses and writes the row groups
-(:class:`routelab.io.BatchedParquetWriter`).
+smaller stacked and reduced over all layers at once (statistics, counts by a scatter per count, the
+selection compacted on the device and copied to the host as one buffer, kept compact in a reused arena
+of host memory, :class:`routelab.io.BufferArena`), and a background thread expands each batch into its
+columns and compresses and writes the row groups (:class:`routelab.io.BatchedParquetWriter`).
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ class RoutingRecorder:
                     weights: torch.Tensor, device: torch.device) -> None:
         """Queue one Parquet row per (real token, layer), token-major, from ``k [T, L]`` and
         ``indices`` / ``weights [T, L, max_k]``: compacted on the device and written straight into one
-        buffer of Arrow's memory pool (one copy to the host), expanded into columns on the writer thread."""
+        buffer of host memory from the arena (one copy to the host), expanded into columns on the writer thread."""
         tokens, n_layers = k.shape
         # The k selected experts lead each row: the used slots in row-major order are exactly the flat
         # list values, so the Arrow offsets are the running sum of k and no per-row work is needed.
@@ -430,13 +430,14 @@ def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _CompactRows:
-    """One batch of routing.parquet rows as kept until its row group is written, in one buffer of Arrow's
-    memory pool: each window's ids once, each real token's id once (not once per layer), with padding
-    the real tokens' flat rows, then the selected weights, k and the selected experts (~19 bytes per row
-    at mean k 2, against ~41 for the full columns). :meth:`to_batch` expands it into the record batch on
-    the Parquet writer's thread (see :class:`routelab.io.BatchedParquetWriter`), so the model's thread
-    neither builds the columns nor touches their memory: fresh memory costs a page fault per 4 KiB on
-    first touch, and such faults took more time than all the statistics on CPU."""
+    """One batch of routing.parquet rows as kept until its row group is written, in one buffer of host
+    memory (:class:`routelab.io.BufferArena`): each window's ids once, each real token's id once (not
+    once per layer), with padding the real tokens' flat rows, then the selected weights, k and the
+    selected experts (~15 bytes per row at mean k 2, against ~41 for the full columns). :meth:`to_batch`
+    expands it into the record batch on the Parquet writer's thread (see
+    :class:`routelab.io.BatchedParquetWriter`), so the model's thread neither builds the columns nor
+    touches their memory: fresh memory costs a page fault per 4 KiB on first touch, and such faults took
+    more time than all the statistics on CPU."""
 
     __slots__ = ("num_rows", "_buffer", "_windows", "_seq", "_tokens", "_layer_ids", "_total", "_padded")
 
