@@ -137,9 +137,14 @@ class BufferArena:
                 return chunk
         import mmap
 
-        # all pages faulted in by the kernel in one call (~30 % cheaper than a fault per page on first touch)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        chunk = (np.frombuffer(mmap.mmap(-1, max(size, self.chunk_bytes), flags=flags), dtype=np.uint8), [])
+        size = max(size, self.chunk_bytes)
+        if hasattr(mmap, "MAP_ANONYMOUS"):
+            # all pages faulted in by the kernel in one call (~30 % cheaper than a fault per page on first touch)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+            memory = mmap.mmap(-1, size, flags=flags)
+        else:  # Windows: anonymous memory without flags
+            memory = mmap.mmap(-1, size)
+        chunk = (np.frombuffer(memory, dtype=np.uint8), [])
         self._chunks.append(chunk)
         return chunk
 

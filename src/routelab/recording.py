@@ -72,7 +72,7 @@ class RoutingRecorder:
         self._batch: dict[str, Any] | None = None
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._device: torch.device | None = None
-        self._offsets: dict[tuple, _LayerOffsets] = {}  # per set of layers and device
+        self._layer_sets: dict[tuple, _LayerSet] = {}  # per set of layers and device
         self._slots: dict[tuple, torch.Tensor] = {}  # arange(max_k) per max_k and device
         self._workspace: dict[tuple, dict[str, torch.Tensor]] = {}  # per-batch buffers, per shape and device
         self._k_hist = self._expert_counts = self._p_moments = None
@@ -126,7 +126,8 @@ class RoutingRecorder:
 
         ``router_logits [tokens, E]`` and the selection (``[tokens, max_k]``, ``k [tokens]``, optional
         ``pvalues [tokens, E]``) over the flat ``batch * seq`` tokens. All work happens in
-        :meth:`end_batch`, batched over layers: one set of kernels per forward instead of one per layer.
+        :meth:`end_batch`, most of it batched over layers: one set of kernels per forward instead of one
+        per layer.
         """
         if self._batch is None:
             return
@@ -162,7 +163,7 @@ class RoutingRecorder:
             rows = _on(rows, device)
             k, indices, weights = k.index_select(0, rows), indices.index_select(0, rows), weights.index_select(0, rows)
         tokens = k.shape[0]
-        layers = self._layer_offsets(layer_ids, device)
+        layers = self._layer_set(layer_ids, device)
         work = self._buffers(len(layer_ids), tokens, device)
         top_probs, own_top = [], []
         for i, (layer, selection) in enumerate(zip(layer_ids, selections)):
@@ -172,7 +173,7 @@ class RoutingRecorder:
         top_probs = torch.stack(top_probs)  # [L, T, 2]
         if all(top is None for top in own_top):  # the routers' top experts: slot 0 of their selections
             top_expert = indices[..., 0]
-        else:  # some layer counted its own top-1 from its probabilities: count every layer so
+        else:  # some layer counted its own top-1 from its probabilities: every layer is counted on its own
             top_expert = None
             counts = [_count(indices[:, i, 0], self.num_experts) if top is None else top for i, top in enumerate(own_top)]
             self._top1_counts.index_add_(0, layers.ids, torch.stack(counts).to(self._device))
@@ -200,11 +201,11 @@ class RoutingRecorder:
         if self._writer is not None:
             self._write_rows(batch, layer_ids, k, indices, weights, device)
 
-    def _layer_offsets(self, layer_ids: list[int], device: torch.device) -> "_LayerOffsets":
+    def _layer_set(self, layer_ids: list[int], device: torch.device) -> "_LayerSet":
         key = (tuple(layer_ids), str(device))
-        if key not in self._offsets:
-            self._offsets[key] = _LayerOffsets(layer_ids, self.num_layers, self.num_experts, device, self._device)
-        return self._offsets[key]
+        if key not in self._layer_sets:
+            self._layer_sets[key] = _LayerSet(layer_ids, self.num_layers, self.num_experts, device, self._device)
+        return self._layer_sets[key]
 
     def _buffers(self, n_layers: int, tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-batch float32 buffers for ``n_layers`` layers of ``tokens`` tokens, reused by later batches
@@ -250,7 +251,7 @@ class RoutingRecorder:
         torch.sum(probs, 0, out=work["sums"][i, 5:])
         return top_probs, counts
 
-    def _add_counts(self, layers: "_LayerOffsets", k: torch.Tensor, indices: torch.Tensor,
+    def _add_counts(self, layers: "_LayerSet", k: torch.Tensor, indices: torch.Tensor,
                     top_expert: torch.Tensor | None) -> None:
         """Add the histogram of ``k [T, L]``, the counts of ``indices [T, L, max_k]`` (the sentinel in
         its own bin) and, if given, of ``top_expert [T, L]`` to their layers: a scatter per count into
@@ -412,7 +413,7 @@ def _top_from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top_probs, counts
 
 
-class _LayerOffsets:
+class _LayerSet:
     """For one set of recorded layers (kept per set): their ids on the count device, whether they are all
     the model's layers in order (then counts are added in place), else a scratch count buffer."""
 
