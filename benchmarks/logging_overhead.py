@@ -71,9 +71,6 @@ class Timed:
     def close(self):
         self.recorder.close()
 
-    def summary(self):
-        return self.recorder.summary()
-
 
 def forward(model, inputs, router, recorder) -> tuple[float, float]:
     """Wall and process CPU seconds (all threads, the Parquet writer's included) of one recorded forward."""

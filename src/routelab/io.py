@@ -91,8 +91,9 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
 
 def arrow_backed(dtype: Any, size: int) -> tuple[Any, np.ndarray]:
     """A new buffer of ``size`` values of numpy ``dtype`` in Arrow's memory pool and a writable numpy view
-    of it: for data kept until a row group is written (long-lived numpy blocks on the C heap, between a
-    model's large temporaries, slow its later tensor ops)."""
+    of it: columns filled with numpy and handed to Arrow without a copy (the writer thread's expansions),
+    off the C heap (long-lived numpy blocks there, between a model's large temporaries, slow its later
+    tensor ops)."""
     import pyarrow as pa
 
     buffer = pa.allocate_buffer(size * np.dtype(dtype).itemsize)
