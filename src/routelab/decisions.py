@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 
 from .io import BatchedParquetWriter, BufferArena, pack_for_writer
-from .recording import every_nth_real_token
+from .recording import every_nth_real_token, pack_token_meta, unpack_token_meta
 from .routers import Selection, check_fraction, pvalues_at_layers
 
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
@@ -113,9 +113,7 @@ class DecisionSampler:
         kept = batch["kept"] if batch["kept"].device == device else batch["kept"].to(device)
         # only the sampled rows' p-values are computed (routers compute them lazily), of all layers in one call
         pvalues = pvalues_at_layers(selections, kept)  # [layers, tokens, E]
-        ids = [batch["window_ids"], batch["doc_ids"], batch["input_ids"].reshape(-1), batch["kept"]]
-        ids[2] = ids[2].index_select(0, batch["kept"].to(ids[2].device))
-        meta = torch.cat([part if part.device == device else part.to(device) for part in ids]).to(torch.int32)
+        meta = pack_token_meta(batch["window_ids"], batch["doc_ids"], batch["input_ids"], batch["kept"], device)
         parts = {"meta": meta, "logits": torch.stack(logits, dim=1), "weights": torch.stack(weights, dim=1)}
         if pvalues is not None:
             parts["pvalues"] = pvalues
@@ -174,10 +172,7 @@ class _SampledRows:
         n_layers, rows = len(self._layers), self.num_rows
         tokens = rows // n_layers
         meta = self._array("meta", np.int32)
-        windows = (meta.size - 2 * tokens) // 2
-        window, position = np.divmod(meta[2 * windows + tokens:], self._seq)
-        per_token = (meta[:windows][window], meta[windows:2 * windows][window], position,
-                     meta[2 * windows:2 * windows + tokens])
+        per_token = unpack_token_meta(meta, (meta.size - 2 * tokens) // 2, tokens, self._seq)
         columns = {key: np.repeat(values, n_layers) for key, values in zip(_META, per_token)}
         columns["layer"] = np.tile(np.asarray(self._layers, dtype=np.int16), tokens)
         k, indices = self._array("k", np.int16), self._array("indices", np.int16)

@@ -105,19 +105,7 @@ class TabulatedNull:
 
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``P(null logit > x)`` for every entry of ``logits`` ``[tokens, experts]``; float32, in (0, 1]."""
-        x = logits if logits.dtype == torch.float32 else logits.float()
-        if temperature != 1.0:  # x / 1 is x: skip a pass over the logits
-            x = x / temperature
-        if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
-            key = (str(logits.device), layer)
-            if key not in self._device_cache:
-                grid, sf = self._tables(logits.device)
-                self._device_cache[key] = UniformSegments(grid[layer], sf[layer])
-            p = self._device_cache[key](x)
-        else:
-            grid, sf = self._tables(logits.device)
-            p = interpolate(x.contiguous(), grid[layer], sf[layer])
-        return p.clamp_(min=self.min_pvalue, max=1.0)
+        return self.pvalues_layers(logits.unsqueeze(0), [layer], temperature)[0]
 
     def pvalues_layers(self, logits: torch.Tensor, layers: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
         """:meth:`pvalues` of several layers in one call, equal to them exactly: ``logits`` ``[len(layers),
@@ -127,10 +115,10 @@ class TabulatedNull:
         if logits.dim() != 3 or logits.shape[0] != len(layers):
             raise ValueError(f"logits: expected shape [{len(layers)} layers, tokens, experts], got {tuple(logits.shape)}")
         x = logits if logits.dtype == torch.float32 else logits.float()
-        if temperature != 1.0:
+        if temperature != 1.0:  # x / 1 is x: skip a pass over the logits
             x = x / temperature
         grid, sf = self._tables(logits.device)
-        if self.kind == "kde":
+        if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
             key = (str(logits.device), tuple(layers))
             if key not in self._device_cache:
                 self._device_cache[key] = UniformSegments(grid[layers], sf[layers])

@@ -316,13 +316,8 @@ class RoutingRecorder:
         used = (k.unsqueeze(-1) > slots).view(-1).nonzero().squeeze(1)  # flat [T, L, max_k] positions
         experts = indices.view(-1).index_select(0, used).to(torch.int16)
         chosen = weights.view(-1).index_select(0, used)
-        # each window's ids once, the real tokens' ids (and, with padding, their flat rows): int32
-        ids = [batch["window_ids"], batch["doc_ids"], batch["input_ids"].reshape(-1)]
         rows = batch["flat_rows"]
-        if rows is not None:
-            ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
-            ids.append(rows)
-        meta = torch.cat([_on(part, device) for part in ids]).to(torch.int32)
+        meta = pack_token_meta(batch["window_ids"], batch["doc_ids"], batch["input_ids"], rows, device)
         buffer, _ = pack_for_writer([meta, chosen, k.to(torch.int16), experts], self._arena)  # 4-byte values first
         self._writer.append(_CompactRows(buffer, len(batch["window_ids"]), batch["seq"], tokens, layer_ids,
                                          used.numel(), padded=rows is not None))
@@ -425,6 +420,28 @@ class _LayerSet:
                                                           device=count_device)
 
 
+def pack_token_meta(window_ids: torch.Tensor, doc_ids: torch.Tensor, input_ids: torch.Tensor,
+                    rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The metadata of a batch's recorded tokens as the logs keep it until written, int32 on ``device``:
+    ``[window ids (batch) | doc ids (batch) | token ids | flat rows]``: each window's ids once, then the
+    tokens at ``rows`` of the flat ``[batch * seq]`` layout (``rows`` None: every position, and no rows
+    stored). :func:`unpack_token_meta` gives each token's columns back."""
+    ids = [window_ids, doc_ids, input_ids.reshape(-1)]
+    if rows is not None:
+        ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
+        ids.append(rows)
+    return torch.cat([_on(part, device) for part in ids]).to(torch.int32)
+
+
+def unpack_token_meta(meta: np.ndarray, windows: int, tokens: int, seq: int) -> tuple[np.ndarray, ...]:
+    """``(window_id, doc_id, position, token_id)`` of each of ``tokens`` tokens from :func:`pack_token_meta`'s
+    layout (with flat rows when ``meta`` holds them) for a batch of ``windows`` windows of ``seq`` positions."""
+    stored = meta.size == 2 * windows + 2 * tokens
+    flat = meta[2 * windows + tokens:] if stored else np.arange(tokens, dtype=np.int32)
+    window, position = np.divmod(flat, seq)
+    return meta[:windows][window], meta[windows:2 * windows][window], position, meta[2 * windows:2 * windows + tokens]
+
+
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device`` (itself when it is there already, without a call into torch's dispatcher)."""
     return tensor if tensor.device == device else tensor.to(device)
@@ -456,16 +473,14 @@ class _CompactRows:
         layer column, and list offsets from the running sum of k (the selected experts lead each row)."""
         windows, tokens, n_layers, rows, total = self._windows, self._tokens, len(self._layer_ids), self.num_rows, self._total
         n_meta = 2 * windows + tokens * (2 if self._padded else 1)
-        meta = np.frombuffer(self._buffer, dtype=np.int32, count=n_meta)
-        flat = meta[2 * windows + tokens:] if self._padded else np.arange(tokens, dtype=np.int32)
-        window, position = np.divmod(flat, self._seq)
+        per_token = unpack_token_meta(np.frombuffer(self._buffer, dtype=np.int32, count=n_meta), windows, tokens,
+                                      self._seq)
         start = 4 * n_meta
         weights = self._buffer.slice(start, 4 * total)
         k = np.frombuffer(self._buffer, dtype=np.int16, count=rows, offset=start + 4 * total)
         experts = self._buffer.slice(start + 4 * total + 2 * rows, 2 * total)
         columns = []
-        for values in (meta[:windows][window], meta[windows:2 * windows][window], position,
-                       meta[2 * windows:2 * windows + tokens]):  # each token's value once per layer
+        for values in per_token:  # each token's value once per layer
             buffer, repeated = arrow_backed(np.int32, rows)
             np.copyto(repeated.reshape(tokens, n_layers), values[:, None])
             columns.append(pa.Array.from_buffers(pa.int32(), rows, [None, buffer]))
