@@ -318,7 +318,14 @@ def test_killed_pipeline_resumes_and_equals_the_uninterrupted_run(workdir, tmp_p
                                    start_new_session=True)
     root = copy / "results/mini"
     deadline = time.monotonic() + 300
-    while not list(root.glob("**/*.partial/*/chunk-*")):  # a route job has saved part of its work
+
+    def saved_part() -> bool:  # a route job has saved part of its work
+        try:
+            return any(root.glob("**/*.partial/*/chunk-*"))
+        except FileNotFoundError:  # a temporary directory renamed into place while the glob walked it
+            return False
+
+    while not saved_part():
         assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no route job started"
         time.sleep(0.005)
