@@ -132,7 +132,8 @@ def noop_rerun(repeats: int) -> None:
         median, times, output = median_time(root, repeats)
         assert "Nothing to be done" in output, output[-2000:]
         print(f"no-op rerun (`snakemake`, nothing to be done): median {median:.2f} s of "
-              f"{', '.join(f'{t:.2f}' for t in times)} -> {median / NOOP_TARGET_S:.2f} x the {NOOP_TARGET_S:.0f} s target")
+              f"{', '.join(f'{t:.2f}' for t in times)} -> {median / NOOP_TARGET_S:.2f} x the "
+              f"{NOOP_TARGET_S:.0f} s target")
 
 
 def main() -> None:

@@ -38,11 +38,11 @@ import time
 
 import torch
 
-from routelab.decisions import DecisionSampler
-from routelab.nulls import fit_kde_null
-from routelab.patching import install_router, model_routing_shape
-from routelab.recording import RecorderGroup, RoutingRecorder
-from routelab.routers import BHRouter, Selection
+from routelab.model.families import moe_shape
+from routelab.model.patching import install_router
+from routelab.record import DecisionSampler, Recording, RoutingRecorder
+from routelab.routing import BHRouter, Selection
+from routelab.routing.nulls import fit_kde_null
 
 DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
@@ -142,12 +142,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     if os.path.isdir(args.model):
-        from routelab.modeling import load_model
+        from routelab.model.loading import load_model
 
         model, source = load_model(args.model, device="cpu"), args.model
     else:
         model, source = OlmoeForCausalLM(OlmoeConfig(**DEMO, norm_topk_prob=False)).eval(), "random demo weights"
-    num_layers, num_experts, k, _ = model_routing_shape(model)
+    shape = moe_shape(model)
+    num_layers, num_experts, k = shape.num_layers, shape.num_experts, shape.top_k
     seq = min(DEMO["max_position_embeddings"], model.config.max_position_embeddings)
     inputs = torch.randint(0, model.config.vocab_size, (max(1, args.tokens // seq), seq))
     with torch.inference_mode():
@@ -163,10 +164,11 @@ def main() -> None:
     def sampler(name: str) -> DecisionSampler:
         return DecisionSampler(os.path.join(tmp, name), num_experts, every_n=every, alpha=0.5)
 
-    full_label, default_label, moments_label = "full log", f"full log + 1/{every} detail", f"full log + 1/{every} p-value moments"
-    variants = {"no logging": None, full_label: Timed(recorder("full.parquet", 0)),
-                default_label: Timed(RecorderGroup(recorder("default.parquet", every), sampler("decisions.parquet"))),
-                moments_label: Timed(recorder("moments.parquet", every))}
+    full_label, default_label = "full log", f"full log + 1/{every} detail"
+    moments_label = f"full log + 1/{every} p-value moments"
+    variants = {"no logging": None, full_label: Timed(Recording(recorder("full.parquet", 0))),
+                default_label: Timed(Recording(recorder("default.parquet", every), sampler("decisions.parquet"))),
+                moments_label: Timed(Recording(recorder("moments.parquet", every)))}
     labels = list(variants)
     for label in labels:
         forward(model, inputs, router, variants[label])
@@ -206,7 +208,8 @@ def main() -> None:
         return f"wall {ratio(label, base, 0):.3f}, CPU {ratio(label, base, 1):.3f}"
 
     print(f"  full log (target <= 1.05): wall {ratio(full_label, 'no logging', 0):.3f}")
-    print(f"  1/{every} detail on top of the full log (target <= 1.02; p-values included): {on_top(default_label, full_label)}")
+    print(f"  1/{every} detail on top of the full log (target <= 1.02; p-values included): "
+          f"{on_top(default_label, full_label)}")
     print(f"    of which the p-value moments: {on_top(moments_label, full_label)}; the detail file: "
           f"{on_top(default_label, moments_label)}")
     base_ms = 1000 * median["no logging"][0]
@@ -217,8 +220,8 @@ def main() -> None:
     if args.replays:
         capture = Capture()
         forward(model, inputs, router, capture)
-        replayed = {full_label: recorder("replay-full.parquet", 0),
-                    default_label: RecorderGroup(recorder("replay-default.parquet", every), sampler("replay-d.parquet"))}
+        replayed = {full_label: Recording(recorder("replay-full.parquet", 0)),
+                    default_label: Recording(recorder("replay-default.parquet", every), sampler("replay-d.parquet"))}
         spent = {label: replay(rec, capture.calls, inputs, args.replays) for label, rec in replayed.items()}
         for rec in replayed.values():
             rec.close()
@@ -226,7 +229,7 @@ def main() -> None:
               + ", ".join(f"{label} {1000 * value:.2f} ms" for label, value in spent.items())
               + f" (the no-logging forward: {base_ms:.2f} ms)")
     # File sizes on distinct inputs: the timed forwards repeat one batch, which zstd compresses away.
-    sized = RecorderGroup(recorder("sized.parquet", every), sampler("sized-decisions.parquet"))
+    sized = Recording(recorder("sized.parquet", every), sampler("sized-decisions.parquet"))
     generator = torch.Generator().manual_seed(1)
     for _ in range(args.size_forwards):
         forward(model, torch.randint(0, model.config.vocab_size, inputs.shape, generator=generator), router, sized)

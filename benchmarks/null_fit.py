@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from routelab.nulls import CALIBRATED_METHODS, fit_null
+from routelab.routing.nulls import calibrated_kinds, fit_null
 
 TARGET_S = 30.0
 
@@ -49,7 +49,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"# {args.layers} layers x {tokens * args.experts} logits ([{tokens}, {args.experts}]), {cores} cores, "
           f"grid_size {args.grid_size}, quantiles {args.quantiles}")
-    for method in CALIBRATED_METHODS:
+    for method in calibrated_kinds():
         start = time.perf_counter()
         null = fit_null(method, layers, args.experts, grid_size=args.grid_size, quantiles=args.quantiles)
         seconds = time.perf_counter() - start

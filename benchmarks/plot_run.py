@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from routelab.decisions import SCHEMA as DECISIONS_SCHEMA
-from routelab.recording import SCHEMA as ROUTING_SCHEMA
+from routelab.record.decisions import SCHEMA as DECISIONS_SCHEMA
+from routelab.record.routing_log import SCHEMA as ROUTING_SCHEMA
 
 TARGET_S = 5.0
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 def time_plot_run(run_dir: Path, out_dir: Path, model: str | None) -> tuple[float, float, int]:
     """(wall s, CPU s, MiB) of one plot_run.py process pinned to one core; the MiB are the largest peak
     RSS of any plot_run so far (what getrusage reports for children)."""
-    cmd = [sys.executable, str(REPO / "workflow/scripts/plot_run.py"), "--run-dir", str(run_dir), "--out-dir", str(out_dir)]
+    cmd = [sys.executable, str(REPO / "workflow/scripts/plot_run.py"), "--run-dir", str(run_dir),
+           "--out-dir", str(out_dir)]
     if model:
         cmd += ["--model", model]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -83,8 +84,10 @@ def synthetic_run(run_dir: Path, tokens: int, layers: int = 16, experts: int = 6
     dk = np.clip(passing, 1, 8).astype(np.int16)
     flat = lambda m: list_array(np.full(n, m.shape[1]), m.ravel())  # noqa: E731
     decisions = pa.Table.from_arrays(
-        [pa.array(np.repeat(sampled // 2048, layers).astype(np.int32)), pa.array(np.repeat(sampled // 2048, layers).astype(np.int32)),
-         pa.array(np.repeat(sampled % 2048, layers).astype(np.int32)), pa.array(token_id[sampled * layers].repeat(layers)),
+        [pa.array(np.repeat(sampled // 2048, layers).astype(np.int32)),
+         pa.array(np.repeat(sampled // 2048, layers).astype(np.int32)),
+         pa.array(np.repeat(sampled % 2048, layers).astype(np.int32)),
+         pa.array(token_id[sampled * layers].repeat(layers)),
          pa.array(np.tile(np.arange(layers), sampled.size).astype(np.int16)), pa.array(dk),
          pa.array(logits.mean(1)), pa.array(logits.std(1)), pa.array(logits.min(1)), pa.array(logits.max(1)),
          flat(logits), flat(pvalues), flat(sorted_p), flat(np.tile(thresholds, (n, 1))), pa.array(passing),

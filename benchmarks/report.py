@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from routelab.config import ROUTING_PARAMS, section_defaults
-from routelab.io import write_parquet
-from routelab.quality import quality_metrics
+from routelab.config import section_defaults
+from routelab.io.files import write_parquet
+from routelab.report.aggregate import parameter_columns
+from routelab.run.quality import quality_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 60.0
@@ -82,7 +83,7 @@ def synthesise(out_dir: Path, documents: int, seed: int = 0) -> None:
             spread = experts * 0.5 if config["method"] != "topk" else 0.0
             runs.append({
                 "routing": config["routing"], "dataset": dataset, "method": config["method"],
-                **{name: config.get(name) for name in ROUTING_PARAMS}, "task": task,
+                **{name: config.get(name) for name in parameter_columns()}, "task": task,
                 **quality_metrics(doc, task), "num_layers": LAYERS, "num_experts": EXPERTS,
                 "model_top_k": TOP_K, "total_decisions": decisions * LAYERS, "experts_mean": experts,
                 "experts_std": spread, "ceiling_hit_rate": float(rng.uniform(0, 30)),

@@ -41,9 +41,10 @@ import time
 
 import torch
 
-from routelab.nulls import fit_kde_null
-from routelab.patching import find_moe_layers, install_router, model_routing_shape
-from routelab.routers import BHRouter
+from routelab.model.families import find_moe_layers, moe_shape
+from routelab.model.patching import install_router
+from routelab.routing import BHRouter
+from routelab.routing.nulls import fit_kde_null
 
 DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
@@ -148,7 +149,8 @@ def alpha_for_mean_k(model, inputs, null, num_experts, k, target):
 
 def bench(name: str, shape: dict, device: str, dtype: torch.dtype, tokens: int, repeats: int) -> None:
     model = build(shape, device, dtype, "grouped_mm")
-    num_layers, num_experts, k, _ = model_routing_shape(model)
+    shape = moe_shape(model)
+    num_layers, num_experts, k = shape.num_layers, shape.num_experts, shape.top_k
     seq = min(512, shape["max_position_embeddings"])
     inputs = torch.randint(0, shape["vocab_size"], (max(1, tokens // seq), seq), device=device)
     with torch.inference_mode():

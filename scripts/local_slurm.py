@@ -26,8 +26,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -63,7 +63,8 @@ def install_packages() -> None:
     if have_binaries():
         return
     if os.geteuid() != 0:
-        raise SlurmSetupError(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
+        raise SlurmSetupError("SLURM is not installed and installing it needs root: "
+                              f"apt-get install {' '.join(PACKAGES)}")
     if shutil.which("apt-get") is None:
         raise SlurmSetupError(f"SLURM is not installed and apt-get is not available; install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -313,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for the config, key, spool, logs and pids (default: %(default)s)")
     parser.add_argument("--cpus", type=int, default=None,
                         help=f"CPUs the node offers (default: this machine's, at least {MIN_CPUS})")
-    parser.add_argument("--gpus", type=int, default=0, help="fake GPUs the node offers (device files that are /dev/null)")
-    parser.add_argument("--memory-mb", type=int, default=None, help=f"memory the node offers (default: 90%% of RAM, at least {MIN_MEMORY_MB})")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="fake GPUs the node offers (device files that are /dev/null)")
+    parser.add_argument("--memory-mb", type=int, default=None,
+                        help=f"memory the node offers (default: 90%% of RAM, at least {MIN_MEMORY_MB})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

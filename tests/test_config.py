@@ -205,8 +205,12 @@ def test_unknown_top_level_key(tmp_path, config):
 
 
 def test_unknown_key_in_routing_entry(tmp_path, config):
-    config["routing"][1]["beta"] = 0.1
-    assert_names(config_error(tmp_path, config), "routing[1]", "unknown key 'beta'", "alpha", "min_k", "max_k")
+    config["routing"][1]["beta"] = 0.1  # routing[1] is a topk config
+    assert_names(config_error(tmp_path, config), "routing[1].beta", "0.1", "not a parameter of method 'topk'",
+                 "valid: k, weights")
+    config["routing"][1].pop("beta")
+    config["routing"][2]["beta"] = 0.1  # a topp config: its own parameters are named
+    assert_names(config_error(tmp_path, config), "routing[2].beta", "method 'topp'", "min_k", "max_k", "p")
 
 
 def test_duplicate_routing_names(tmp_path, config):
@@ -263,7 +267,7 @@ EXPERIMENT = "config_validation_test"
 SNAKEMAKE_CASES = {
     "unknown_method": (
         {"routing": [{"name": "x", "method": "magic"}]},
-        ["routing[0].method", "'magic'", '"topk", "bh"'],
+        ["routing[0].method", "'magic'", '"bh", "hc", "topk", "topp"'],
     ),
     "alpha_in_grid": (
         {"routing_grid": [{"name": "bh_a{alpha}", "method": "bh", "alpha": [0.1, 1.5]}]},
@@ -300,7 +304,8 @@ def test_names_with_regex_characters_plan_every_job(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["experiment"] = "demo+regex.test"
     config["routing"] = [{**spec, "name": spec["name"].replace("topk4", "top+k4")} for spec in config["routing"]]
-    config["datasets"] = {("gram+mar" if name == "grammar" else name): spec for name, spec in config["datasets"].items()}
+    config["datasets"] = {("gram+mar" if name == "grammar" else name): spec
+                          for name, spec in config["datasets"].items()}
     path = tmp_path / "plus.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

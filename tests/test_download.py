@@ -20,11 +20,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from routelab import resources
-from routelab.data import DatasetError, load_texts
-from routelab.modeling import load_model, load_tokenizer
-from routelab.resources import (DownloadError, ResourceMissingError, dataset_dir, dataset_splits, download_dataset,
-                                download_model, model_dir)
+from routelab import download as resources
+from routelab.data.loading import DatasetError, load_texts
+from routelab.download import (
+    DownloadError,
+    ResourceMissingError,
+    dataset_dir,
+    dataset_splits,
+    download_dataset,
+    download_model,
+    model_dir,
+)
+from routelab.model.loading import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 OLMOE = "allenai/OLMoE-1B-7B-0924"
@@ -185,13 +192,13 @@ def test_hub_model_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypat
     # The real transformers code path with the hub switched off: no network call is made.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    code = ("from routelab.modeling import load_model\n"
+    code = ("from routelab.model.loading import load_model\n"
             "load_model('routelab-tests/no-such-model', device='cpu')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ})
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("routelab.resources.ResourceMissingError: model 'routelab-tests/no-such-model' could "
+    assert last.startswith("routelab.download.ResourceMissingError: model 'routelab-tests/no-such-model' could "
                            "not be loaded from the hub or its local cache"), last
     assert "resources/models/routelab-tests/no-such-model/" in last and "snakemake download" in last
     assert "HF_HUB_OFFLINE=0" in last
@@ -236,7 +243,8 @@ def test_olmoe_config_downloads_before_model_jobs(checkout):
     model = "resources/models/allenai/OLMoE-1B-7B-0924"
     assert rules.count("download_model") == 1 and rules.count("download_dataset") == 2
     last_download = max(i for i, rule in enumerate(rules) if rule.startswith("download_"))
-    first_model_job = min(i for i, rule in enumerate(rules) if rule in ("prepare_dataset", "collect_router_logits", "route"))
+    model_jobs = ("prepare_dataset", "collect_router_logits", "route")
+    first_model_job = min(i for i, rule in enumerate(rules) if rule in model_jobs)
     assert last_download < first_model_job
     for rule, inputs, _ in listing:
         if rule in ("prepare_dataset", "collect_router_logits", "route"):

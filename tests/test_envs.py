@@ -63,7 +63,7 @@ def test_env_pins_exact_versions_within_pyproject_ranges(env_file):
     assert env["channels"] and "defaults" not in env["channels"], env["channels"]
     assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
     pins = pip_pins(env)
-    for name, requirement in pins.items():
+    for requirement in pins.values():
         (spec,) = requirement.specifier  # exactly one, and it is ==
         assert spec.operator == "==", f"{env_file.name}: {requirement} is not pinned exactly"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from routelab.report import FIGURES as REPORT_FIGURES
+from routelab.catalogue import REPORT_FIGURES
+from tests.support import faults
 
 pytestmark = pytest.mark.pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = Path(__file__).parent / "data" / "pipeline_config.yaml"
+CONFIG = Path(__file__).parent / "support" / "pipeline_config.yaml"
 RUNS = ["topk4", "bh_main", "bh_a0.5"]
 DATASETS = ["arithmetic", "cloze"]
 PER_RUN_FIGURES = ["experts_histogram.png", "expert_heatmap.png", "pvalue_distribution.png", "logit_vs_pvalue.png",
@@ -137,8 +138,8 @@ def test_topk_with_the_models_k_matches_the_unrouted_model(workdir):
     """The topk4 run (the model's own k) scores exactly what the native model scores."""
     import torch
 
-    from routelab.evaluate import document_scores, score_windows
-    from routelab.modeling import load_model
+    from routelab.model.loading import load_model
+    from routelab.run.evaluate import document_scores, score_windows
 
     root = workdir / "results/mini"
     model = load_model(root / "model")
@@ -191,7 +192,7 @@ def planned_after(workdir: Path, change) -> list[tuple[str, dict[str, str]]]:
 def test_changing_one_alpha_reruns_only_that_config(workdir):
     jobs = planned_after(workdir, lambda config: config["routing"][1].update(alpha=0.4))
     counts = Counter(rule for rule, _ in jobs)
-    # cloze is sharded (tests/data/pipeline_config.yaml): two route_shard jobs and their gather
+    # cloze is sharded (tests/support/pipeline_config.yaml): two route_shard jobs and their gather
     assert counts == {"route": 1, "route_shard": 2, "gather_shards": 1, "plot_run": 2, "aggregate": 1, "report": 1,
                       "all": 1}, counts
     rerouted = {(w["routing"], w["dataset"]) for rule, w in jobs
@@ -228,7 +229,7 @@ def test_decisions_export_to_json_logs(workdir, tmp_path):
 
 def test_active_expert_flops_follow_the_expert_shapes(workdir):
     """OLMoE experts are gated: 2 x (2*I*H + H*I) FLOPs per token per selected expert."""
-    hidden, expert = 32, 16  # tests/data/pipeline_config.yaml
+    hidden, expert = 32, 16  # tests/support/pipeline_config.yaml
     for run in RUNS:
         summary = json.loads((workdir / f"results/mini/runs/{run}/arithmetic/summary.json").read_text())
         expected = 2 * 3 * hidden * expert * summary["experts_mean"] * summary["num_layers"]
@@ -358,8 +359,8 @@ def test_route_retries_out_of_memory_with_half_the_batch_and_stops_after_other_e
 
     def run_with(fault: dict) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "snakemake", "--configfile", "config.yaml", "--cores", "1", target]
-        return subprocess.run(cmd, cwd=copy, env={**env, "ROUTELAB_INJECT_FAULT": json.dumps(fault)},
-                              capture_output=True, text=True, timeout=600)
+        injected = {faults.FAULT_ENV: json.dumps(fault), "PYTHONPATH": str(faults.SITE)}
+        return subprocess.run(cmd, cwd=copy, env={**env, **injected}, capture_output=True, text=True, timeout=600)
 
     # Out of memory at batch size 8: attempt 2 runs with 4 and succeeds.
     result = run_with({"kind": "oom", "after_batches": 1, "min_batch_size": 8})

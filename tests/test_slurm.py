@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = Path(__file__).parent / "data" / "pipeline_config.yaml"
+CONFIG = Path(__file__).parent / "support" / "pipeline_config.yaml"
 RUNS = ["topk4", "bh_main"]
 DATASET = "arithmetic"
 # SLURM jobs of the reduced demo: train, prepare, router logits, calibrate, 2 route, 2 plot, aggregate, report.

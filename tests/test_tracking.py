@@ -163,8 +163,8 @@ def test_log_routing_run_lays_out_layers_histograms_and_finals(tmp_path):
 
 
 def test_demo_training_logs_expert_load_and_finals(tmp_path):
-    from routelab import demo_model
     from routelab.config import section_defaults
+    from routelab.demo import model as demo_model
 
     settings = {**section_defaults("demo_model"), "layers": 2, "experts": 8, "top_k": 2, "hidden_size": 16,
                 "expert_size": 8, "heads": 2, "vocab_size": 96, "max_positions": 32, "train_documents": 40,

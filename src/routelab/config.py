@@ -7,6 +7,7 @@ key, the value and what would be valid.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -16,22 +17,41 @@ from typing import Any
 
 import yaml
 
-ROUTING_METHODS = ("topk", "bh", "topp", "hc")
-ROUTING_PARAMS = ("k", "alpha", "min_k", "max_k", "temperature", "weights", "p", "alpha0", "null_model")
-CALIBRATED_NULLS = ("kde", "empirical", "per_expert")
 DEMO_MODEL_ID = "demo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-# Where the schema lives in a source checkout (the package is installed editable from it).
-DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Where the schemas live in a source checkout (the package is installed editable from it).
+SCHEMAS = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+DEFAULT_SCHEMA = SCHEMAS / "config.schema.yaml"
+# Generated from the routing rules (routelab.schema): read here so that the Snakefile needs no torch.
+ROUTING_SCHEMA = SCHEMAS / "routing.schema.yaml"
 
-# Defaults of the routing parameters a method uses; `None` for k / max_k means "the model's own top-k".
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "topk": {"k": None, "weights": "model"},
-    "bh": {"alpha": 0.05, "min_k": 1, "max_k": None, "temperature": 1.0, "null_model": "kde", "weights": "model"},
-    "topp": {"p": 0.4, "min_k": 1, "max_k": None, "weights": "model"},
-    "hc": {"alpha0": 0.5, "min_k": 1, "max_k": None, "temperature": 1.0, "null_model": "kde", "weights": "model"},
-}
+
+@functools.cache
+def _routing_defs() -> dict[str, Any]:
+    with open(ROUTING_SCHEMA) as fh:
+        return yaml.safe_load(fh)["$defs"]
+
+
+def routing_methods() -> tuple[str, ...]:
+    """The registered routing rules' method names."""
+    return tuple(_routing_defs()["routing"]["properties"]["method"]["enum"])
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """``{parameter: default}`` of one rule, in its declared order; None for k / max_k means the model's top-k."""
+    properties = _routing_defs()[method]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if key not in ("name", "method")}
+
+
+def routing_parameters() -> tuple[str, ...]:
+    """Every rule's parameter names, each once, in registry order."""
+    return tuple(dict.fromkeys(key for method in routing_methods() for key in method_defaults(method)))
+
+
+def calibrated_nulls() -> tuple[str, ...]:
+    """The null kinds the calibrate_null job fits (the others need no calibration)."""
+    return tuple(_routing_defs()["calibrated_null"]["enum"])
 
 
 class ConfigError(ValueError):
@@ -64,9 +84,14 @@ def describe_schema_error(error: Any) -> str:
         missing = [k for k in rule if k not in value]
         return f"{where}: missing required key {missing[0]!r}{hint}"
     if error.validator == "additionalProperties":
-        allowed = sorted(schema.get("properties", {}))
+        allowed = list(schema.get("properties", {}))
         extra = sorted(set(value) - set(allowed))
-        return f"{where}: unknown key {extra[0]!r}; valid keys: {', '.join(allowed)}"
+        method = schema.get("properties", {}).get("method", {}).get("const")
+        if method is not None:  # one routing rule's entry (routing.schema.yaml): name the rule's parameters
+            valid = [key for key in allowed if key not in ("name", "method")]
+            return (f"{where}.{extra[0]}: {value[extra[0]]!r} given, but {extra[0]!r} is not a parameter of method "
+                    f"{method!r}; valid: {', '.join(valid)}")
+        return f"{where}: unknown key {extra[0]!r}; valid keys: {', '.join(sorted(allowed))}"
     if error.validator == "type":
         return f"{where}: {value!r} has the wrong type; expected {rule}{hint}"
     if error.validator == "pattern":
@@ -103,7 +128,7 @@ def validate_schema(config: dict, schema: str | os.PathLike = DEFAULT_SCHEMA) ->
 
 def expand_grid(entry: dict, where: str) -> list[dict]:
     """Expand one ``routing_grid`` entry into named routing configs (cartesian product of list values)."""
-    swept = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items() if k in ROUTING_PARAMS}
+    swept = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items() if k not in ("name", "method")}
     keys = list(swept)
     runs = []
     for values in itertools.product(*(swept[k] for k in keys)):
@@ -138,25 +163,24 @@ def routing_configs(config: dict) -> dict[str, dict]:
 
 
 def normalise_routing(run: dict, where: str = "routing") -> dict:
-    """Check one routing config's parameters against its method and fill the method's defaults."""
+    """One routing config with its rule's defaults filled in (``name``, ``method``, then the rule's parameters
+    in declared order), after the checks the schema cannot make: the rule exists, no other rule's
+    parameter is given, ``min_k <= max_k``. Value types and ranges are the schema's (routing.schema.yaml)."""
     method = run["method"]
-    if method not in METHOD_DEFAULTS:
-        raise ConfigError(f"{where}.method: {method!r} is not valid; choose one of {', '.join(ROUTING_METHODS)}")
-    allowed = METHOD_DEFAULTS[method]
+    if method not in routing_methods():
+        raise ConfigError(f"{where}.method: {method!r} is not valid; choose one of {', '.join(routing_methods())}")
+    defaults = method_defaults(method)
     for key in run:
-        if key not in ("name", "method") and key not in allowed:
+        if key not in ("name", "method") and key not in defaults:
             raise ConfigError(
                 f"{where}.{key}: {run[key]!r} given, but {key!r} is not a parameter of method {method!r}; "
-                f"valid: {', '.join(allowed)}"
+                f"valid: {', '.join(defaults)}"
             )
-    spec = {"name": run["name"], "method": method, **allowed, **{k: v for k, v in run.items() if k in allowed}}
-    if method == "bh" and not (0 < spec["alpha"] <= 1):
-        raise ConfigError(f"{where}.alpha: {spec['alpha']!r} is out of range; valid: 0 < alpha <= 1")
-    if "min_k" in spec:
-        if spec["max_k"] is not None and spec["min_k"] > spec["max_k"]:
-            raise ConfigError(
-                f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"
-            )
+    spec = {"name": run["name"], "method": method, **{key: run.get(key, value) for key, value in defaults.items()}}
+    if "min_k" in spec and spec.get("max_k") is not None and spec["min_k"] > spec["max_k"]:
+        raise ConfigError(
+            f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"
+        )
     return spec
 
 
@@ -174,7 +198,8 @@ def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
                 raise ConfigError(f"{where}.files: missing; a local dataset needs a list of text/json/parquet files")
             for i, file in enumerate(ds["files"]):
                 if not (Path(base_dir) / file).is_file():
-                    raise ConfigError(f"{where}.files[{i}]: {file!r} does not exist (looked in {Path(base_dir).resolve()})")
+                    raise ConfigError(f"{where}.files[{i}]: {file!r} does not exist "
+                                      f"(looked in {Path(base_dir).resolve()})")
         if source != "demo" and "domain" in ds:
             raise ConfigError(f"{where}.domain: only demo datasets have a domain (source is {source!r})")
         documents = ds.get("documents", 100)

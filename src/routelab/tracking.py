@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import read_json, write_json
+from routelab.io.files import read_json, write_json
 
 FILES = ("hparams.json", "metrics.jsonl", "metrics.csv", "final.json", "histograms.jsonl", "system.jsonl",
          "artifacts.json")

@@ -7,22 +7,24 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
+from routelab.catalogue import REPORT_FIGURES, RUN_FIGURES
 from routelab.config import (
-    CALIBRATED_NULLS,
     DEMO_MODEL_ID,
     ConfigError,
     baseline_name,
+    calibrated_nulls,
     check_config,
     validate_schema,
 )
-from routelab.resources import dataset_dir as resource_dataset_dir
-from routelab.resources import is_hub_model
-from routelab.resources import model_dir as resource_model_dir
-from routelab.resume import batch_size_for_attempt
-from routelab.shards import shard_name
+from routelab.download import dataset_dir as resource_dataset_dir
+from routelab.download import is_hub_model
+from routelab.download import model_dir as resource_model_dir
+from routelab.run.resume import batch_size_for_attempt
+from routelab.run.shards import shard_name
 
 try:
-    validate_schema(config, schema=workflow.source_path("../schemas/config.schema.yaml"))
+    # The schema file itself, not Snakemake's cached copy: its routing part is in routing.schema.yaml beside it.
+    validate_schema(config, schema=os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
     ROUTING = check_config(config, base_dir=workflow.basedir)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
@@ -43,7 +45,7 @@ wildcard_constraints:
     experiment=one_of([EXPERIMENT]),
     dataset=one_of(DATASETS),
     routing=one_of(ROUTING),
-    null=one_of(CALIBRATED_NULLS),
+    null=one_of(calibrated_nulls()),
 
 
 def as_json(value):
@@ -131,7 +133,7 @@ def routing_spec(wildcards):
 def null_input(wildcards):
     """The calibrated null a p-value router uses; other runs do not depend on (or rerun for) any null."""
     null = ROUTING[wildcards.routing].get("null_model")
-    if null not in CALIBRATED_NULLS:
+    if null not in calibrated_nulls():
         return []
     return f"results/{wildcards.experiment}/calibration/{null}/null.npz"
 
@@ -164,6 +166,32 @@ def run_dirs(wildcards):
 
 def run_summaries(wildcards):
     return [f"{d}/{name}" for d in run_dirs(wildcards) for name in ("summary.json", "metrics.json", "system.json")]
+
+
+def run_figure_outputs():
+    """plot_run's outputs: every per-run figure of the catalogue, shown in Snakemake's report."""
+    return {
+        figure.name: report(
+            f"results/{{experiment}}/plots/{{routing}}/{{dataset}}/{figure.file}",
+            caption=f"../report/{figure.caption_file}",
+            category="Per-run figures",
+            subcategory="{routing}",
+            labels={"routing": "{routing}", "dataset": "{dataset}", "figure": figure.label},
+        )
+        for figure in RUN_FIGURES
+    }
+
+
+def report_figure_outputs():
+    """The report's cross-run figures, from the catalogue."""
+    return {
+        figure.name: report(
+            f"results/{{experiment}}/report/figures/{figure.file}",
+            caption=f"../report/{figure.caption_file}",
+            category="Comparison",
+        )
+        for figure in REPORT_FIGURES
+    }
 
 
 def run_plots(wildcards):

@@ -15,61 +15,7 @@ rule report:
         ),
         quality_ci="results/{experiment}/report/quality_ci.csv",
         rliable="results/{experiment}/report/rliable_intervals.csv",
-        alpha=report(
-            "results/{experiment}/report/figures/experts_vs_alpha.png",
-            caption="../report/experts_vs_alpha.rst",
-            category="Comparison",
-        ),
-        quality=report(
-            "results/{experiment}/report/figures/quality_vs_experts.png",
-            caption="../report/quality_vs_experts.rst",
-            category="Comparison",
-        ),
-        flops=report(
-            "results/{experiment}/report/figures/quality_vs_flops.png",
-            caption="../report/quality_vs_flops.rst",
-            category="Comparison",
-        ),
-        bubbles=report(
-            "results/{experiment}/report/figures/expert_bubbles.png",
-            caption="../report/expert_bubbles.rst",
-            category="Comparison",
-        ),
-        entropy=report(
-            "results/{experiment}/report/figures/entropy_vs_quality.png",
-            caption="../report/entropy_vs_quality.rst",
-            category="Comparison",
-        ),
-        intervals=report(
-            "results/{experiment}/report/figures/rliable_intervals.png",
-            caption="../report/rliable_intervals.rst",
-            category="Comparison",
-        ),
-        improvement=report(
-            "results/{experiment}/report/figures/probability_of_improvement.png",
-            caption="../report/probability_of_improvement.rst",
-            category="Comparison",
-        ),
-        profiles=report(
-            "results/{experiment}/report/figures/performance_profiles.png",
-            caption="../report/performance_profiles.rst",
-            category="Comparison",
-        ),
-        efficiency=report(
-            "results/{experiment}/report/figures/efficiency.png",
-            caption="../report/efficiency.rst",
-            category="Comparison",
-        ),
-        specialisation=report(
-            "results/{experiment}/report/figures/domain_specialisation.png",
-            caption="../report/domain_specialisation.rst",
-            category="Comparison",
-        ),
-        coactivation=report(
-            "results/{experiment}/report/figures/coactivation.png",
-            caption="../report/coactivation.rst",
-            category="Comparison",
-        ),
+        **report_figure_outputs(),
         html="results/{experiment}/report/report.html",
     log:
         "logs/{experiment}/report.log",

@@ -5,16 +5,7 @@
 # (beyond float rounding), so changing them, or an out-of-memory retry that halves the batch, does not
 # make finished runs stale. `retries`: an out-of-memory attempt reruns with half the batch, resuming
 # from its checkpoint (results/.../{dataset}.partial/, not an output, so it survives a failed attempt);
-# after any other error the retry stops at once (route.py --attempt; see routelab.resume).
-
-ROUTE_COMMAND = (
-    "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
-    " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
-    " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
-    " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
-    " --seed {params.seed} --threads {threads}"
-)
-
+# after any other error the retry stops at once (route.py --attempt; see routelab.run.resume).
 
 rule route:
     input:
@@ -44,6 +35,8 @@ rule route:
         sample_every=config["evaluation"]["decision_sample_every"],
         options=model_options(),
         seed=config["seed"],
+        shard="",
+        out="results/{experiment}/runs/{routing}/{dataset}",
     threads: 1
     resources:
         gpu=1,
@@ -54,17 +47,14 @@ rule route:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        ROUTE_COMMAND
-        + " --out results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset} > {log} 2>&1"
+        "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+        " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
+        " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
+        " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
+        " --seed {params.seed} --threads {threads} {params.shard} --out {params.out} > {log} 2>&1"
 
 
-rule route_shard:
-    input:
-        model_dir,
-        windows="results/{experiment}/data/{dataset}/windows.parquet",
-        documents="results/{experiment}/data/{dataset}/documents.parquet",
-        info="results/{experiment}/data/{dataset}/info.json",
-        null=null_input,
+use rule route as route_shard with:
     output:
         routing=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/routing.parquet"),
         decisions=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/decisions.parquet"),
@@ -79,26 +69,8 @@ rule route_shard:
     benchmark:
         "benchmarks/{experiment}/route/{routing}/{dataset}/{shard}.tsv"
     params:
-        model=model_ref,
-        routing=routing_spec,
-        null=null_arg,
-        sample_every=config["evaluation"]["decision_sample_every"],
-        options=model_options(),
-        seed=config["seed"],
-    threads: 1
-    resources:
-        gpu=1,
-        batch_size=route_batch_size,
-        checkpoint_every=config["evaluation"]["checkpoint_every"],
-        attempt=route_attempt,
-    retries: 3
-    conda:
-        "../../envs/routelab.yaml"
-    shell:
-        ROUTE_COMMAND
-        + " --shard {wildcards.shard}"
-        " --out results/{wildcards.experiment}/shards/{wildcards.routing}/{wildcards.dataset}/{wildcards.shard}"
-        " > {log} 2>&1"
+        shard="--shard {shard}",
+        out="results/{experiment}/shards/{routing}/{dataset}/{shard}",
 
 
 rule gather_shards:

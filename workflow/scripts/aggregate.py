@@ -16,10 +16,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from routelab.aggregate import (collect_coactivation, collect_expert_counts, collect_layers, collect_runs,
-                                collect_scores)
 from routelab.cli import layer_option
-from routelab.io import write_parquet, write_text
+from routelab.io.files import write_parquet, write_text
+from routelab.report.aggregate import (
+    collect_coactivation,
+    collect_expert_counts,
+    collect_layers,
+    collect_runs,
+    collect_scores,
+)
 
 log = logging.getLogger("aggregate")
 

@@ -11,36 +11,15 @@ is fitted from this file by calibrate_null, so the model runs once however many 
 """
 
 import argparse
-import logging
 from pathlib import Path
 
-import pandas as pd
-import torch
-
-from routelab.calibration import collect_router_logits, save_router_logits
 from routelab.cli import run
-from routelab.gpus import pin_gpu
-from routelab.modeling import load_model, load_tokenizer
-from routelab.patching import model_routing_shape
-
-log = logging.getLogger("collect_router_logits")
+from routelab.run.calibration import collect_calibration_logits
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.device in ("auto", "cuda"):  # before CUDA starts: one free GPU per job (Snakemake pins none)
-        pin_gpu()
-    torch.manual_seed(args.seed)
-    windows = pd.concat([pd.read_parquet(p) for p in args.calibration], ignore_index=True)
-    model = load_model(args.model, args.dtype, args.device, args.experts_implementation)
-    num_layers, num_experts, top_k, _ = model_routing_shape(model)
-    tokenizer = load_tokenizer(args.model)
-    logits = collect_router_logits(model, windows, args.batch_size, tokenizer.pad_token_id or 0,
-                                   args.max_logits_per_layer, seed=args.seed)
-    save_router_logits(args.out, logits, {"model": str(args.model), "num_layers": num_layers,
-                                          "num_experts": num_experts, "top_k": top_k,
-                                          "calibration_files": [str(p) for p in args.calibration]})
-    log.info("saved router logits of %d layers x %d experts (%d tokens per layer at most) from %d calibration "
-             "windows to %s", num_layers, num_experts, max(len(layer) for layer in logits), len(windows), args.out)
+    collect_calibration_logits(args.model, args.calibration, args.out, args.max_logits_per_layer, args.batch_size,
+                               args.dtype, args.device, args.experts_implementation, seed=args.seed)
 
 
 if __name__ == "__main__":

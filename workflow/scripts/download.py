@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from routelab.cli import json_arg, run
-from routelab.resources import DownloadError, download_dataset, download_model
+from routelab.download import DownloadError, download_dataset, download_model
 
 log = logging.getLogger("download")
 

@@ -13,14 +13,14 @@ Reads ``--run-dir`` (``decisions.parquet``, ``summary.json``, ``provenance.json`
 
 import argparse
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from routelab.cli import run
-from routelab.decisions import detailed_log, summary_log
-from routelab.io import read_json, write_json
+from routelab.io.files import read_json, write_json
+from routelab.record.json_logs import detailed_log, summary_log
 
 log = logging.getLogger("export_decisions")
 
@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> None:
     summary = read_json(run_dir / "summary.json")
     config = read_json(run_dir / "provenance.json")["routing"]
     name = args.experiment_name or f"{run_dir.parent.name}/{run_dir.name}"  # runs/{routing}/{dataset}
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    timestamp = datetime.now(UTC).isoformat(timespec="seconds")
     out = Path(args.out_dir)
     write_json(out / "decisions_detailed.json",
                detailed_log(decisions, name, config, summary["total_decisions"], timestamp))

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from routelab.cli import run
-from routelab.io import read_json, write_json
+from routelab.io.files import read_json, write_json
 from routelab.tracking import MlflowExporter, TensorBoardExporter, TrackingError, export_run
 
 log = logging.getLogger("export_tracking")
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     for run_dir in map(Path, args.runs):
         tracking = run_dir / "tracking"
         if not (tracking / "hparams.json").exists():
-            log.warning("%s has no tracking files (a run from before tracking, or a sharded run): skipped", run_dir)
+            log.warning("%s has no tracking files (a run from before tracking): skipped", run_dir)
             continue
         params = read_json(tracking / "hparams.json")
         tags = {"stage": "route", "routing": run_dir.parent.name, "dataset": run_dir.name,

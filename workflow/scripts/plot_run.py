@@ -2,7 +2,7 @@
 """Per-run figures of one (routing, dataset) run.
 
 Reads RUN_DIR/summary.json, routing.parquet (token, layer, k, experts, weights) and decisions.parquet
-(sampled logits and p-values); writes into PLOT_DIR the ten figures of routelab.plots.RUN_FIGURES
+(sampled logits and p-values); writes into PLOT_DIR the ten figures of routelab.catalogue.RUN_FIGURES
 (experts histogram, layer x expert heatmap, p-value distribution, logit vs p-value, BH step-up samples,
 BH pass rate by rank, sample-sequence routing heatmap, expert utilisation, token rarity vs experts,
 per-layer box plots) and index.json: [{"file", "title", "drawn"}], drawn false (with a "reason") for a
@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from routelab.run_figures import draw_run_figures, load_token_decoder
+from routelab.plot.run_figures import draw_run_figures, load_token_decoder
 
 log = logging.getLogger("plot_run")
 

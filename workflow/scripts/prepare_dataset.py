@@ -15,54 +15,15 @@ dataset spec says) and writes into ``--out``:
 
 import argparse
 import logging
-from pathlib import Path
 
 from routelab.cli import json_arg, run
-from routelab.data import document_table, load_texts, window_table
-from routelab.io import write_json, write_parquet
+from routelab.data.prepare import prepare_dataset
 
 log = logging.getLogger("prepare_dataset")
 
 
-def resolve_window(requested: int | None, model: str) -> int:
-    from transformers import AutoConfig
-
-    limit = int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 2048))
-    if requested is not None and requested > limit:
-        raise ValueError(f"evaluation.window: {requested} exceeds the model's max positions ({limit})")
-    return requested or limit
-
-
 def main(args: argparse.Namespace) -> None:
-    from routelab.modeling import load_tokenizer
-
-    spec = {"task": "perplexity", "split": "test", "text_column": "text", "documents": 100,
-            "calibration_documents": 50, **args.spec}
-    task, n_eval, n_cal = spec["task"], spec["documents"], spec["calibration_documents"]
-    tokenizer = load_tokenizer(args.model)
-    window = resolve_window(args.window, args.model)
-    texts = load_texts(spec, n_eval, start=0, seed=args.seed, split="eval")
-    # Demo calibration text comes from its own random stream; real data uses the documents after the eval ones.
-    if spec["source"] == "demo":
-        calibration = load_texts(spec, n_cal, start=0, seed=args.seed, split="calibration")
-    elif spec.get("calibration_split"):
-        calibration = load_texts({**spec, "split": spec["calibration_split"]}, n_cal, start=0)
-    else:
-        calibration = load_texts(spec, n_cal, start=n_eval)
-    documents = document_table(texts, task)
-    windows = window_table(documents, tokenizer, task, window)
-    cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window)
-
-    out = Path(args.out)
-    write_parquet(out / "documents.parquet", documents)
-    write_parquet(out / "windows.parquet", windows)
-    write_parquet(out / "calibration.parquet", cal_windows)
-    info = {"spec": spec, "task": task, "window": window, "documents": len(documents),
-            "windows": len(windows), "scored_tokens": int(sum(sum(t != -100 for t in r) for r in windows["labels"])),
-            "words": int(documents["words"].sum()), "bytes": int(documents["bytes"].sum()),
-            "calibration_documents": len(calibration), "calibration_windows": len(cal_windows),
-            "tokenizer": str(args.model), "seed": args.seed}
-    write_json(out / "info.json", info)
+    info = prepare_dataset(args.spec, args.model, args.out, window=args.window, seed=args.seed)
     log.info("prepared %s", info)
 
 

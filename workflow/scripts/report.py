@@ -17,7 +17,7 @@ import pandas as pd
 
 from routelab.cli import layer_option
 from routelab.config import section_defaults
-from routelab.report import ReportOptions, write_report
+from routelab.report.build import ReportOptions, write_report
 
 log = logging.getLogger("report")
 AGGREGATE_TABLES = ("scores", "expert_counts", "coactivation")

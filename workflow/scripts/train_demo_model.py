@@ -13,10 +13,10 @@ import argparse
 
 import torch
 
-from routelab import demo_model
 from routelab.cli import json_arg, run
 from routelab.config import section_defaults
-from routelab.io import atomic_path
+from routelab.demo import model as demo_model
+from routelab.io.files import atomic_path
 
 DEFAULTS = section_defaults("demo_model")
 

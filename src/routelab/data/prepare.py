@@ -1,0 +1,109 @@
+"""Stage prepare_dataset: documents tokenized and cut into lm-evaluation-harness windows.
+
+Prepared dataset layout (``results/{experiment}/data/{dataset}/``):
+
+- ``documents.parquet``: ``doc_id, text, words, bytes`` (+ ``context, target`` for cloze tasks);
+- ``windows.parquet``: ``window_id, doc_id, input_ids, labels`` (``labels == -100`` is context);
+- ``calibration.parquet``: windows of the held-out calibration documents (for ``calibrate_null``);
+- ``info.json``: counts and the preparation parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from routelab.data.loading import DatasetError, load_texts
+from routelab.data.windows import (
+    IGNORE,
+    cloze_window,
+    count_bytes,
+    count_words,
+    encode_pair,
+    rolling_windows,
+    split_cloze,
+)
+from routelab.io.files import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+# What a dataset entry of the config means when it leaves a key out (the schema fills these for configs).
+SPEC_DEFAULTS = {"task": "perplexity", "split": "test", "text_column": "text", "documents": 100,
+                 "calibration_documents": 50}
+
+
+def document_table(texts: list[str], task: str) -> pd.DataFrame:
+    """Per-document counts on the original text (what word/byte perplexity divide by)."""
+    rows = []
+    for doc_id, text in enumerate(texts):
+        row = {"doc_id": doc_id, "text": text, "words": count_words(text), "bytes": count_bytes(text)}
+        if task == "cloze":
+            row["context"], row["target"] = split_cloze(text)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def window_table(documents: pd.DataFrame, tokenizer, task: str, max_len: int) -> pd.DataFrame:
+    """Tokenize documents and cut them into scored windows (see :mod:`routelab.data.windows`)."""
+    prefix = tokenizer.eos_token_id
+    if prefix is None:
+        raise DatasetError("the tokenizer has no end-of-text token; rolling windows need one as the first context")
+    rows = []
+    for doc in documents.itertuples(index=False):
+        if task == "cloze":
+            ctx, cont = encode_pair(tokenizer, doc.context, doc.target)
+            windows = [cloze_window(ctx, cont, max_len, prefix)]
+        else:
+            windows = rolling_windows(tokenizer.encode(doc.text, add_special_tokens=False), prefix, max_len)
+        for inputs, labels in windows:
+            rows.append({"window_id": len(rows), "doc_id": doc.doc_id, "input_ids": inputs, "labels": labels})
+    return pd.DataFrame(rows, columns=["window_id", "doc_id", "input_ids", "labels"])
+
+
+def resolve_window(requested: int | None, model: str | os.PathLike) -> int:
+    """The window length: ``requested`` (at most the model's max positions), or the model's max positions."""
+    from routelab.model.loading import load_config
+
+    limit = int(getattr(load_config(model), "max_position_embeddings", 2048))
+    if requested is not None and requested > limit:
+        raise ValueError(f"evaluation.window: {requested} exceeds the model's max positions ({limit})")
+    return requested or limit
+
+
+def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | os.PathLike,
+                    window: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Load the dataset ``spec`` describes, tokenize it with ``model``'s tokenizer, cut it into windows of
+    ``window`` tokens (default: the model's max positions) and write the layout above to ``out``;
+    returns ``info.json``'s content."""
+    from routelab.model.loading import load_tokenizer
+
+    spec = {**SPEC_DEFAULTS, **spec}
+    task, n_eval, n_cal = spec["task"], spec["documents"], spec["calibration_documents"]
+    tokenizer = load_tokenizer(model)
+    window = resolve_window(window, model)
+    texts = load_texts(spec, n_eval, start=0, seed=seed, split="eval")
+    # Demo calibration text comes from its own random stream; real data uses the documents after the eval ones.
+    if spec["source"] == "demo":
+        calibration = load_texts(spec, n_cal, start=0, seed=seed, split="calibration")
+    elif spec.get("calibration_split"):
+        calibration = load_texts({**spec, "split": spec["calibration_split"]}, n_cal, start=0)
+    else:
+        calibration = load_texts(spec, n_cal, start=n_eval)
+    documents = document_table(texts, task)
+    windows = window_table(documents, tokenizer, task, window)
+    cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window)
+    out = Path(out)
+    write_parquet(out / "documents.parquet", documents)
+    write_parquet(out / "windows.parquet", windows)
+    write_parquet(out / "calibration.parquet", cal_windows)
+    info = {"spec": spec, "task": task, "window": window, "documents": len(documents),
+            "windows": len(windows), "scored_tokens": int(sum(sum(t != IGNORE for t in r) for r in windows["labels"])),
+            "words": int(documents["words"].sum()), "bytes": int(documents["bytes"].sum()),
+            "calibration_documents": len(calibration), "calibration_windows": len(cal_windows),
+            "tokenizer": str(model), "seed": seed}
+    write_json(out / "info.json", info)
+    return info

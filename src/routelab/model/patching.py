@@ -1,0 +1,108 @@
+"""Install a routelab router in every MoE layer of a loaded transformers model, reversibly.
+
+The router of each MoE block (see :mod:`routelab.model.families`) has its class swapped for a
+generated subclass whose ``forward`` keeps the native logits and replaces the selection. Because it
+is a subclass, transformers' ``output_router_logits`` hooks (which match the router class) still
+fire. A variable-k router also switches the experts to a compacting kernel
+(:mod:`routelab.model.experts`), since not every native kernel accepts the sentinel slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from routelab.model.experts import compacting_experts
+from routelab.model.families import Family, MoELayer, find_moe_layers, model_family
+from routelab.routing.contract import Router, nonfinite_tokens, raise_nonfinite
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(original: type) -> type:
+    if original not in _PATCHED_CLASSES:
+        def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+            state = self._routelab_state
+            family: Family = state["family"]
+            router_logits = family.router_logits(self, hidden_states)
+            routed = router_logits
+            if router_logits.device.type != "cpu":
+                # Checking here would wait for the device every layer: count the bad tokens on the device
+                # and check once per forward (_NonFiniteCheck); meanwhile route on finite stand-ins so
+                # the index arithmetic of the routers stays in range.
+                state["nonfinite"].add(state["layer"], router_logits)
+                routed = torch.nan_to_num(router_logits)
+            selection = state["router"](routed, state["layer"], family.norm_topk_prob(self),
+                                        probs=family.expert_probs(routed), check_finite=routed is router_logits)
+            if state["recorder"] is not None:
+                state["recorder"].record(state["layer"], router_logits, selection)
+            indices = selection.indices
+            weights = selection.weights.to(family.weights_dtype_for(router_logits, hidden_states))
+            return router_logits, weights, indices
+
+        _PATCHED_CLASSES[original] = type(f"Routelab{original.__name__}", (original,), {"forward": forward})
+    return _PATCHED_CLASSES[original]
+
+
+class _NonFiniteCheck:
+    """Deferred check of router logits on accelerators: per layer, the count of tokens with NaN or
+    infinite logits stays on the device; :meth:`check` reads all of them at once (one host sync per
+    forward instead of one per layer) and raises the error :func:`routelab.routing.contract.check_finite_logits`
+    would have raised for the first bad layer."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor, int]] = []
+
+    def add(self, layer: int, logits: torch.Tensor) -> None:
+        self.pending.append((layer, nonfinite_tokens(logits), logits.shape[0]))
+
+    def clear(self, *_: Any) -> None:
+        self.pending.clear()
+
+    def check(self, *_: Any) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        counts = torch.stack([count.to(pending[0][1].device) for _, count, _ in pending]).tolist()
+        for (layer, _, tokens), bad in zip(pending, counts):
+            if bad:
+                raise_nonfinite(layer, bad, tokens)
+
+
+@contextlib.contextmanager
+def install_router(model: nn.Module, router: Router, recorder: Any | None = None) -> Iterator[list[MoELayer]]:
+    """Route every MoE layer of ``model`` with ``router`` inside the ``with`` block, then restore it.
+
+    ``recorder`` (optional; a :class:`routelab.record.Recording`, or any object with the method) receives
+    ``record(layer, router_logits, selection)`` for every layer call.
+    NaN or infinite router logits raise ``ValueError`` naming the layer: on CPU from the layer itself,
+    on accelerators when ``model``'s forward returns (or when the block ends, if only a submodule ran).
+    """
+    family = model_family(model)
+    layers = find_moe_layers(model)
+    if any(hasattr(layer.gate, "_routelab_state") for layer in layers):
+        raise RuntimeError("a routelab router is already installed in this model; leave that block first")
+    saved = [layer.gate.__class__ for layer in layers]
+    nonfinite = _NonFiniteCheck()
+    hooks = [model.register_forward_pre_hook(nonfinite.clear), model.register_forward_hook(nonfinite.check)]
+    # Fixed k produces no sentinel: the experts stay as they are.
+    experts = (compacting_experts(model, [layer.experts for layer in layers]) if router.min_k < router.max_k
+               else contextlib.nullcontext())
+    try:
+        with experts:
+            for layer in layers:
+                layer.gate._routelab_state = {"router": router, "layer": layer.index, "recorder": recorder,
+                                              "family": family, "nonfinite": nonfinite}
+                layer.gate.__class__ = _patched_class(layer.gate.__class__)
+            yield layers
+            nonfinite.check()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, gate_class in zip(layers, saved):
+            layer.gate.__class__ = gate_class
+            layer.gate.__dict__.pop("_routelab_state", None)

@@ -1,0 +1,159 @@
+"""What the recorders of a run share: one forward pass's tokens (:class:`BatchContext`), the
+:class:`Recorder` protocol, and :class:`Recording`, the recorders of one run behind one object.
+
+The evaluation loop opens a batch on the :class:`Recording` (which counts real tokens over the whole
+run, the ordinal that every-n-th-token sampling is decided on), the patched routers hand every
+layer's decisions to it, and each recorder reads the batch context: which positions are real tokens,
+which tokens are sampled, and the sampled tokens' p-values, computed once for all recorders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from routelab.routing.contract import Selection, pvalues_at_layers
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """Every n-th real token of a batch: ``rows`` of the flat ``[batch * seq]`` layout and ``index``,
+    their positions among the batch's real tokens (both 1-D int64)."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+
+
+class BatchContext:
+    """One forward pass's tokens, as every recorder of the batch sees them.
+
+    ``attention_mask`` / ``input_ids`` ``[batch, seq]``, ``window_ids`` / ``doc_ids`` ``[batch]``;
+    ``tokens_before``: the real tokens of the run before this batch (every-n-th-token sampling counts
+    over the whole run, so a resumed or sharded run samples the same tokens as one run).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
+                 input_ids: torch.Tensor, tokens_before: int = 0):
+        valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
+        # Row indices of real tokens in the flat [batch * seq] layout: found once per batch, so that
+        # selecting them in every layer needs no device-to-host sync (a boolean mask would).
+        self._real_flat_rows = valid.reshape(-1).nonzero().squeeze(1)
+        self.real_tokens = self._real_flat_rows.numel()
+        self.all_real = self.real_tokens == valid.numel()
+        self.device, self.seq = valid.device, valid.shape[1]
+        self.window_ids, self.doc_ids, self.input_ids = window_ids, doc_ids, input_ids
+        self.tokens_before = int(tokens_before)
+        self._samples: dict[int, SampledTokens] = {}
+        self._pvalues: dict[tuple[int, int], torch.Tensor | None] = {}  # (every, layer) -> [sampled, E]
+
+    @property
+    def real_rows(self) -> torch.Tensor | None:
+        """The real tokens' rows of the flat ``[batch * seq]`` layout; None when every position is a real
+        token (the recorders then skip the row gather, a copy)."""
+        return None if self.all_real else self._real_flat_rows
+
+    def sample(self, every: int) -> SampledTokens:
+        """The real tokens whose run ordinal ``tokens_before + i`` is a multiple of ``every`` (kept for the
+        batch: the recorders sampling alike get the same tensors)."""
+        if every not in self._samples:
+            # the i-th real token is kept when (tokens_before + i) % every == 0: i = first, first + every, ...
+            index = torch.arange((-self.tokens_before) % every, self.real_tokens, every, device=self.device)
+            rows = index if self.all_real else self._real_flat_rows.index_select(0, index)
+            self._samples[every] = SampledTokens(rows, index)
+        return self._samples[every]
+
+    def sampled_pvalues(self, every: int, layers: Sequence[int], selections: Sequence[Selection],
+                        device: torch.device) -> torch.Tensor | None:
+        """``[len(layers), sampled tokens, E]``: the p-values of :meth:`sample` ``(every)`` in each of
+        ``layers`` (whose ``selections`` these are), None if a layer has none. Each layer's are computed
+        once per batch, the layers not yet computed in one call (:func:`routelab.routing.pvalues_at_layers`);
+        a second recorder asking computes nothing."""
+        missing = [i for i, layer in enumerate(layers) if (every, layer) not in self._pvalues]
+        computed = None
+        if missing:
+            rows = _on(self.sample(every).rows, device)
+            computed = pvalues_at_layers([selections[i] for i in missing], rows)
+            for j, i in enumerate(missing):
+                self._pvalues[(every, layers[i])] = None if computed is None else computed[j]
+            if len(missing) == len(layers):
+                return computed
+        answers = [self._pvalues[(every, layer)] for layer in layers]
+        return None if any(p is None for p in answers) else torch.stack(answers)
+
+
+class Recorder(Protocol):
+    """What a run's recorders implement (the routing log, the sampled detail, test probes)."""
+
+    def begin_batch(self, batch: BatchContext) -> None:
+        """Before a forward pass: the batch its ``record`` calls belong to."""
+
+    def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
+        """From the patched router, for every MoE layer of the forward pass (``[tokens, ...]`` over the
+        flat ``batch * seq`` tokens, padding included)."""
+
+    def end_batch(self) -> None:
+        """After the forward pass."""
+
+    def close(self) -> None:
+        """After the last batch: finish the recorder's files."""
+
+
+class Recording:
+    """The recorders of one run behind one object: what :func:`routelab.model.install_router` and
+    :func:`routelab.run.evaluate.score_windows` are given. :meth:`begin_batch` opens the batch's
+    :class:`BatchContext` and counts the run's real tokens (``tokens_seen``; set it to resume a run
+    or start a shard where the earlier part ended)."""
+
+    def __init__(self, *recorders: Recorder, tokens_seen: int = 0):
+        self.recorders, self.tokens_seen = recorders, int(tokens_seen)
+
+    def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
+                    input_ids: torch.Tensor) -> BatchContext:
+        batch = BatchContext(attention_mask, window_ids, doc_ids, input_ids, tokens_before=self.tokens_seen)
+        self.tokens_seen += batch.real_tokens
+        for recorder in self.recorders:
+            recorder.begin_batch(batch)
+        return batch
+
+    def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
+        for recorder in self.recorders:
+            recorder.record(layer, router_logits, selection)
+
+    def end_batch(self) -> None:
+        for recorder in self.recorders:
+            recorder.end_batch()
+
+    def close(self) -> None:
+        for recorder in self.recorders:
+            recorder.close()
+
+
+def pack_token_meta(window_ids: torch.Tensor, doc_ids: torch.Tensor, input_ids: torch.Tensor,
+                    rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The metadata of a batch's recorded tokens as the logs keep it until written, int32 on ``device``:
+    ``[window ids (batch) | doc ids (batch) | token ids | flat rows]``: each window's ids once, then the
+    tokens at ``rows`` of the flat ``[batch * seq]`` layout (``rows`` None: every position, and no rows
+    stored). :func:`unpack_token_meta` gives each token's columns back."""
+    ids = [window_ids, doc_ids, input_ids.reshape(-1)]
+    if rows is not None:
+        ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
+        ids.append(rows)
+    return torch.cat([_on(part, device) for part in ids]).to(torch.int32)
+
+
+def unpack_token_meta(meta: np.ndarray, windows: int, tokens: int, seq: int) -> tuple[np.ndarray, ...]:
+    """``(window_id, doc_id, position, token_id)`` of each of ``tokens`` tokens from :func:`pack_token_meta`'s
+    layout (with flat rows when ``meta`` holds them) for a batch of ``windows`` windows of ``seq`` positions."""
+    stored = meta.size == 2 * windows + 2 * tokens
+    flat = meta[2 * windows + tokens:] if stored else np.arange(tokens, dtype=np.int32)
+    window, position = np.divmod(flat, seq)
+    return meta[:windows][window], meta[windows:2 * windows][window], position, meta[2 * windows:2 * windows + tokens]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when it is there already, without a call into torch's dispatcher)."""
+    return tensor if tensor.device == device else tensor.to(device)

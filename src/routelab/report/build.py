@@ -1,0 +1,277 @@
+"""The cross-run comparison report: tables, statistics, figures and a self-contained HTML page.
+
+Input is the aggregate stage's tidy tables (:mod:`routelab.report.aggregate`): the run table, and
+optionally the per-document scores, the per-(run, layer, expert) counts and the co-activation of one
+layer; a section whose table is missing says so instead of drawing. :func:`write_report` writes into
+``out_dir``: ``comparison.{csv,md,tex}`` (:mod:`.tables`), the statistics behind the figures as CSV
+(``quality_ci.csv``, ``entropy_correlation.csv``, ``rliable_intervals.csv``, ``improvement.csv``,
+``performance_profiles.csv``), ``figures/*.png`` (:mod:`.figures`, listed in
+:data:`routelab.catalogue.REPORT_FIGURES`) and ``report.html`` (:mod:`.page`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from routelab.catalogue import REPORT_FIGURE
+from routelab.io.files import write_text
+from routelab.plot.drawing import message_figure
+from routelab.report import figures as cp
+from routelab.report import statistics as stats
+from routelab.report.aggregate import default_layer
+from routelab.report.page import Section, html_table, per_run_links, render_html
+from routelab.report.tables import (
+    baseline_experts,
+    comparison_table,
+    display_table,
+    efficiency_table,
+    entropy_correlations,
+    latex_table,
+    metric_by_dataset,
+    run_entropy,
+)
+
+log = logging.getLogger(__name__)
+
+NO_BH_RUNS = "no BH runs in this experiment"
+NO_EXPERT_COUNTS = "no expert counts in the aggregate (expert_counts.parquet)"
+MAX_SPECIALISATION_LAYERS = 4
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Statistical settings of the report (config section ``report``)."""
+    repetitions: int = 2000  # bootstrap resamples of every CI
+    confidence: float = 0.95
+    seed: int = 0
+    layer: int | None = None  # layer of the expert-activation figures; None = the middle layer
+
+    def __post_init__(self) -> None:
+        if self.repetitions < 1:
+            raise ValueError(f"repetitions must be >= 1, got {self.repetitions}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
+
+
+METHODS_TEXT = (
+    "Confidence intervals are percentile bootstraps that resample documents ({repetitions} resamples, "
+    "{confidence:.0%} level, seed {seed}): the routing is deterministic, so the uncertainty that matters "
+    "is which documents were evaluated. Perplexity is recomputed from the resampled documents' summed "
+    "log-likelihoods and token counts, accuracy from their correctness. For the rliable analysis each "
+    "document gets a score relative to the baseline on the same document, exp((LL_config − "
+    "LL_baseline) / tokens) — the baseline's per-document perplexity divided by the config's (cloze "
+    "documents use the target's log-likelihood) — so 1 is the baseline's quality, above 1 better, and "
+    "all datasets share one scale. rliable's score matrices are [documents, datasets] per routing "
+    "(documents take the place of runs, datasets of tasks); each dataset contributes its first "
+    "{documents} documents (the smallest dataset's count), and the stratified bootstrap resamples "
+    "documents within each dataset.")
+
+
+def analysis_layer(runs: pd.DataFrame, options: ReportOptions, coactivation: pd.DataFrame | None) -> int:
+    """The configured layer, else the co-activation table's layer, else the middle layer."""
+    if options.layer is not None:
+        return options.layer
+    if coactivation is not None and not coactivation.empty:
+        return int(coactivation["layer"].iloc[0])
+    return default_layer(int(runs["num_layers"].max()))
+
+
+class ReportBuilder:
+    """Computes the report's statistics and figures from the aggregate tables."""
+
+    def __init__(self, runs: pd.DataFrame, baseline: str, out_dir: Path, options: ReportOptions,
+                 scores: pd.DataFrame | None, expert_counts: pd.DataFrame | None,
+                 coactivation: pd.DataFrame | None) -> None:
+        self.runs, self.baseline, self.out_dir, self.options = runs, baseline, out_dir, options
+        self.scores, self.expert_counts, self.coactivation = scores, expert_counts, coactivation
+        self.figures_dir = out_dir / "figures"
+        self.metrics = metric_by_dataset(runs)
+        self.layer = analysis_layer(runs, options, coactivation)
+        self.intervals: pd.DataFrame | None = None
+        self.documents = 0
+
+    def _bootstrap_options(self) -> dict:
+        return {"repetitions": self.options.repetitions, "confidence": self.options.confidence,
+                "seed": self.options.seed}
+
+    def quality_intervals(self) -> pd.DataFrame | None:
+        if self.scores is not None and self.intervals is None:
+            log.info("bootstrap CIs of %d runs' quality (%d resamples)", len(self.runs), self.options.repetitions)
+            self.intervals = stats.run_quality_intervals(self.scores, self.metrics, **self._bootstrap_options())
+            self._write_csv("quality_ci.csv", self.intervals)
+        return self.intervals
+
+    def _write_csv(self, name: str, table: pd.DataFrame) -> None:
+        write_text(self.out_dir / name, table.to_csv(index=False))
+
+    def _path(self, file: str) -> Path:
+        return self.figures_dir / file
+
+    def _skip(self, file: str, reason: str) -> Section:
+        log.info("%s is a placeholder: %s", file, reason)
+        message_figure(reason, path=self._path(file))
+        return Section(REPORT_FIGURE[file], drawn=False, note=reason)
+
+    def experts_vs_alpha(self) -> Section:
+        file = "experts_vs_alpha.png"
+        bh_runs = self.runs[self.runs["method"] == "bh"]
+        if bh_runs.empty:
+            return self._skip(file, NO_BH_RUNS)
+        reference, label = baseline_experts(self.runs, self.baseline)
+        cp.experts_vs_alpha(bh_runs, reference, path=self._path(file), baseline_label=label)
+        return Section(REPORT_FIGURE[file], True)
+
+    def quality_vs(self, file: str, x: str, x_label: str) -> Section:
+        if x not in self.runs.columns or self.runs[x].isna().all():
+            return self._skip(file, f"the runs have no {x}")
+        cp.quality_vs_experts(self.runs, self.metrics, baseline=self.baseline, path=self._path(file), x=x,
+                              x_label=x_label, intervals=self.quality_intervals())
+        return Section(REPORT_FIGURE[file], True)
+
+    def expert_bubbles(self) -> Section:
+        file = "expert_bubbles.png"
+        if self.expert_counts is None:
+            return self._skip(file, NO_EXPERT_COUNTS)
+        layer = self.expert_counts[self.expert_counts["layer"] == self.layer]
+        if layer.empty:
+            return self._skip(file, f"no expert counts for layer {self.layer}")
+        weights = layer.pivot_table(index="routing", columns="expert", values="count", aggfunc="sum").sort_index()
+        entropy = stats.usage_entropy(weights.to_numpy(), axis=1)
+        cp.expert_bubble_heatmap(weights.to_numpy(), list(weights.index), entropy,
+                                 title=f"layer {self.layer}, all datasets", path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def entropy_vs_quality(self) -> Section:
+        file = "entropy_vs_quality.png"
+        if self.expert_counts is None:
+            return self._skip(file, NO_EXPERT_COUNTS)
+        entropy = run_entropy(self.expert_counts)
+        table = entropy.merge(self.runs, on=["routing", "dataset"])
+        cp.entropy_vs_quality(table, self.metrics, path=self._path(file))
+        correlations = entropy_correlations(entropy, self.runs, self.metrics)
+        self._write_csv("entropy_correlation.csv", correlations)
+        return Section(REPORT_FIGURE[file], True, table_html=html_table(correlations, index=False))
+
+    def rliable(self) -> list[Section]:
+        files = ("rliable_intervals.png", "probability_of_improvement.png", "performance_profiles.png")
+        if self.scores is None:
+            return [self._skip(file, "no per-document scores in the aggregate (scores.parquet)") for file in files]
+        relative = stats.relative_document_scores(self.scores, self.baseline)
+        matrices, _, self.documents = stats.score_matrices(relative)
+        options = self._bootstrap_options()
+        log.info("rliable interval estimates of %d routings (%d documents x %d datasets)", len(matrices),
+                 self.documents, len(relative))
+        intervals = stats.interval_estimates(matrices, **options)
+        self._write_csv("rliable_intervals.csv", intervals)
+        cp.interval_estimates_plot(intervals, baseline=self.baseline, path=self._path(files[0]))
+        sections = [Section(REPORT_FIGURE[files[0]], True, table_html=html_table(
+            intervals.pivot(index="routing", columns="metric", values="estimate")[list(stats.AGGREGATE_METRICS)]))]
+        if len(matrices) < 2:
+            sections.append(self._skip(files[1], "only the baseline has scores: nothing to compare"))
+        else:
+            log.info("rliable probability of improvement over %s", self.baseline)
+            improvement = stats.improvement_over_baseline(matrices, self.baseline, **options)
+            self._write_csv("improvement.csv", improvement)
+            cp.improvement_plot(improvement, self.baseline, path=self._path(files[1]))
+            sections.append(Section(REPORT_FIGURE[files[1]], True))
+        log.info("rliable performance profiles")
+        profiles = stats.performance_profiles(matrices, stats.profile_thresholds(matrices), **options)
+        self._write_csv("performance_profiles.csv", profiles)
+        cp.performance_profile_plot(profiles, baseline=self.baseline, path=self._path(files[2]))
+        sections.append(Section(REPORT_FIGURE[files[2]], True))
+        return sections
+
+    def efficiency(self) -> Section:
+        file = "efficiency.png"
+        table, axes = efficiency_table(self.runs, self.baseline, self.metrics)
+        if len(axes) < 2:
+            return self._skip(file, "fewer than two efficiency measures were recorded")
+        cp.efficiency_parallel_coordinates(table, axes, baseline=self.baseline, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def domain_specialisation(self) -> Section:
+        file = "domain_specialisation.png"
+        if self.expert_counts is None:
+            return self._skip(file, NO_EXPERT_COUNTS)
+        counts = self.expert_counts[self.expert_counts["routing"] == self.baseline]
+        if counts.empty:
+            return self._skip(file, f"no expert counts for the baseline {self.baseline}")
+        share = counts.assign(share=100.0 * counts["count"] / counts["decisions"])
+        num_layers = int(share["layer"].max()) + 1
+        spaced = np.linspace(0, num_layers - 1, min(num_layers, MAX_SPECIALISATION_LAYERS)).round().astype(int)
+        layers = sorted({*spaced.tolist(), self.layer} & set(range(num_layers)))
+        base_runs = self.runs[self.runs["routing"] == self.baseline]
+        uniform = 100.0 * float(base_runs["experts_mean"].mean()) / int(base_runs["num_experts"].max())
+        cp.domain_specialisation(share, uniform=uniform, layers=layers, title=f"routing {self.baseline}",
+                                 path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def coactivation_figure(self) -> Section:
+        file = "coactivation.png"
+        if self.coactivation is None or self.coactivation.empty:
+            return self._skip(file, "no co-activation counts in the aggregate (coactivation.parquet)")
+        num_experts = int(self.runs["num_experts"].max())
+        matrices = {}
+        for routing, cells in self.coactivation.groupby("routing", sort=True):
+            matrix = np.zeros((num_experts, num_experts))
+            np.add.at(matrix, (cells["expert"].to_numpy(), cells["other"].to_numpy()), cells["count"].to_numpy())
+            matrices[routing] = matrix
+        layer = int(self.coactivation["layer"].iloc[0])
+        cp.coactivation_heatmap(matrices, layer=layer, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def sections(self) -> list[Section]:
+        steps: list[Callable[[], Section | list[Section]]] = [
+            self.experts_vs_alpha,
+            lambda: self.quality_vs("quality_vs_experts.png", "experts_mean", "experts per token and layer (mean)"),
+            lambda: self.quality_vs("quality_vs_flops.png", "active_expert_flops_per_token",
+                                    "active expert FLOPs per token"),
+            self.expert_bubbles, self.entropy_vs_quality, self.rliable, self.efficiency,
+            self.domain_specialisation, self.coactivation_figure,
+        ]
+        sections = []
+        for step in steps:
+            start = time.perf_counter()
+            result = step()
+            result = result if isinstance(result, list) else [result]
+            log.info("%s: %.1f s", ", ".join(section.figure.file for section in result), time.perf_counter() - start)
+            sections.extend(result)
+        return sections
+
+
+def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, experiment: str, baseline: str,
+                 plots_root: str | os.PathLike, scores: pd.DataFrame | None = None,
+                 expert_counts: pd.DataFrame | None = None, coactivation: pd.DataFrame | None = None,
+                 options: ReportOptions | None = None) -> Path:
+    """Write the comparison tables, statistics, figures and report.html into ``out_dir`` (each file
+    atomically); returns the path of report.html. ``scores`` / ``expert_counts`` /
+    ``coactivation`` are the aggregate stage's tables; without one, its sections say so."""
+    out_dir = Path(out_dir)
+    options = options or ReportOptions()
+    if runs.empty:
+        raise ValueError("runs is empty: nothing to compare")
+    baseline_experts(runs, baseline)  # an unknown baseline fails before anything is written
+    builder = ReportBuilder(runs, baseline, out_dir, options, scores, expert_counts, coactivation)
+    intervals = builder.quality_intervals()
+    comparison = comparison_table(runs, intervals)
+    display = display_table(comparison, builder.metrics)
+    write_text(out_dir / "comparison.csv", comparison.to_csv(index=False))
+    write_text(out_dir / "comparison.md", display.to_markdown(index=False) + "\n")
+    write_text(out_dir / "comparison.tex", latex_table(
+        display, f"Routing comparison, experiment {experiment}; baseline {baseline}."))
+    sections = builder.sections()
+    methods = METHODS_TEXT.format(repetitions=options.repetitions, confidence=options.confidence,
+                                  seed=options.seed, documents=builder.documents or "all")
+    links = per_run_links(runs, plots_root, out_dir)
+    report = out_dir / "report.html"
+    write_text(report, render_html(display, experiment, baseline, sections, links, methods, out_dir,
+                                   builder.figures_dir))
+    return report

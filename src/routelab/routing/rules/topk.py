@@ -1,0 +1,34 @@
+"""``topk``: the model's own rule, with any fixed k."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+
+from routelab.routing.contract import WEIGHTS, Param, Router, RouterConfigError, register_router, softmax_float32
+
+
+@register_router
+class TopKRouter(Router):
+    """The standard rule: the ``k`` experts with the largest router probabilities."""
+
+    method = "topk"
+    summary = "fixed k: the k experts with the largest router probabilities (the model's own rule)"
+    params = (
+        Param("k", int, None, "experts per token; null = the model's top-k", minimum=1, model_top_k=True),
+        WEIGHTS,
+    )
+
+    def __init__(self, num_experts: int, k: int, weights: str = "model"):
+        if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= num_experts:
+            raise RouterConfigError(f"k: {k!r} is out of range; valid: 1 <= k <= {num_experts} (the model's experts)")
+        super().__init__(num_experts, max_k=k, min_k=k, weights=weights)
+        self.k = int(k)
+
+    def rank(self, logits, layer, probs=None):
+        # Same ops as the native routers (softmax in float32, then topk) so ties break identically.
+        probs = softmax_float32(logits) if probs is None else probs
+        order = torch.topk(probs, self.k, dim=-1).indices
+        k = torch.full(logits.shape[:1], self.k, dtype=torch.long, device=logits.device)
+        return order, k, None

@@ -1,0 +1,259 @@
+"""Stage route: one routing config on one dataset, evaluated and recorded (the pipeline's GPU job).
+
+:func:`run_route` takes a :class:`RouteJob` (what ``workflow/scripts/route.py`` parses its arguments
+into) and writes into ``job.out``:
+
+- ``metrics.json``     quality (token / word / byte perplexity, bits per byte; cloze acc);
+- ``summary.json``     routing statistics (experts selected mean/std/min/max, ceiling and floor hits,
+                       p-value mean/std, per-layer statistics, k histogram, expert counts);
+- ``routing.parquet``  every (token, layer) decision: k, expert ids, weights;
+- ``decisions.parquet`` full detail for every n-th token (all logits and p-values, BH thresholds and
+                       passing rank);
+- ``scores.parquet``   per-document log-likelihood, token / word / byte counts, correctness;
+- ``system.json``      wall time, tokens/s, peak memory (process RSS, CUDA), device and experts kernel
+                       (kept apart so metrics.json and summary.json are identical across reruns);
+- ``provenance.json``  routing spec, model, versions, seed, a hash of everything that determines the run;
+- ``tracking/``        the same as tracking files (:mod:`routelab.tracking`).
+
+With ``shard`` (``I-of-N``) it evaluates only that shard's documents and writes the shard's part
+(``routing.parquet``, ``decisions.parquet``, ``scores.parquet``, ``accumulators.npz``, ``part.json``)
+for the gather_shards job (:mod:`routelab.run.shards`). With ``checkpoint_every`` it saves completed
+work every that many batches and a rerun resumes from it; an out-of-memory error exits for a retry
+with a smaller batch, any other error makes retries fail at once (:mod:`routelab.run.resume`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import resource
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import routelab
+from routelab.config import normalise_routing
+from routelab.io.files import atomic_path, read_json, write_json, write_parquet
+from routelab.io.parquet import concat_parquet
+from routelab.model.families import MoEShape, moe_shape
+from routelab.model.gpus import pin_gpu
+from routelab.model.loading import load_model, load_tokenizer
+from routelab.model.patching import install_router
+from routelab.record import DecisionSampler, Recording, RoutingRecorder
+from routelab.routing import Router, build_router, router_class
+from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
+from routelab.run.evaluate import Stopwatch, document_scores, score_windows
+from routelab.run.records import run_metrics, run_summary, write_run_records
+from routelab.run.resume import Checkpoint, fingerprint, load_chunk_state, retry_guard, save_chunk_state
+from routelab.run.shards import select_shard
+
+log = logging.getLogger("route")
+
+
+@dataclass(frozen=True)
+class RouteJob:
+    """Everything one route job is given. ``routing``: the routing config (defaults are filled in);
+    ``null``: a ``null.npz`` from calibrate_null, a kind that needs no calibration (``gaussian``), or
+    None for rules without a null; ``batch_size``: windows per forward pass; ``checkpoint_every``:
+    batches per saved chunk (0: one chunk); ``attempt``: Snakemake's attempt number; ``sample_every``:
+    every n-th real token's detail goes to decisions.parquet (0: none); ``threads``: torch's CPU
+    threads (None: torch's default)."""
+
+    model: str
+    data: Path
+    routing: dict[str, Any]
+    out: Path
+    null: str | None = None
+    batch_size: int = 16
+    checkpoint_every: int = 0
+    shard: str | None = None
+    attempt: int = 1
+    dtype: str = "float32"
+    device: str = "auto"
+    experts_implementation: str | None = None
+    sample_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for option, value, least in (("batch_size", self.batch_size, 1), ("checkpoint_every", self.checkpoint_every, 0),
+                                     ("attempt", self.attempt, 1), ("sample_every", self.sample_every, 0)):
+            if value < least:
+                raise ValueError(f"{option}: {value} is not valid; need an integer >= {least}")
+        routing = normalise_routing(self.routing, "--routing")
+        router_class(routing["method"]).check_values(routing)  # before any model is loaded
+        object.__setattr__(self, "routing", routing)
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+
+
+def run_route(job: RouteJob) -> None:
+    """Run ``job``: resume from its checkpoint, evaluate and record, write the run's files (or the shard's
+    part), then delete the checkpoint."""
+    if job.device in ("auto", "cuda"):  # before CUDA starts: one free GPU per job (Snakemake pins none)
+        pin_gpu()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    info = read_json(job.data / "info.json")
+    checkpoint = Checkpoint(job.out, checkpoint_key(job))
+    with retry_guard(checkpoint.failure_marker, job.attempt, job.batch_size):
+        _route(job, info, checkpoint)
+    checkpoint.remove()
+
+
+def checkpoint_key(job: RouteJob) -> dict[str, Any]:
+    """Everything that determines the recorded rows (not the batch size: see routelab.run.resume)."""
+    return {"routing": job.routing, "model": fingerprint(job.model), "dtype": job.dtype, "device": job.device,
+            "experts_implementation": job.experts_implementation, "null": fingerprint(job.null),
+            "windows": fingerprint(job.data / "windows.parquet"),
+            "documents": fingerprint(job.data / "documents.parquet"),
+            "seed": job.seed, "sample_every": job.sample_every, "shard": job.shard, "routelab": routelab.__version__}
+
+
+def make_router(job: RouteJob, shape: MoEShape) -> Router:
+    """The configured router for a model of ``shape``, with its null loaded and checked against the model."""
+    null = None
+    if job.routing.get("null_model"):
+        built = [name for name, kind in NULL_KINDS.items() if not kind.calibrated]
+        if job.null is None:
+            raise ValueError(f"--null: routing method {job.routing['method']!r} needs a null: a null.npz from "
+                             f"calibrate_null, or one that needs no calibration ({', '.join(built)})")
+        null = fit_null(job.null, None, shape.num_experts) if job.null in built else load_null(job.null)
+        null.check_model(shape.num_layers, shape.num_experts)
+    return build_router(job.routing, shape.num_experts, shape.top_k, null)
+
+
+def make_recorders(job: RouteJob, shape: MoEShape, router: Router, chunk_dir: Path) -> list:
+    """The recorders of one chunk, the routing log (with the running counts) first: it and the sampled
+    detail log, whose tokens its p-value moments are over."""
+    return [RoutingRecorder(shape.num_layers, shape.num_experts, router.min_k, router.max_k,
+                            path=chunk_dir / "routing.parquet", pvalue_every=job.sample_every),
+            DecisionSampler(chunk_dir / "decisions.parquet", shape.num_experts, job.sample_every,
+                            alpha=router.bh_level)]
+
+
+def evaluate_in_chunks(job: RouteJob, model, shape: MoEShape, router: Router, pad_token_id: int,
+                       windows: pd.DataFrame, checkpoint: Checkpoint, tokens_before: int) -> list:
+    """Score and record ``windows`` in chunks of ``checkpoint_every`` batches, each saved to ``checkpoint``.
+
+    Resumes after the saved chunks; returns all chunks, in order. ``tokens_before``: real tokens before
+    the first window (a shard's offset), so every-n-th-token sampling matches an unsharded run.
+    """
+    device = next(model.parameters()).device
+    chunks = checkpoint.open()
+    state, tokens_seen, seconds = load_chunk_state(chunks[-1]) if chunks else (None, tokens_before, 0.0)
+    done = chunks[-1].end if chunks else 0
+    if done:
+        log.info("resuming from the checkpoint %s: windows 0-%d of %d are done", checkpoint.dir, done, len(windows))
+    size = job.checkpoint_every * job.batch_size or len(windows)
+    for start in range(done, len(windows), size):
+        end = min(start + size, len(windows))
+        with checkpoint.write_chunk(start, end) as chunk_dir:
+            recorders = make_recorders(job, shape, router, chunk_dir)
+            if state is not None:
+                recorders[0].load_state(state, device)
+            recording = Recording(*recorders, tokens_seen=tokens_seen)
+            with install_router(model, router, recording), Stopwatch() as clock:
+                window_scores = score_windows(model, windows.iloc[start:end], job.batch_size, pad_token_id,
+                                              recording, progress=size >= len(windows))
+            recording.close()
+            state, tokens_seen, seconds = recorders[0].state(), recording.tokens_seen, seconds + clock.seconds
+            save_chunk_state(chunk_dir, state, tokens_seen, seconds, window_scores)
+        if size < len(windows):
+            log.info("checkpoint: windows %d-%d of %d done (%.1f s so far)", start, end, len(windows), seconds)
+    return checkpoint.chunks()
+
+
+def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
+    windows, documents = pd.read_parquet(job.data / "windows.parquet"), pd.read_parquet(job.data / "documents.parquet")
+    shard = {"tokens_before": 0}
+    if job.shard:
+        windows, shard = select_shard(windows, job.shard)
+        log.info("shard %s: windows %d-%d, documents %d-%d", job.shard, *shard["windows"], *shard["documents"])
+    if windows.empty:
+        raise ValueError(f"--data: {job.data} has no evaluation windows")
+    model = load_model(job.model, job.dtype, job.device, job.experts_implementation)
+    tokenizer = load_tokenizer(job.model)
+    shape = moe_shape(model)
+    router = make_router(job, shape)
+    spec = job.routing
+    log.info("routing %s on %s: %s (model top-k %d, norm_topk_prob %s; batch size %d)", spec["name"], job.data.name,
+             router.describe(), shape.top_k, shape.norm_topk_prob, job.batch_size)
+
+    chunks = evaluate_in_chunks(job, model, shape, router, tokenizer.pad_token_id or 0, windows, checkpoint,
+                                shard["tokens_before"])
+    state, _, seconds = load_chunk_state(chunks[-1])
+    window_scores = pd.concat([pd.read_parquet(c.path / "window_scores.parquet") for c in chunks], ignore_index=True)
+    scores = document_scores(window_scores, documents)
+    system = system_record(job, model, windows, seconds)
+    params = {key: value for key, value in router.describe().items() if key != "method"}
+    head = {"routing": spec["name"], "dataset": job.data.name, "method": spec["method"], "params": params,
+            "num_layers": shape.num_layers, "num_experts": shape.num_experts, "model_top_k": shape.top_k,
+            "norm_topk_prob": shape.norm_topk_prob}
+    provenance = provenance_record(job, info, model)
+    out = job.out
+    concat_parquet([c.path / "routing.parquet" for c in chunks], out / "routing.parquet")
+    concat_parquet([c.path / "decisions.parquet" for c in chunks], out / "decisions.parquet")
+    write_parquet(out / "scores.parquet", scores)
+    if job.shard:
+        # A shard's part of the run; the gather_shards job merges the parts into the run's files.
+        with atomic_path(out / "accumulators.npz") as tmp:
+            np.savez(tmp, **state)
+        write_json(out / "part.json", {**shard, "task": info["task"], "summary_head": head, "min_k": router.min_k,
+                                       "max_k": router.max_k,
+                                       "expert_flops_per_selection": shape.expert_flops_per_selection,
+                                       "system": system, "provenance": provenance})
+        return
+    summary = run_summary(head, state, router.min_k, router.max_k, shape.expert_flops_per_selection)
+    metrics = run_metrics(spec["name"], job.data.name, info["task"], scores)
+    write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
+                      k_hist=state["k_hist"])
+    log.info("metrics %s", metrics)
+    log.info("experts selected: mean %.3f std %.3f (min %d, max %d); ceiling %.1f%%, floor %.1f%%",
+             summary["experts_mean"], summary["experts_std"], summary["experts_min"], summary["experts_max"],
+             summary["ceiling_hit_rate"], summary["floor_hit_rate"])
+
+
+def system_record(job: RouteJob, model, windows: pd.DataFrame, seconds: float) -> dict[str, Any]:
+    """``system.json``: compute time, throughput (every token the model processed, context included, not
+    only scored ones), peak memory, device and experts kernel."""
+    device = next(model.parameters()).device
+    return {"routing": job.routing["name"], "dataset": job.data.name, "wall_time_s": seconds,
+            "tokens_per_s": int(windows["input_ids"].map(len).sum()) / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "device": str(device), "experts_implementation": model.config._experts_implementation}
+
+
+def provenance_record(job: RouteJob, info: dict[str, Any], model) -> dict[str, Any]:
+    """What produced the run: inputs, versions, commit, and a hash of everything that determines it.
+
+    The batch size changes scores only at float rounding level (and an out-of-memory retry lowers it), so
+    it is recorded but not hashed: shards and retries of one config share one hash.
+    """
+    determining = {"routing": job.routing, "dataset": info, "model": str(job.model), "dtype": job.dtype,
+                   "seed": job.seed, "sample_every": job.sample_every}
+    return {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
+            "routing": job.routing, "dataset_info": info, "model": str(job.model), "dtype": job.dtype,
+            "batch_size": job.batch_size,
+            "experts_implementation": model.config._experts_implementation, "seed": job.seed,
+            "git_commit": git_commit(), "python": platform.python_version(),
+            "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
+                         "transformers": __import__("transformers").__version__}}
+
+
+def git_commit() -> str | None:
+    """The commit of the routelab checkout, None outside one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

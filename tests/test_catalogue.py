@@ -1,0 +1,41 @@
+"""Every figure is described once (routelab.catalogue): its caption file exists and is the text both
+Snakemake's report and report.html show, and the rules' outputs are the catalogue's files."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from routelab.catalogue import CAPTIONS, REPORT_FIGURES, RUN_FIGURES, caption_text
+from tests.support import REPO
+
+
+def test_every_figure_has_its_caption_file_and_every_caption_file_a_use():
+    files = {figure.caption_file for figure in (*RUN_FIGURES, *REPORT_FIGURES)}
+    assert all((CAPTIONS / name).is_file() for name in files)
+    rules = "".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
+    others = {p.name for p in CAPTIONS.glob("*.rst")} - files - {"workflow.rst"}  # workflow.rst: the Snakefile's
+    assert others and all(f"../report/{name}" in rules for name in others), others
+    assert len({f.file for f in RUN_FIGURES}) == len(RUN_FIGURES) and len({f.anchor for f in REPORT_FIGURES}) == 11
+
+
+def test_captions_are_one_paragraph_without_broken_words():
+    for figure in (*RUN_FIGURES, *REPORT_FIGURES):
+        text = caption_text(figure.caption_file)
+        assert text and "\n" not in text and not re.search(r"\w- \w", text), figure.file
+
+
+def test_plot_and_report_rules_output_exactly_the_catalogued_figures():
+    targets = ["results/demo/plots/topk8/code/index.json", "results/demo/report/report.html"]
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", *targets], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def outputs(rule: str) -> list[str]:
+        match = re.search(rf"rule {rule}:\n(?:.*\n)*?\s+output: (.*)\n", result.stdout)
+        return [path.rsplit("/", 1)[1] for path in match.group(1).split(", ")]
+
+    assert sorted(outputs("plot_run")) == sorted([*(f.file for f in RUN_FIGURES), "index.json"])
+    report_figures = [name for name in outputs("report") if name.endswith(".png")]
+    assert sorted(report_figures) == sorted(f.file for f in REPORT_FIGURES)
