@@ -43,7 +43,7 @@ def save_figure(fig: Figure, path: str | os.PathLike | None, dpi: int = DPI) -> 
     if path is None:
         return
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def _check_bounds(min_k: int, max_k: int) -> None:
