@@ -34,8 +34,13 @@ def test_plot_and_report_rules_output_exactly_the_catalogued_figures():
 
     def outputs(rule: str) -> list[str]:
         match = re.search(rf"rule {rule}:\n(?:.*\n)*?\s+output: (.*)\n", result.stdout)
-        return [path.rsplit("/", 1)[1] for path in match.group(1).split(", ")]
+        return match.group(1).split(", ")
 
-    assert sorted(outputs("plot_run")) == sorted([*(f.file for f in RUN_FIGURES), "index.json"])
-    report_figures = [name for name in outputs("report") if name.endswith(".png")]
+    per_run = sorted([*(f.file for f in RUN_FIGURES), "index.json"])
+    plotted = outputs("plot_run")  # one job per routing config: every dataset's run
+    for dataset in ("arithmetic", "grammar", "code", "cloze"):
+        files = [path.rsplit("/", 1)[1] for path in plotted if path.startswith(f"results/demo/plots/topk8/{dataset}/")]
+        assert sorted(files) == per_run, dataset
+    assert len(plotted) == 4 * len(per_run)
+    report_figures = [path.rsplit("/", 1)[1] for path in outputs("report") if path.endswith(".png")]
     assert sorted(report_figures) == sorted(f.file for f in REPORT_FIGURES)

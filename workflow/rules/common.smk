@@ -168,18 +168,36 @@ def run_summaries(wildcards):
     return [f"{d}/{name}" for d in run_dirs(wildcards) for name in ("summary.json", "metrics.json", "system.json")]
 
 
+def config_runs(wildcards):
+    """The run directories of one routing config, one per dataset (the plot_run job draws them all)."""
+    return [f"results/{wildcards.experiment}/runs/{wildcards.routing}/{dataset}" for dataset in DATASETS]
+
+
+def config_run_files(wildcards):
+    """What plot_run reads of each run of one routing config."""
+    return [f"{run}/{name}" for run in config_runs(wildcards)
+            for name in ("summary.json", "routing.parquet", "decisions.parquet")]
+
+
+def config_plot_dirs(wildcards):
+    return [f"results/{wildcards.experiment}/plots/{wildcards.routing}/{dataset}" for dataset in DATASETS]
+
+
 def run_figure_outputs():
-    """plot_run's outputs: every per-run figure of the catalogue, shown in Snakemake's report."""
-    return {
-        figure.name: report(
-            f"results/{{experiment}}/plots/{{routing}}/{{dataset}}/{figure.file}",
-            caption=f"../report/{figure.caption_file}",
-            category="Per-run figures",
-            subcategory="{routing}",
-            labels={"routing": "{routing}", "dataset": "{dataset}", "figure": figure.label},
-        )
-        for figure in RUN_FIGURES
-    }
+    """plot_run's outputs for one routing config: each dataset's run gets every per-run figure of the
+    catalogue (shown in Snakemake's report) and index.json."""
+    outputs = {}
+    for dataset in DATASETS:
+        for figure in RUN_FIGURES:
+            outputs[f"{dataset}/{figure.name}"] = report(
+                f"results/{{experiment}}/plots/{{routing}}/{dataset}/{figure.file}",
+                caption=f"../report/{figure.caption_file}",
+                category="Per-run figures",
+                subcategory="{routing}",
+                labels={"routing": "{routing}", "dataset": dataset, "figure": figure.label},
+            )
+        outputs[f"{dataset}/index"] = f"results/{{experiment}}/plots/{{routing}}/{dataset}/index.json"
+    return outputs
 
 
 def report_figure_outputs():

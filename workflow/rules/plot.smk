@@ -1,25 +1,25 @@
-# Per-run figures: one job per (routing, dataset) run. The PNG names are routelab.catalogue.RUN_FIGURES;
-# figures that do not apply to a run (e.g. p-value figures of top-k routing) are written as a figure
-# saying why and marked "drawn": false in index.json, which the report reads to link the figures.
+# Per-run figures: one job per routing config draws the figures of its run on every dataset (one
+# process per config instead of one per run: the start-up, imports included, costs more than drawing a
+# run). The PNG names are routelab.catalogue.RUN_FIGURES; figures that do not apply to a run (e.g. p-value
+# figures of top-k routing) are written as a figure saying why and marked "drawn": false in index.json,
+# which the report reads to link the figures.
 
 
 rule plot_run:
     input:
-        summary="results/{experiment}/runs/{routing}/{dataset}/summary.json",
-        routing="results/{experiment}/runs/{routing}/{dataset}/routing.parquet",
-        decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
+        runs=config_run_files,
         model=model_dir,
     output:
         **run_figure_outputs(),
-        index="results/{experiment}/plots/{routing}/{dataset}/index.json",
     params:
+        runs=config_runs,
+        plots=config_plot_dirs,
         model=model_ref,
     log:
-        "logs/{experiment}/plot_run/{routing}/{dataset}.log",
+        "logs/{experiment}/plot_run/{routing}.log",
     threads: 1
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python workflow/scripts/plot_run.py --run-dir results/{wildcards.experiment}/runs/{wildcards.routing}/{wildcards.dataset}"
-        " --out-dir results/{wildcards.experiment}/plots/{wildcards.routing}/{wildcards.dataset}"
+        "python workflow/scripts/plot_run.py --run-dir {params.runs} --out-dir {params.plots}"
         " --model {params.model:q} > {log} 2>&1"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Per-run figures of one (routing, dataset) run.
+"""Per-run figures of one or more (routing, dataset) runs, each into its own plot directory.
 
-Reads RUN_DIR/summary.json, routing.parquet (token, layer, k, experts, weights) and decisions.parquet
+Reads each RUN_DIR/summary.json, routing.parquet (token, layer, k, experts, weights) and decisions.parquet
 (sampled logits and p-values); writes into PLOT_DIR the ten figures of routelab.catalogue.RUN_FIGURES
 (experts histogram, layer x expert heatmap, p-value distribution, logit vs p-value, BH step-up samples,
 BH pass rate by rank, sample-sequence routing heatmap, expert utilisation, token rarity vs experts,
@@ -21,23 +21,29 @@ log = logging.getLogger("plot_run")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, type=Path,
-                        help="run directory holding summary.json, routing.parquet and decisions.parquet")
-    parser.add_argument("--out-dir", required=True, type=Path, help="directory the PNG figures and index.json go to")
+    parser.add_argument("--run-dir", required=True, type=Path, nargs="+",
+                        help="run directories holding summary.json, routing.parquet and decisions.parquet")
+    parser.add_argument("--out-dir", required=True, type=Path, nargs="+",
+                        help="directories the PNG figures and index.json go to, one per --run-dir, in order")
     parser.add_argument("--model", default=None,
                         help="model directory or hub id whose tokenizer turns token ids into text for the "
                              "sample-sequence heatmap (token ids are shown without it)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if len(args.out_dir) != len(args.run_dir):
+        parser.error(f"--out-dir: {len(args.out_dir)} directories given for {len(args.run_dir)} --run-dir; "
+                     "need one per run")
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    start = time.perf_counter()
     decode = load_token_decoder(args.model) if args.model else None
-    index = draw_run_figures(args.run_dir, args.out_dir, decode=decode)
-    drawn = sum(entry["drawn"] for entry in index)
-    log.info("wrote %d figures (%d drawn, %d not applicable) and index.json to %s in %.1f s",
-             len(index), drawn, len(index) - drawn, args.out_dir, time.perf_counter() - start)
+    for run_dir, out_dir in zip(args.run_dir, args.out_dir):
+        start = time.perf_counter()
+        index = draw_run_figures(run_dir, out_dir, decode=decode)
+        drawn = sum(entry["drawn"] for entry in index)
+        log.info("wrote %d figures (%d drawn, %d not applicable) and index.json to %s in %.1f s",
+                 len(index), drawn, len(index) - drawn, out_dir, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
