@@ -32,15 +32,19 @@ def test_plot_and_report_rules_output_exactly_the_catalogued_figures():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    def outputs(rule: str) -> list[str]:
-        match = re.search(rf"rule {rule}:\n(?:.*\n)*?\s+output: (.*)\n", result.stdout)
-        return match.group(1).split(", ")
+    def outputs(rule: str, containing: str) -> list[str]:
+        """The outputs of the planned ``rule`` job that writes a path containing ``containing``."""
+        for match in re.finditer(rf"rule {rule}:\n(?:.*\n)*?\s+output: (.*)\n", result.stdout):
+            paths = match.group(1).split(", ")
+            if any(containing in path for path in paths):
+                return paths
+        raise AssertionError(f"no planned {rule} job writes {containing}")
 
     per_run = sorted([*(f.file for f in RUN_FIGURES), "index.json"])
-    plotted = outputs("plot_run")  # one job per routing config: every dataset's run
+    plotted = outputs("plot_run", "plots/topk8/")  # one job per routing config: every dataset's run
     for dataset in ("arithmetic", "grammar", "code", "cloze"):
         files = [path.rsplit("/", 1)[1] for path in plotted if path.startswith(f"results/demo/plots/topk8/{dataset}/")]
         assert sorted(files) == per_run, dataset
     assert len(plotted) == 4 * len(per_run)
-    report_figures = [path.rsplit("/", 1)[1] for path in outputs("report") if path.endswith(".png")]
+    report_figures = [path.rsplit("/", 1)[1] for path in outputs("report", "report.html") if path.endswith(".png")]
     assert sorted(report_figures) == sorted(f.file for f in REPORT_FIGURES)
