@@ -9,21 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from scipy.stats import norm
 
 from routelab.routing import ROUTERS, BHRouter, HCRouter, Param, RouterConfigError, TopKRouter, TopPRouter, build_router
-from routelab.routing.nulls import Null, TabulatedNull
-
-# A null whose survival function is the standard normal's: p = norm.sf(logit), up to interpolation.
-GRID = np.linspace(-10.0, 10.0, 2001).astype(np.float32)
-
-
-NORMAL_SF = norm.sf(GRID.astype(np.float64)).astype(np.float32)
-
-
-def normal_null(num_experts: int, layers: int = 1) -> TabulatedNull:
-    return TabulatedNull(grid=np.tile(GRID, (layers, 1)), sf=np.tile(NORMAL_SF, (layers, 1)),
-                         num_experts=num_experts, min_pvalue=1e-30)
+from routelab.routing.nulls import Null
+from tests.support.routing import DTYPES, check_selection, normal_null
 
 
 def softmax64(logits: torch.Tensor) -> np.ndarray:
@@ -48,10 +37,8 @@ def routers_for(policy: str) -> list:
             BHRouter(8, normal_null(8), alpha=0.2, min_k=1, max_k=6, weights=policy)]
 
 
-GRID = np.linspace(-10.0, 10.0, 2001).astype(np.float32)
 
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 
@@ -77,19 +64,6 @@ def make_router(method: str, num_experts: int, min_k: int, max_k: int, weights: 
     return build_router(spec, num_experts, model_top_k=max_k, null=null)
 
 
-def check_selection(sel, num_experts: int, min_k: int, max_k: int) -> None:
-    """The Selection contract: shapes, clamp, sentinel and zero weight in unused slots, unique experts."""
-    tokens = sel.k.shape[0]
-    assert sel.indices.shape == sel.weights.shape == (tokens, max_k)
-    assert sel.indices.dtype == sel.k.dtype == torch.long and sel.weights.dtype == torch.float32
-    assert ((sel.k >= min_k) & (sel.k <= max_k)).all()
-    used = torch.arange(max_k) < sel.k.unsqueeze(-1)
-    assert (sel.indices[~used] == num_experts).all() and (sel.weights[~used] == 0).all()
-    assert ((sel.indices[used] >= 0) & (sel.indices[used] < num_experts)).all()
-    assert (sel.weights >= 0).all() and torch.isfinite(sel.weights).all()
-    one_hot = torch.zeros(tokens, num_experts + 1, dtype=torch.long).scatter_add_(
-        -1, sel.indices, torch.ones_like(sel.indices))
-    assert (one_hot[:, :num_experts] <= 1).all(), "an expert appears twice in one token's selection"
 
 
 class CountingNull(Null):

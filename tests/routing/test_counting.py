@@ -27,12 +27,7 @@ from routelab.routing.counting import (
     top_p_count,
 )
 from routelab.routing.nulls import Null, TabulatedNull, fit_empirical_null, fit_kde_null
-
-
-def scipy_bh_rejections(pvalues: np.ndarray, alpha: float) -> np.ndarray:
-    """Number of BH rejections per row, from scipy's adjusted p-values."""
-    return (false_discovery_control(pvalues, axis=-1, method="bh") <= alpha).sum(axis=-1)
-
+from tests.support.routing import DTYPES, reference_hc_count, scipy_bh_rejections
 
 # Dyadic thresholds (alpha = 0.5, N = 8 -> i/16) keep every comparison exact in float64.
 ADVERSARIAL = {
@@ -50,7 +45,6 @@ ADVERSARIAL = {
 }
 
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # Dyadic probabilities: every cumulative sum is exact, so the boundary cases are decided exactly.
@@ -92,22 +86,6 @@ HC_CASES = {
 }
 
 
-def reference_hc_count(sorted_p: np.ndarray, alpha0: float) -> int:
-    """Donoho-Jin HC argmax over the first floor(alpha0 N) ranks, looping; ties to the larger rank."""
-    n = sorted_p.size
-    searched = max(1, int(np.floor(alpha0 * n + 1e-9)))
-    best_rank, best = 0, -np.inf
-    for i in range(1, searched + 1):
-        p = float(sorted_p[i - 1])
-        if p == 0.0:
-            score = np.inf
-        elif p == 1.0:
-            score = -np.inf
-        else:
-            score = np.sqrt(n) * (i / n - p) / np.sqrt(p * (1 - p))
-        if score > -np.inf and score >= best:
-            best_rank, best = i, score
-    return best_rank
 
 
 BH_EDGE_P = [0.5 / 64, 1 / 64, 2 / 64, 0.5, 1.0, 1e-30]

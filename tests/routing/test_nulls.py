@@ -25,6 +25,7 @@ from routelab.routing.nulls import (
     interpolate,
     load_null,
 )
+from tests.support.routing import EXPERTS, LOCATION, SCALE, calibration_logits
 
 
 def scott_bandwidth(values: np.ndarray) -> float:
@@ -47,21 +48,12 @@ def fitted_null():
     return fit_kde_null(layers, num_experts=8, grid_size=256, meta={"model": "tiny"})
 
 
-EXPERTS = 6
 
 
-# Expert 0 is habitually loud, expert 5 is quiet and wide; the rest are standard normal.
-LOCATION = np.array([3.0, 0.0, 0.0, 0.0, 0.0, -1.0])
 
 
-SCALE = np.array([0.5, 1.0, 1.0, 1.0, 1.0, 2.0])
 
 
-def calibration_logits(seed: int, tokens: int = 2000, layers: int = 2) -> list[np.ndarray]:
-    """``[tokens, experts]`` float32 logits per layer (float32: the dtype routing looks them up in)."""
-    rng = np.random.default_rng(seed)
-    return [(LOCATION + layer + SCALE * rng.standard_normal((tokens, EXPERTS))).astype(np.float32)
-            for layer in range(layers)]
 
 
 @pytest.fixture(scope="module")
