@@ -75,7 +75,7 @@ class BatchContext:
         missing = [i for i, layer in enumerate(layers) if (every, layer) not in self._pvalues]
         computed = None
         if missing:
-            rows = _on(self.sample(every).rows, device)
+            rows = on_device(self.sample(every).rows, device)
             computed = pvalues_at_layers([selections[i] for i in missing], rows)
             for j, i in enumerate(missing):
                 self._pvalues[(every, layers[i])] = None if computed is None else computed[j]
@@ -140,9 +140,9 @@ def pack_token_meta(window_ids: torch.Tensor, doc_ids: torch.Tensor, input_ids: 
     stored). :func:`unpack_token_meta` gives each token's columns back."""
     ids = [window_ids, doc_ids, input_ids.reshape(-1)]
     if rows is not None:
-        ids[2] = ids[2].index_select(0, _on(rows, ids[2].device))
+        ids[2] = ids[2].index_select(0, on_device(rows, ids[2].device))
         ids.append(rows)
-    return torch.cat([_on(part, device) for part in ids]).to(torch.int32)
+    return torch.cat([on_device(part, device) for part in ids]).to(torch.int32)
 
 
 def unpack_token_meta(meta: np.ndarray, windows: int, tokens: int, seq: int) -> tuple[np.ndarray, ...]:
@@ -154,6 +154,6 @@ def unpack_token_meta(meta: np.ndarray, windows: int, tokens: int, seq: int) -> 
     return meta[:windows][window], meta[windows:2 * windows][window], position, meta[2 * windows:2 * windows + tokens]
 
 
-def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device`` (itself when it is there already, without a call into torch's dispatcher)."""
     return tensor if tensor.device == device else tensor.to(device)

@@ -35,7 +35,7 @@ import torch
 
 from routelab.io.arena import BufferArena, pack_for_writer
 from routelab.io.parquet import BatchedParquetWriter
-from routelab.record.batch import BatchContext, _on, pack_token_meta, unpack_token_meta
+from routelab.record.batch import BatchContext, on_device, pack_token_meta, unpack_token_meta
 from routelab.routing.contract import Param, Selection
 
 ALPHA = Param("alpha", float, None, "the BH level of the sampled decisions", exclusive_minimum=0, maximum=1)
@@ -86,7 +86,7 @@ class DecisionSampler:
         all layers."""
         if self._batch is None:
             return
-        kept = _on(self._batch.sample(self.every_n).rows, router_logits.device)
+        kept = on_device(self._batch.sample(self.every_n).rows, router_logits.device)
         self._layers[layer] = (router_logits.index_select(0, kept), selection.indices.index_select(0, kept),
                                selection.weights.index_select(0, kept), selection)
 
@@ -101,7 +101,7 @@ class DecisionSampler:
         logits, indices, weights, selections = zip(*(layers_seen[i] for i in layers))
         device = selections[0].k.device
         sample = batch.sample(self.every_n)
-        kept = _on(sample.rows, device)
+        kept = on_device(sample.rows, device)
         # only the sampled rows' p-values are computed (routers compute them lazily), once for all recorders
         pvalues = batch.sampled_pvalues(self.every_n, layers, selections, device)  # [layers, tokens, E]
         meta = pack_token_meta(batch.window_ids, batch.doc_ids, batch.input_ids, sample.rows, device)

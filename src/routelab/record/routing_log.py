@@ -31,7 +31,7 @@ import torch
 
 from routelab.io.arena import BufferArena, arrow_backed, pack_for_writer
 from routelab.io.parquet import BatchedParquetWriter
-from routelab.record.batch import BatchContext, _on, pack_token_meta, unpack_token_meta
+from routelab.record.batch import BatchContext, on_device, pack_token_meta, unpack_token_meta
 from routelab.record.statistics import summary_from_state
 from routelab.routing.contract import Selection
 
@@ -147,14 +147,14 @@ class RoutingRecorder:
             weights = weights.float()
         rows = batch.real_rows
         if rows is not None:  # drop the padding (a gather on the device, no sync)
-            rows = _on(rows, device)
+            rows = on_device(rows, device)
             k, indices, weights = k.index_select(0, rows), indices.index_select(0, rows), weights.index_select(0, rows)
         tokens = k.shape[0]
         layers = self._layer_set(layer_ids, device)
         work = self._buffers(len(layer_ids), tokens, device)
         top_probs, own_top = [], []
         for i, (layer, selection) in enumerate(zip(layer_ids, selections)):
-            probs, top = self._reduce_layer(_on(layers_seen[layer][0], device), selection, rows, work, i)
+            probs, top = self._reduce_layer(on_device(layers_seen[layer][0], device), selection, rows, work, i)
             top_probs.append(probs)
             own_top.append(top)
         top_probs = torch.stack(top_probs)  # [L, T, 2]
@@ -252,13 +252,13 @@ class RoutingRecorder:
         target = self._counts if layers.all else layers.scratch.zero_()
         experts = self.num_experts
         ones = self._ones[: tokens * n_layers].view(n_layers, tokens)
-        target[:, : experts + 1].scatter_add_(1, _on(k.T, self._device), ones)
+        target[:, : experts + 1].scatter_add_(1, on_device(k.T, self._device), ones)
         # layer-major for the scatter (one copy of the indices)
         by_layer = indices.permute(1, 0, 2).reshape(n_layers, tokens * max_k)
         target[:, experts + 1: 2 * experts + 2].scatter_add_(
-            1, _on(by_layer, self._device), self._ones[: tokens * n_layers * max_k].view(n_layers, -1))
+            1, on_device(by_layer, self._device), self._ones[: tokens * n_layers * max_k].view(n_layers, -1))
         if top_expert is not None:
-            target[:, 2 * experts + 2:].scatter_add_(1, _on(top_expert.T, self._device), ones)
+            target[:, 2 * experts + 2:].scatter_add_(1, on_device(top_expert.T, self._device), ones)
         if not layers.all:
             self._counts.index_add_(0, layers.ids, target)
 
@@ -277,7 +277,7 @@ class RoutingRecorder:
             return
         pvalues = batch.sampled_pvalues(self.pvalue_every, layer_ids, selections, device)  # [l, sampled, E]
         if pvalues is not None:
-            sampled = _on(batch.sample(self.pvalue_every).index, device)
+            sampled = on_device(batch.sample(self.pvalue_every).index, device)
             self._accumulate_pvalues(pvalues, indices.index_select(0, sampled).transpose(0, 1))
 
     def _accumulate_pvalues(self, pvalues: torch.Tensor, indices: torch.Tensor) -> None:

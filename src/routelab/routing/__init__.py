@@ -1,8 +1,8 @@
 """Routing rules, their counting kernels and the nulls p-value rules judge logits against.
 
 :mod:`.contract` (what a router receives, returns and declares; the registry), :mod:`.counting`
-(the kernels), :mod:`.rules` (one module per rule, registered on import), :mod:`.nulls` (null kinds)
-(and :mod:`routelab.schema` writes the config schema's routing part from the registries).
+(the kernels), :mod:`.rules` (one module per rule, registered on import) and :mod:`.nulls` (the null
+kinds). :mod:`routelab.schema` writes the config schema's routing part from these registries.
 """
 
 from routelab.routing import rules  # noqa: F401  (registers every rule)

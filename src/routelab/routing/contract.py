@@ -201,12 +201,16 @@ class Param:
         """The valid values as text, e.g. ``0 < alpha <= 1`` or ``one of model, renormalize, none``."""
         if self.choices is not None:
             return f"one of {', '.join(self.choices)}"
-        low = (f"{_number(self.exclusive_minimum)} < " if self.exclusive_minimum is not None
-               else f"{_number(self.minimum)} <= " if self.minimum is not None else "")
-        high = f" <= {_number(self.maximum)}" if self.maximum is not None else ""
-        if low and not high:  # "temperature > 0" reads better than "0 < temperature"
-            return f"{self.name} {'>' if self.exclusive_minimum is not None else '>='} {low.split()[0]}"
-        return f"{low}{self.name}{high}"
+        if self.exclusive_minimum is not None:
+            bound, low_sign, high_sign = self.exclusive_minimum, "<", ">"
+        elif self.minimum is not None:
+            bound, low_sign, high_sign = self.minimum, "<=", ">="
+        else:
+            bound = None
+        if self.maximum is None:  # "temperature > 0" reads better than "0 < temperature"
+            return self.name if bound is None else f"{self.name} {high_sign} {_number(bound)}"
+        low = "" if bound is None else f"{_number(bound)} {low_sign} "
+        return f"{low}{self.name} <= {_number(self.maximum)}"
 
     def check(self, value: Any) -> Any:
         """``value`` converted to :attr:`type` if valid, else a :class:`RouterConfigError` naming the key,
