@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from routelab.config import ConfigError, load_config, routing_configs
+from routelab.config import ConfigError, load_config, routing_configs, routing_methods
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "config.yaml"
 
-SHIPPED_RUNS = ["topk8", "topk4", "topp0.4", "hc_k16", "bh_a0.2_k16", "bh_a0.5_k16"]
+SHIPPED_RUNS = ["topk8", "topk4", "topp0.4", "hc_k16", "minp0.2", "ratio_median", "entropy", "layerk_b24", "seqtopk8",
+                "bh_a0.2_k16", "bh_a0.5_k16"]
+LAST = len(SHIPPED_RUNS) - 2  # the index of an entry appended to the shipped routing list (the grid adds 2)
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +114,13 @@ def test_topp_and_hc_runs_get_their_defaults(tmp_path, config):
 
 def test_topp_p_outside_unit_interval_names_the_key(tmp_path, config):
     config["routing"].append({"name": "tp", "method": "topp", "p": 1.5})
-    assert_names(config_error(tmp_path, config), "routing[4].p", "1.5", "<= 1")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].p", "1.5", "<= 1")
 
 
 def test_unknown_null_model_names_the_valid_ones(tmp_path, config):
     config["routing"].append({"name": "b", "method": "bh", "null_model": "student"})
-    assert_names(config_error(tmp_path, config), "routing[4].null_model", "'student'", "kde", "per_expert", "gaussian")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].null_model", "'student'", "kde", "student_t",
+                 "per_expert", "gaussian")
 
 
 def test_alpha_one_is_accepted(tmp_path, config):
@@ -146,7 +149,7 @@ def test_unknown_routing_method(tmp_path, config):
 @pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
 def test_alpha_outside_zero_one_in_routing(tmp_path, config, alpha):
     config["routing"].append({"name": "bh_bad", "method": "bh", "alpha": alpha})
-    assert_names(config_error(tmp_path, config), "routing[4].alpha", repr(alpha), "> 0", "<= 1")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].alpha", repr(alpha), "> 0", "<= 1")
 
 
 @pytest.mark.parametrize("alpha", [0, 1.5, -0.1])
@@ -162,7 +165,7 @@ def test_alpha_outside_zero_one_as_grid_scalar(tmp_path, config):
 
 def test_min_k_greater_than_max_k(tmp_path, config):
     config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 8, "max_k": 4})
-    assert_names(config_error(tmp_path, config), "routing[4].min_k", "8", "max_k = 4", "min_k <= max_k")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].min_k", "8", "max_k = 4", "min_k <= max_k")
 
 
 def test_min_k_greater_than_a_swept_max_k(tmp_path, config):
@@ -173,7 +176,7 @@ def test_min_k_greater_than_a_swept_max_k(tmp_path, config):
 
 def test_min_k_zero(tmp_path, config):
     config["routing"].append({"name": "bh_bad", "method": "bh", "min_k": 0})
-    assert_names(config_error(tmp_path, config), "routing[4].min_k", "0", ">= 1")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].min_k", "0", ">= 1")
 
 
 def test_unknown_dataset_source(tmp_path, config):
@@ -215,7 +218,7 @@ def test_unknown_key_in_routing_entry(tmp_path, config):
 
 def test_duplicate_routing_names(tmp_path, config):
     config["routing"].append({"name": "topk8", "method": "topk", "k": 2})
-    assert_names(config_error(tmp_path, config), "routing[4].name", "'topk8'", "used twice", "unique")
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].name", "'topk8'", "used twice", "unique")
 
 
 def test_grid_name_clashing_with_an_explicit_one(tmp_path, config):
@@ -268,7 +271,7 @@ EXPERIMENT = "config_validation_test"
 SNAKEMAKE_CASES = {
     "unknown_method": (
         {"routing": [{"name": "x", "method": "magic"}]},
-        ["routing[0].method", "'magic'", '"bh", "hc", "topk", "topp"'],
+        ["routing[0].method", "'magic'", ", ".join(f'"{method}"' for method in routing_methods())],
     ),
     "alpha_in_grid": (
         {"routing_grid": [{"name": "bh_a{alpha}", "method": "bh", "alpha": [0.1, 1.5]}]},
@@ -316,3 +319,47 @@ def test_names_with_regex_characters_plan_every_job(tmp_path):
     assert result.returncode == 0, output
     assert "results/demo+regex.test/runs/top+k4/gram+mar/routing.parquet" in output
     assert "results/demo+regex.test/report/report.html" in output
+
+
+# --- list parameters, alternatives and calibration ------------------------------------------------------
+
+
+def test_a_grid_sweeps_a_list_parameter_with_a_list_of_lists(tmp_path, config):
+    config["routing_grid"].append({"name": "ent{thresholds}", "method": "entropy", "ks": [1, 4],
+                                   "thresholds": [[1.0], [2.0]]})
+    config["routing_grid"].append({"name": "lk", "method": "layerk", "ks": [1, 2, 4, 8]})  # one value, not a sweep
+    runs = routing_configs(load(tmp_path, config))
+    assert runs["ent1.0"]["thresholds"] == [1.0] and runs["ent2.0"]["thresholds"] == [2.0]
+    assert runs["ent1.0"]["ks"] == [1, 4] and runs["lk"]["ks"] == [1, 2, 4, 8]
+
+
+def test_alternative_parameters_given_together_are_refused_naming_both(tmp_path, config):
+    config["routing"].append({"name": "r", "method": "ratio", "beta": 0.4, "calibrate": "median"})
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}]", "beta=0.4", "calibrate='median'", "only one")
+
+
+def test_ratio_without_beta_calibrates_with_the_median(tmp_path, config):
+    runs = routing_configs(load(tmp_path, config))
+    assert runs["ratio_median"]["calibrate"] == "median" and runs["ratio_median"]["beta"] is None
+    config["routing"].append({"name": "r", "method": "ratio"})
+    assert routing_configs(load(tmp_path, config))["r"]["calibrate"] == "median"
+
+
+def test_layerk_needs_ks_or_budget_and_one_k_per_demo_layer(tmp_path, config):
+    config["routing"].append({"name": "lk", "method": "layerk"})
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}]", "none of ks, budget given")
+    config["routing"][-1]["ks"] = [2, 4, 8]
+    assert_names(config_error(tmp_path, config), "routing lk.ks", "[2, 4, 8]", "3 values", "4 MoE layers",
+                 "demo_model.layers")
+
+
+@pytest.mark.parametrize("entry,key,valid", [
+    ({"method": "entropy", "ks": [1, 0]}, "ks[1]", ">= 1"),
+    ({"method": "entropy", "quantiles": [1.5]}, "quantiles[0]", "<= 1"),
+    ({"method": "minp", "m": -0.1}, "m", ">= 0"),
+    ({"method": "seqtopk", "budget": 0}, "budget", "> 0"),
+    ({"method": "ratio", "calibrate": "mean"}, "calibrate", "median"),
+])
+def test_new_rules_bad_values_name_key_value_and_range(tmp_path, config, entry, key, valid):
+    config["routing"].append({"name": "bad", **entry})
+    assert_names(config_error(tmp_path, config), f"routing[{LAST}].{key}", valid)

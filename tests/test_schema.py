@@ -37,19 +37,48 @@ def test_schema_carries_each_parameters_type_range_and_description():
         for param in cls.params:
             entry = properties[param.name]
             assert entry["default"] == param.default and entry["description"] == param.description
+            bounded = entry["items"] if param.type is list else entry  # a list's range is its items'
             for key, value in (("minimum", param.minimum), ("exclusiveMinimum", param.exclusive_minimum),
                                ("maximum", param.maximum)):
-                assert entry.get(key) == value, (method, param.name, key)
-            if param.choices:
-                assert entry["enum"] == list(param.choices)
+                assert bounded.get(key) == value, (method, param.name, key)
+            if param.choices:  # null too where the parameter is optional
+                assert entry["enum"] == list(param.choices) + ([None] if param.default is None else [])
     assert defs["null_model"]["enum"] == list(NULL_KINDS)
     assert defs["experts_implementation"]["enum"] == [None, *SUPPORTED_KERNELS]
 
 
+# What a rule needs given beyond its defaults (a group of alternatives of which one must be given).
+REQUIRED = {"layerk": {"budget": 8}}
+
+
 def test_normalised_configs_equal_what_build_router_resolves():
     for method, cls in ROUTERS.items():
-        spec = normalise_routing({"name": "x", "method": method})
-        assert {k: v for k, v in spec.items() if k not in ("name", "method")} == cls.resolve({"method": method})
+        given = {"method": method, **REQUIRED.get(method, {})}
+        spec = normalise_routing({"name": "x", **given})
+        assert {k: v for k, v in spec.items() if k not in ("name", "method")} == cls.resolve(given)
+
+
+def test_rules_that_need_one_of_several_keys_are_refused_without_it_before_any_job():
+    for method, cls in ROUTERS.items():
+        if any(group.default is None for group in cls.alternatives):
+            assert method in REQUIRED
+            with pytest.raises(ConfigError, match=r"routing: none of .* given; give exactly one of them"):
+                normalise_routing({"name": "x", "method": method})
+    with pytest.raises(ConfigError, match=r"routing: beta=0.3 and calibrate='median' given; give only one of beta, "
+                                          r"calibrate"):
+        normalise_routing({"name": "x", "method": "ratio", "beta": 0.3, "calibrate": "median"})
+
+
+def test_calibration_needs_follow_the_rules_declarations():
+    from routelab.config import uses_calibration
+
+    cases = [({"method": "ratio"}, True), ({"method": "ratio", "beta": 0.5}, False), ({"method": "entropy"}, True),
+             ({"method": "entropy", "thresholds": [1.0, 2.0, 3.0]}, False), ({"method": "layerk", "budget": 8}, True),
+             ({"method": "layerk", "ks": [1, 2]}, False), ({"method": "bh"}, False), ({"method": "seqtopk"}, False)]
+    for given, expected in cases:
+        spec = normalise_routing({"name": "x", **given})
+        assert uses_calibration(spec) is expected, given
+        assert ROUTERS[given["method"]].uses_calibration(ROUTERS[given["method"]].resolve(given)) is expected, given
 
 
 def test_the_docs_describe_every_rule_and_parameter():

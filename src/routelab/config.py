@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from routelab.choices import calibration_needed, choose_alternative
+
 DEMO_MODEL_ID = "demo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -42,6 +44,30 @@ def method_defaults(method: str) -> dict[str, Any]:
     """``{parameter: default}`` of one rule, in its declared order; None for k / max_k means the model's top-k."""
     properties = _routing_defs()[method]["properties"]
     return {key: spec["default"] for key, spec in properties.items() if key not in ("name", "method")}
+
+
+def method_schema(method: str) -> dict[str, Any]:
+    """One rule's generated schema entry (``properties`` and the ``x-`` annotations of routelab.schema)."""
+    return _routing_defs()[method]
+
+
+def list_parameters(method: str) -> tuple[str, ...]:
+    """The parameters of ``method`` whose value is a list (a grid sweeps them with a list of lists)."""
+    properties = method_schema(method)["properties"]
+    return tuple(key for key, spec in properties.items() if "array" in (spec.get("type") or []))
+
+
+def uses_calibration(spec: dict[str, Any]) -> bool:
+    """Whether a normalised routing config fits its rule to the calibration split's router logits (the
+    route job then reads them; :meth:`routelab.routing.contract.Router.uses_calibration` in the library)."""
+    schema = method_schema(spec["method"])
+    groups = [(group["keys"], group["default"]) for group in schema.get("x-alternatives", [])]
+    return calibration_needed(spec, schema.get("x-calibrated", []), groups)
+
+
+def teacher_forced(method: str) -> bool:
+    """Whether the rule looks at every token of a window at once (it cannot route generation)."""
+    return bool(method_schema(method).get("x-teacher-forced", False))
 
 
 def routing_parameters() -> tuple[str, ...]:
@@ -128,13 +154,22 @@ def validate_schema(config: dict, schema: str | os.PathLike = DEFAULT_SCHEMA) ->
 
 def expand_grid(entry: dict, where: str) -> list[dict]:
     """Expand one ``routing_grid`` entry into named routing configs (cartesian product of list values)."""
-    swept = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items() if k not in ("name", "method")}
+    lists = list_parameters(entry["method"]) if entry.get("method") in routing_methods() else ()
+
+    def sweep(key: str, value: Any) -> list:
+        if key in lists:  # a list-valued parameter: a sweep is a list of lists
+            return value if isinstance(value, list) and value and all(isinstance(v, list) for v in value) else [value]
+        return value if isinstance(value, list) else [value]
+
+    swept = {k: sweep(k, v) for k, v in entry.items() if k not in ("name", "method")}
     keys = list(swept)
     runs = []
     for values in itertools.product(*(swept[k] for k in keys)):
         params = dict(zip(keys, values))
         try:
-            name = entry["name"].format(**params)
+            # A list value reads as its items joined by "-" in a name ("ks{ks}" -> "ks1-2-4-8").
+            name = entry["name"].format(**{key: "-".join(map(str, value)) if isinstance(value, list) else value
+                                           for key, value in params.items()})
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(
                 f"{where}.name: template {entry['name']!r} refers to {exc}; it may use only "
@@ -177,6 +212,11 @@ def normalise_routing(run: dict, where: str = "routing") -> dict:
                 f"valid: {', '.join(defaults)}"
             )
     spec = {"name": run["name"], "method": method, **{key: run.get(key, value) for key, value in defaults.items()}}
+    for group in method_schema(method).get("x-alternatives", []):
+        try:
+            spec = choose_alternative(spec, group["keys"], group["default"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if "min_k" in spec and spec.get("max_k") is not None and spec["min_k"] > spec["max_k"]:
         raise ConfigError(
             f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"
@@ -223,6 +263,11 @@ def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, d
         if layer is not None and layer >= demo["layers"]:
             raise ConfigError(f"report.layer: {layer} does not exist; the demo model has layers "
                               f"0..{demo['layers'] - 1} (demo_model.layers = {demo['layers']})")
+        for name, spec in runs.items():
+            ks = spec.get("ks") if spec["method"] == "layerk" else None
+            if ks is not None and len(ks) != demo["layers"]:
+                raise ConfigError(f"routing {name}.ks: {ks!r} has {len(ks)} values but the demo model has "
+                                  f"{demo['layers']} MoE layers (demo_model.layers); need one k per layer")
         if demo["hidden_size"] % demo["heads"]:
             raise ConfigError(
                 f"demo_model.heads: {demo['heads']} does not divide hidden_size = {demo['hidden_size']}"

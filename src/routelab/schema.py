@@ -28,32 +28,57 @@ NAME = {"type": "string", "minLength": 1, "description": "used in file paths; le
 
 def param_schema(param: Param) -> dict[str, Any]:
     """JSON schema of one parameter's value (``null`` allowed where it means the model's top-k)."""
-    kind = {int: "integer", float: "number", str: "string"}[param.type]
-    schema: dict[str, Any] = {"type": [kind, "null"] if param.model_top_k else kind}
+    kinds = {int: "integer", float: "number", str: "string", list: "array"}
+    kind = kinds[param.type]
+    optional = param.model_top_k or param.default is None  # null: the model's top-k, or not given
+    schema: dict[str, Any] = {"type": [kind, "null"] if optional else kind}
     if param.choices is not None:
-        schema["enum"] = list(param.choices)
+        schema["enum"] = [*param.choices, None] if optional else list(param.choices)
+    bounds: dict[str, Any] = {}
     for key, value in (("minimum", param.minimum), ("exclusiveMinimum", param.exclusive_minimum),
                        ("maximum", param.maximum)):
         if value is not None:
-            schema[key] = value
+            bounds[key] = value
+    if param.type is list:
+        schema["minItems"] = 1
+        schema["items"] = {"type": kinds[param.item_type], **bounds}
+    else:
+        schema.update(bounds)
     schema["default"] = param.default
     schema["description"] = param.description
     return schema
 
 
 def _swept(schema: dict[str, Any]) -> dict[str, Any]:
-    """A grid entry's value: one value, or a list of them to sweep (no default: expanded entries get it)."""
+    """A grid entry's value: one value, or a list of them to sweep (no default: expanded entries get it).
+    A list-valued parameter's sweep is a list of lists (``routelab.config.expand_grid`` tells them apart)."""
     one = {key: value for key, value in schema.items() if key not in ("default", "description")}
     return {"anyOf": [one, {"type": "array", "minItems": 1, "items": one}], "description": schema["description"]}
 
 
 def method_schema(method: str, grid: bool) -> dict[str, Any]:
-    """The schema of one rule's entry: ``name``, ``method`` and exactly its parameters."""
+    """The schema of one rule's entry: ``name``, ``method`` and exactly its parameters.
+
+    ``x-alternatives`` (groups of parameters of which at most one is given, with what none means),
+    ``x-calibrated`` (parameters that fit the rule to the calibration split) and ``x-teacher-forced``
+    are read by :mod:`routelab.config`; JSON-schema validators ignore them.
+    """
+    cls = ROUTERS[method]
     properties: dict[str, Any] = {"name": NAME, "method": {"const": method}}
-    for param in ROUTERS[method].params:
+    for param in cls.params:
         properties[param.name] = _swept(param_schema(param)) if grid else param_schema(param)
-    return {"type": "object", "additionalProperties": False, "required": ["name", "method"],
-            "properties": properties}
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "method"],
+              "properties": properties}
+    if cls.alternatives:
+        schema["x-alternatives"] = [{"keys": list(group.keys),
+                                     "default": None if group.default is None else dict(group.default)}
+                                    for group in cls.alternatives]
+    calibrated = [param.name for param in cls.params if param.calibrated]
+    if calibrated:
+        schema["x-calibrated"] = calibrated
+    if cls.teacher_forced:
+        schema["x-teacher-forced"] = True
+    return schema
 
 
 def _entry(grid: bool) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from routelab.report.aggregate import (
     collect_layers,
     collect_runs,
     collect_scores,
+    parameter_columns,
+    parameter_value,
 )
 from tests.support.report_runs import (
     document_scores,
@@ -27,8 +29,10 @@ from tests.support.report_runs import (
 def test_collect_runs_gives_one_flat_row_per_run(tmp_path):
     runs = collect_runs(write_runs(tmp_path))
     assert len(runs) == 6
-    assert list(runs.columns[:13]) == ["routing", "dataset", "method", "k", "alpha", "min_k", "max_k",
-                                       "temperature", "weights", "p", "alpha0", "null_model", "task"]
+    first = ["routing", "dataset", "method", "k", "alpha", "min_k", "max_k", "temperature", "weights", "p", "alpha0",
+             "null_model"]
+    others = [name for name in parameter_columns() if name not in first]  # the other rules' parameters
+    assert others and list(runs.columns[: len(first) + len(others) + 1]) == [*first, *others, "task"]
     assert list(zip(runs["routing"], runs["dataset"])) == sorted(zip(runs["routing"], runs["dataset"]))
     topk = runs[runs["routing"] == "topk8"].iloc[0]
     assert topk["k"] == 8 and pd.isna(topk["alpha"]) and pd.isna(topk["min_k"]) and pd.isna(topk["max_k"])
@@ -96,3 +100,25 @@ def test_collect_coactivation_uses_the_middle_layer_by_default(tmp_path):
     assert (collect_coactivation(run_dirs, layer=0)["layer"] == 0).all()
     with pytest.raises(ValueError, match="layer 5 does not exist"):
         collect_coactivation(run_dirs, layer=5)
+
+
+def test_list_valued_and_fitted_parameters_are_compact_text_cells(tmp_path):
+    # A per-layer k list, a calibrated rule's fitted values per layer (a list of lists) and the same
+    # parameter as a number in another run: one text column each, readable and writable to Parquet.
+    assert parameter_value([6, 7, 6, 5]) == "[6,7,6,5]"
+    assert parameter_value([[3.912114977, 3.98405], [4.0, 4.1]]) == "[[3.912,3.984],[4.0,4.1]]"
+    assert parameter_value(0.25) == 0.25 and parameter_value(None) is None
+
+
+def test_a_parameter_that_is_a_number_in_one_run_and_fitted_per_layer_in_another_is_text(tmp_path):
+    import json
+
+    for name, beta in (("ratio_fixed", 0.4), ("ratio_median", [0.64112, 0.80735])):
+        run = tmp_path / name / "code"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"routing": name, "dataset": "code", "method": "ratio",
+                                                      "params": {"beta": beta, "min_k": 1, "max_k": 8}}))
+        (run / "metrics.json").write_text(json.dumps({"routing": name, "dataset": "code", "task": "perplexity"}))
+    runs = collect_runs([tmp_path / "ratio_fixed" / "code", tmp_path / "ratio_median" / "code"])
+    assert runs["beta"].tolist() == ["0.4", "[0.6411,0.8074]"]
+    runs.to_parquet(tmp_path / "runs.parquet")  # one type per column: Parquet takes it

@@ -44,26 +44,42 @@ def routers_for(policy: str) -> list:
 
 
 # Parameter values the shared checks use where a rule takes them; any other parameter keeps its default.
-CHECK_VALUES = {"p": 0.6, "alpha": 0.1, "alpha0": 0.5}
+CHECK_VALUES = {"p": 0.6, "alpha": 0.1, "alpha0": 0.5, "m": 0.2, "beta": 0.3}
+LAYERS = 6  # the p-value rules' null and the calibrated rules' statistics cover layers 0..5
 
 
 def fixed_k(method: str) -> bool:
-    """A rule without a clamp (its k is its one size parameter, as topk's)."""
-    return "min_k" not in {p.name for p in ROUTERS[method].params}
+    """A rule without a clamp whose k is its one size parameter (topk)."""
+    return "k" in {p.name for p in ROUTERS[method].params}
+
+
+def clamp_spec(method: str, min_k: int, max_k: int) -> dict:
+    """Parameters that make ``method`` select between ``min_k`` and ``max_k`` experts, with both reachable."""
+    if fixed_k(method):
+        return {"k": max_k}
+    if method == "entropy":  # a ladder from min_k to max_k, thresholds fitted to the calibration logits
+        return {"ks": sorted({min_k, (min_k + max_k) // 2, max_k})}
+    if method == "layerk":
+        return {"ks": [min_k, max_k] * (LAYERS // 2), "min_k": min_k, "max_k": max_k}
+    if method == "seqtopk":
+        return {"budget": (min_k + max_k) / 2, "min_k": min_k, "max_k": max_k}
+    return {"min_k": min_k, "max_k": max_k}
+
+
+def calibration_for(num_experts: int, seed: int = 21) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 2, size=(400, num_experts)).astype(np.float32) for _ in range(LAYERS)]
 
 
 def make_router(method: str, num_experts: int, min_k: int, max_k: int, weights: str = "model", **extra):
     """A router of any registered rule with the given clamp (a fixed-k rule takes k = max_k), through
-    build_router; p-value rules get an exact normal null."""
+    build_router; p-value rules get an exact normal null, calibrated rules calibration logits."""
     cls = ROUTERS[method]
     names = {p.name for p in cls.params}
     values = {key: value for key, value in {**CHECK_VALUES, **extra}.items() if key in names}
-    spec = {"method": method, "weights": weights, **values,
-            **({"k": max_k} if fixed_k(method) else {"min_k": min_k, "max_k": max_k})}
-    null = normal_null(num_experts, layers=6) if cls.needs_null else None
-    return build_router(spec, num_experts, model_top_k=max_k, null=null)
-
-
+    spec = {"method": method, "weights": weights, **values, **clamp_spec(method, min_k, max_k)}
+    null = normal_null(num_experts, layers=LAYERS) if cls.needs_null else None
+    return build_router(spec, num_experts, model_top_k=max_k, null=null, calibration=calibration_for(num_experts))
 
 
 class CountingNull(Null):
@@ -199,7 +215,9 @@ def test_every_router_keeps_the_selection_contract(data):
     max_k = data.draw(st.integers(1, num_experts), label="max_k")
     min_k = max_k if fixed_k(method) else data.draw(st.integers(1, max_k), label="min_k")
     extra = {"p": data.draw(st.floats(1e-6, 1.0), label="p"), "alpha": data.draw(st.floats(1e-6, 1.0), label="alpha"),
-             "alpha0": data.draw(st.floats(1e-3, 1.0), label="alpha0")}
+             "alpha0": data.draw(st.floats(1e-3, 1.0), label="alpha0"), "m": data.draw(st.floats(0.0, 1.0), label="m"),
+             "beta": data.draw(st.floats(0.0, 1.0), label="beta")}
+    layer = data.draw(st.integers(0, LAYERS - 1), label="layer")
     policy = data.draw(st.sampled_from(["model", "renormalize", "none"]), label="weights")
     norm_topk_prob = data.draw(st.booleans(), label="norm_topk_prob")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -207,9 +225,11 @@ def test_every_router_keeps_the_selection_contract(data):
                        label="logits")
 
     router = make_router(method, num_experts, min_k, max_k, weights=policy, **extra)
-    sel = router(torch.from_numpy(logits).to(dtype), norm_topk_prob=norm_topk_prob)
+    sel = router(torch.from_numpy(logits).to(dtype), layer=layer, norm_topk_prob=norm_topk_prob)
 
     check_selection(sel, num_experts, min_k, max_k)
+    again = router(torch.from_numpy(logits).to(dtype), layer=layer, norm_topk_prob=norm_topk_prob)
+    assert torch.equal(again.indices, sel.indices) and torch.equal(again.weights, sel.weights)  # deterministic
     if router.needs_null:
         assert ((sel.pvalues > 0) & (sel.pvalues <= 1)).all()
     if tokens and (policy == "renormalize" or (policy == "model" and norm_topk_prob)):

@@ -408,7 +408,7 @@ def test_calibration_logits_of_another_expert_count_are_refused(method):
 
 
 def test_fit_null_names_the_valid_methods():
-    with pytest.raises(ValueError, match="'spline'.*kde, empirical, per_expert, gaussian"):
+    with pytest.raises(ValueError, match="'spline'.*kde, empirical, student_t, gmm, per_expert, gaussian"):
         fit_null("spline", calibration_logits(seed=32, tokens=10), EXPERTS)
     with pytest.raises(ValueError, match="quantiles: 1"):
         fit_null("empirical", calibration_logits(seed=32, tokens=10), EXPERTS, quantiles=1)
@@ -418,7 +418,8 @@ def test_fit_null_names_the_valid_methods():
 
 def test_load_null_refuses_corrupt_and_unknown_files_naming_file_and_kinds(tmp_path, nulls):
     for path in corrupt_files(tmp_path, nulls).values():
-        with pytest.raises(ValueError, match=rf"{path.name}.*valid kinds: kde, empirical, per_expert, gaussian"):
+        with pytest.raises(ValueError,
+                           match=rf"{path.name}.*valid kinds: kde, empirical, student_t, gmm, per_expert, gaussian"):
             load_null(path)
     with pytest.raises(ValueError, match=r"unknown null kind 'spline'"):
         load_null(tmp_path / "unknown_kind.npz")

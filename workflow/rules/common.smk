@@ -14,6 +14,7 @@ from routelab.config import (
     baseline_name,
     calibrated_nulls,
     check_config,
+    uses_calibration,
     validate_schema,
 )
 from routelab.download import dataset_dir as resource_dataset_dir
@@ -144,6 +145,18 @@ def null_arg(wildcards, input):
         return f"--null {input.null}"
     null = ROUTING[wildcards.routing].get("null_model")
     return f"--null {null}" if null else ""
+
+
+def calibration_input(wildcards):
+    """The calibration split's router logits, for a rule that fits itself to them (ratio calibrate, entropy
+    quantiles, layerk budget); other runs do not depend on them."""
+    if not uses_calibration(ROUTING[wildcards.routing]):
+        return []
+    return f"results/{wildcards.experiment}/calibration/router_logits.npz"
+
+
+def calibration_arg(wildcards, input):
+    return f"--calibration-logits {input.calibration}" if input.get("calibration") else ""
 
 
 def model_options():

@@ -14,6 +14,7 @@ rule route:
         documents="results/{experiment}/data/{dataset}/documents.parquet",
         info="results/{experiment}/data/{dataset}/info.json",
         null=null_input,
+        calibration=calibration_input,
     output:
         metrics="results/{experiment}/runs/{routing}/{dataset}/metrics.json",
         summary="results/{experiment}/runs/{routing}/{dataset}/summary.json",
@@ -32,6 +33,7 @@ rule route:
         model=model_ref,
         routing=routing_spec,
         null=null_arg,
+        calibration=calibration_arg,
         sample_every=config["evaluation"]["decision_sample_every"],
         options=model_options(),
         seed=config["seed"],
@@ -48,6 +50,7 @@ rule route:
         "../../envs/routelab.yaml"
     shell:
         "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+        " {params.calibration}"
         " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
         " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
         " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"

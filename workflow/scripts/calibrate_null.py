@@ -3,7 +3,8 @@
 
 Reads the router logits of the unpatched model (collect_router_logits.py), pools each layer's logits
 over experts and tokens, fits the ``--method`` null per layer (kde: a Gaussian KDE; empirical: the
-pooled empirical survival function; per_expert: one empirical survival function per expert) and saves
+pooled empirical survival function; student_t: a location-scale t by maximum likelihood; gmm: a
+Gaussian mixture chosen by BIC; per_expert: one empirical survival function per expert) and saves
 it (``null.npz``, read by p-value routers through ``routelab.routing.nulls.load_null``) with a readable summary
 (``null.json``). No model runs here. The gaussian null standardises each token's logits and needs no
 calibration, so this stage refuses it.
@@ -30,7 +31,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output directory (null.npz, null.json)")
     parser.add_argument("--method", choices=list(NULL_KINDS), default="kde",
                         help=f"null to fit; calibrated ones: {', '.join(calibrated_kinds())} (default: kde)")
-    parser.add_argument("--grid-size", type=int, default=2048, help="kde: points of the tabulated curve")
+    parser.add_argument("--grid-size", type=int, default=2048, help="kde, student_t, gmm: points of the tabulated curve")
     parser.add_argument("--quantiles", type=int, default=4096,
                         help="empirical, per_expert: order statistics kept per table")
     run(main, parser)

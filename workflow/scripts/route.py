@@ -28,6 +28,9 @@ if __name__ == "__main__":
     parser.add_argument("--routing", type=json_arg, required=True, help="routing config as JSON (or @file.json)")
     parser.add_argument("--null", default=None,
                         help="p-value routers: null.npz from calibrate_null, or 'gaussian' (needs no calibration)")
+    parser.add_argument("--calibration-logits", default=None,
+                        help="rules set up from the calibration split (ratio calibrate, entropy quantiles, layerk "
+                             "budget): router_logits.npz from collect_router_logits")
     parser.add_argument("--out", required=True, help="run output directory")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--checkpoint-every", type=int, default=0,

@@ -75,9 +75,10 @@ def _compacting(kernel: str) -> Callable[..., torch.Tensor]:
             out = native(self, hidden_states.index_select(0, pair_tokens), pair_experts.unsqueeze(-1),
                          top_k_weights.reshape(-1).index_select(0, pairs).unsqueeze(-1), *args, **kwargs)
         if out.device.type == "cpu":
-            # Accumulate in at least float32, as the native per-token sum does.
+            # Accumulate in at least float32, as the native per-token sum does; index_add_ needs the source
+            # in the buffer's dtype (a bf16/fp16 model's pair outputs are not).
             total = torch.zeros(tokens, out.shape[-1], dtype=torch.promote_types(out.dtype, torch.float32))
-            return total.index_add_(0, pair_tokens, out).to(hidden_states.dtype)
+            return total.index_add_(0, pair_tokens, out.to(total.dtype)).to(hidden_states.dtype)
         slotted = out.new_zeros(tokens * slots, out.shape[-1]).index_copy_(0, pairs, out)
         return slotted.view(tokens, slots, -1).sum(dim=1).to(hidden_states.dtype)
 

@@ -73,6 +73,24 @@ class _NonFiniteCheck:
                 raise_nonfinite(layer, bad, tokens)
 
 
+class _ForwardShape:
+    """A forward pre-hook that tells the router the batch's shape, mask and cache length
+    (:meth:`Router.begin_forward`): the layers see tokens flattened, and a window-wide rule needs the windows."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.x names it cache
+        cached = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.router.begin_forward(int(tokens.shape[0]), int(tokens.shape[1]), kwargs.get("attention_mask"), cached)
+
+
 @contextlib.contextmanager
 def install_router(model: nn.Module, router: Router, recorder: Any | None = None) -> Iterator[list[MoELayer]]:
     """Route every MoE layer of ``model`` with ``router`` inside the ``with`` block, then restore it.
@@ -87,8 +105,10 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
     if any(hasattr(layer.gate, "_routelab_state") for layer in layers):
         raise RuntimeError("a routelab router is already installed in this model; leave that block first")
     saved = [layer.gate.__class__ for layer in layers]
+    router.check_layers(len(layers))
     nonfinite = _NonFiniteCheck()
-    hooks = [model.register_forward_pre_hook(nonfinite.clear), model.register_forward_hook(nonfinite.check)]
+    hooks = [model.register_forward_pre_hook(nonfinite.clear), model.register_forward_hook(nonfinite.check),
+             model.register_forward_pre_hook(_ForwardShape(router), with_kwargs=True)]
     # Fixed k produces no sentinel: the experts stay as they are.
     experts = (compacting_experts(model, [layer.experts for layer in layers]) if router.min_k < router.max_k
                else contextlib.nullcontext())

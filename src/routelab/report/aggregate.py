@@ -10,8 +10,10 @@ expert pair) of one layer (:func:`collect_coactivation`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ def _check_same_run(summary: dict[str, Any], metrics: dict[str, Any], run_dir: s
                              f"metrics.json has {key}={metrics.get(key)!r}")
 
 
+def parameter_value(value: Any) -> Any:
+    """A routing parameter as one table cell: a list (a per-layer k, a calibrated rule's fitted values of
+    every layer) as compact JSON text with 4 significant digits, anything else as it is."""
+    def rounded(item: Any) -> Any:
+        if isinstance(item, list):
+            return [rounded(v) for v in item]
+        return float(f"{item:.4g}") if isinstance(item, float) else item
+
+    return json.dumps(rounded(value), separators=(",", ":")) if isinstance(value, list) else value
+
+
 def run_record(summary: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """One flat row from a run's summary and metrics.
 
@@ -71,7 +84,7 @@ def run_record(summary: dict[str, Any], metrics: dict[str, Any]) -> dict[str, An
     """
     params = summary.get("params") or {}
     row: dict[str, Any] = {key: summary[key] for key in RUN_KEYS}
-    row.update({name: params.get(name) for name in parameter_columns()})
+    row.update({name: parameter_value(params.get(name)) for name in parameter_columns()})
     row["task"] = metrics.get("task")
     row.update(_scalars(metrics, skip=(*RUN_KEYS, "task")))
     row.update(_scalars(summary, skip=(*RUN_KEYS, *parameter_columns(), *SUMMARY_COLLECTIONS, "params")))
@@ -95,6 +108,10 @@ def collect_runs(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
         raise ValueError("run_dirs is empty: no runs to collect")
     table = pd.DataFrame(rows)
     _check_unique(table, ["routing", "dataset"])
+    for name in parameter_columns():  # one rule's number and another's fitted list: the column is text
+        column = table[name]
+        if column.map(lambda v: isinstance(v, str)).any() and column.map(lambda v: isinstance(v, Real)).any():
+            table[name] = column.map(lambda v: v if v is None or isinstance(v, str) or pd.isna(v) else str(v))
     return table.sort_values(["routing", "dataset"], ignore_index=True)
 
 

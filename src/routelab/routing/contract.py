@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
+
+from routelab.choices import calibration_needed, choose_alternative
 
 WEIGHT_POLICIES = ("model", "renormalize", "none")
 
@@ -183,6 +186,10 @@ class Param:
     built for a model). ``router_arg`` False marks a config parameter the router does not take itself
     (``null_model`` chooses the null the router is given). ``attribute`` names the router attribute that
     holds the value (default: the name) for :meth:`Router.describe`.
+
+    ``type`` ``list`` declares a list of ``item_type`` numbers (the range applies to every item).
+    ``calibrated``: a value given for this parameter asks the router to fit something to the calibration
+    split's router logits (the route job then depends on them; see :func:`uses_calibration`).
     """
 
     name: str
@@ -196,11 +203,20 @@ class Param:
     model_top_k: bool = False
     router_arg: bool = True
     attribute: str | None = None
+    item_type: type | None = None
+    calibrated: bool = False
 
     def valid(self) -> str:
         """The valid values as text, e.g. ``0 < alpha <= 1`` or ``one of model, renormalize, none``."""
         if self.choices is not None:
             return f"one of {', '.join(self.choices)}"
+        if self.type is list:
+            items = "integers" if self.item_type is int else "numbers"
+            bounds = self._bounds("each")
+            return f"a non-empty list of {items}" + (f", {bounds}" if bounds else "")
+        return self._bounds(self.name) or self.name
+
+    def _bounds(self, name: str) -> str:
         if self.exclusive_minimum is not None:
             bound, low_sign, high_sign = self.exclusive_minimum, "<", ">"
         elif self.minimum is not None:
@@ -208,9 +224,9 @@ class Param:
         else:
             bound = None
         if self.maximum is None:  # "temperature > 0" reads better than "0 < temperature"
-            return self.name if bound is None else f"{self.name} {high_sign} {_number(bound)}"
+            return "" if bound is None else f"{name} {high_sign} {_number(bound)}"
         low = "" if bound is None else f"{_number(bound)} {low_sign} "
-        return f"{low}{self.name} <= {_number(self.maximum)}"
+        return f"{low}{name} <= {_number(self.maximum)}"
 
     def check(self, value: Any) -> Any:
         """``value`` converted to :attr:`type` if valid, else a :class:`RouterConfigError` naming the key,
@@ -220,10 +236,18 @@ class Param:
             if value not in self.choices:
                 raise RouterConfigError(f"{self.name}: {value!r} is not valid; choose one of {', '.join(self.choices)}")
             return value
-        number = Integral if self.type is int else Real
-        if isinstance(value, bool) or not isinstance(value, number) or not self._in_range(value):
+        if self.type is list:
+            if (not isinstance(value, (list, tuple)) or not value
+                    or not all(self._number_in_range(item, self.item_type) for item in value)):
+                raise RouterConfigError(f"{self.name}: {value!r} is not valid; valid: {self.valid()}")
+            return [self.item_type(item) for item in value]
+        if not self._number_in_range(value, self.type):
             raise RouterConfigError(f"{self.name}: {value!r} is out of range; valid: {self.valid()}")
         return self.type(value)
+
+    def _number_in_range(self, value: Any, kind: type) -> bool:
+        number = Integral if kind is int else Real
+        return not isinstance(value, bool) and isinstance(value, number) and self._in_range(value)
 
     def _in_range(self, value: float) -> bool:
         return ((self.minimum is None or value >= self.minimum)
@@ -245,18 +269,34 @@ WEIGHTS = Param("weights", str, "model",
                 choices=WEIGHT_POLICIES, attribute="weight_policy")
 
 
+@dataclass(frozen=True)
+class Alternatives:
+    """Parameters of which at most one is given (``ratio``: ``beta`` or ``calibrate``); ``default`` is
+    what a config that gives none of them means (empty: the rule documents it; None: one must be
+    given). Each member's own default is None."""
+
+    keys: tuple[str, ...]
+    default: dict[str, Any] | None
+
+
 class Router:
     """Base class: subclasses declare ``method`` and ``params`` and implement :meth:`rank`.
 
     ``summary`` is the one-line description the schema and the docs show. ``needs_null``: the router
     takes a null (its constructor's second argument) and offers p-values; ``bh_level`` is the BH level
     its decisions are made at, None for rules that are not BH (the sampled detail log's thresholds).
+    ``alternatives``: groups of parameters of which exactly one is given. ``teacher_forced``: the rule
+    looks at every token of a window at once, so it cannot route a decode step (generation).
+    A router given calibration logits (:func:`uses_calibration`) takes them as its ``calibration``
+    argument: one ``[tokens, experts]`` array per MoE layer.
     """
 
     method: ClassVar[str]
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
     needs_null: ClassVar[bool] = False
+    alternatives: ClassVar[tuple[Alternatives, ...]] = ()
+    teacher_forced: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, max_k: int, min_k: int = 1, weights: str = "model"):
         self.weight_policy = WEIGHTS.check(weights)
@@ -317,6 +357,14 @@ class Router:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Selection(indices=indices, weights=weights, k=k, pvalues=pvalues, probs=probs, **top)
 
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse a model whose MoE layer count this router was not set up for (per-layer rules)."""
+
+    def begin_forward(self, sequences: int, length: int, attention_mask: torch.Tensor | None, cached: int) -> None:
+        """Called by :func:`routelab.model.install_router` before each forward of the model: ``sequences`` x
+        ``length`` tokens (flattened in that order in the logits the layers see), their attention mask
+        (None: all real) and the number of tokens already in the KV cache (> 0: a decode step)."""
+
     def orders_by_probability(self) -> bool:
         """Whether :meth:`rank` orders experts by descending probability (ties aside): then the first
         two slots of the order are the two most probable experts. Routers that order otherwise say no."""
@@ -336,7 +384,13 @@ class Router:
             if key not in ("name", "method") and key not in names:
                 raise RouterConfigError(f"{key}: {spec[key]!r} given, but {key!r} is not a parameter of method "
                                         f"{cls.method!r}; valid: {', '.join(names)}")
-        return {p.name: spec.get(p.name, p.default) for p in cls.params}
+        values = {p.name: spec.get(p.name, p.default) for p in cls.params}
+        for group in cls.alternatives:
+            try:
+                values = choose_alternative(values, group.keys, group.default)
+            except ValueError as exc:
+                raise RouterConfigError(f"method {cls.method!r}: {exc}") from None
+        return values
 
     @classmethod
     def check_values(cls, values: dict[str, Any]) -> None:
@@ -344,8 +398,14 @@ class Router:
         type and range before a model is loaded; bounds that depend on the model are checked when the
         router is built."""
         for param in cls.params:
-            if not (param.model_top_k and values[param.name] is None):
+            if values[param.name] is not None or param.default is not None and not param.model_top_k:
                 param.check(values[param.name])
+
+    @classmethod
+    def uses_calibration(cls, values: dict[str, Any]) -> bool:
+        """Whether the router :meth:`resolve` made of ``values`` fits something to calibration logits."""
+        return calibration_needed(values, [p.name for p in cls.params if p.calibrated],
+                                  [(group.keys, group.default) for group in cls.alternatives])
 
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -369,18 +429,26 @@ def router_class(method: str) -> type[Router]:
     return ROUTERS[method]
 
 
-def build_router(spec: dict[str, Any], num_experts: int, model_top_k: int, null: PValueNull | None = None) -> Router:
+def build_router(spec: dict[str, Any], num_experts: int, model_top_k: int, null: PValueNull | None = None,
+                 calibration: Sequence[np.ndarray] | None = None) -> Router:
     """The router a routing config ``spec`` (``{"method": ..., params}``; missing parameters take their
     defaults) describes, for a model with ``num_experts`` experts and top-``model_top_k`` routing.
 
     ``k`` / ``max_k`` left at None mean the model's own top-k (so an adaptive router never uses more
     experts per token than the model was trained with unless asked to). Rules that need a null get
-    ``null`` (see :mod:`routelab.routing.nulls`).
+    ``null`` (see :mod:`routelab.routing.nulls`); rules set up from the calibration split
+    (:meth:`Router.uses_calibration`) get ``calibration``, one ``[tokens, experts]`` array of router
+    logits per MoE layer (``routelab.run.calibration.load_router_logits``).
     """
     cls = router_class(spec["method"])
     values = cls.resolve(spec)
     arguments = {p.name: (model_top_k if p.model_top_k and values[p.name] is None else values[p.name])
                  for p in cls.params if p.router_arg}
+    if cls.uses_calibration(values):
+        if calibration is None:
+            raise RouterConfigError(f"method {cls.method!r} as configured fits itself to the calibration split's "
+                                    "router logits; none were given (run collect_router_logits first)")
+        arguments["calibration"] = calibration
     if not cls.needs_null:
         return cls(num_experts, **arguments)
     if null is None:

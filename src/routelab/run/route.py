@@ -49,6 +49,7 @@ from routelab.model.patching import install_router
 from routelab.record import DecisionSampler, Recording, RoutingRecorder
 from routelab.routing import Router, build_router, router_class
 from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
+from routelab.run.calibration import load_router_logits
 from routelab.run.evaluate import Stopwatch, document_scores, score_windows
 from routelab.run.records import run_metrics, run_summary, write_run_records
 from routelab.run.resume import Checkpoint, fingerprint, load_chunk_state, retry_guard, save_chunk_state
@@ -61,7 +62,9 @@ log = logging.getLogger("route")
 class RouteJob:
     """Everything one route job is given. ``routing``: the routing config (defaults are filled in);
     ``null``: a ``null.npz`` from calibrate_null, a kind that needs no calibration (``gaussian``), or
-    None for rules without a null; ``batch_size``: windows per forward pass; ``checkpoint_every``:
+    None for rules without a null; ``calibration_logits``: the ``router_logits.npz`` of
+    collect_router_logits, for rules set up from the calibration split (``Router.uses_calibration``);
+    ``batch_size``: windows per forward pass; ``checkpoint_every``:
     batches per saved chunk (0: one chunk); ``attempt``: Snakemake's attempt number; ``sample_every``:
     every n-th real token's detail goes to decisions.parquet (0: none); ``threads``: torch's CPU
     threads (None: torch's default)."""
@@ -71,6 +74,7 @@ class RouteJob:
     routing: dict[str, Any]
     out: Path
     null: str | None = None
+    calibration_logits: str | None = None
     batch_size: int = 16
     checkpoint_every: int = 0
     shard: str | None = None
@@ -113,6 +117,7 @@ def checkpoint_key(job: RouteJob) -> dict[str, Any]:
     """Everything that determines the recorded rows (not the batch size: see routelab.run.resume)."""
     return {"routing": job.routing, "model": fingerprint(job.model), "dtype": job.dtype, "device": job.device,
             "experts_implementation": job.experts_implementation, "null": fingerprint(job.null),
+            "calibration_logits": fingerprint(job.calibration_logits),
             "windows": fingerprint(job.data / "windows.parquet"),
             "documents": fingerprint(job.data / "documents.parquet"),
             "seed": job.seed, "sample_every": job.sample_every, "shard": job.shard, "routelab": routelab.__version__}
@@ -128,7 +133,15 @@ def make_router(job: RouteJob, shape: MoEShape) -> Router:
                              f"calibrate_null, or one that needs no calibration ({', '.join(built)})")
         null = fit_null(job.null, None, shape.num_experts) if job.null in built else load_null(job.null)
         null.check_model(shape.num_layers, shape.num_experts)
-    return build_router(job.routing, shape.num_experts, shape.top_k, null)
+    calibration = None
+    if router_class(job.routing["method"]).uses_calibration(job.routing):
+        if job.calibration_logits is None:
+            raise ValueError(f"--calibration-logits: routing {job.routing['name']!r} fits its rule to the calibration "
+                             "split; give the router_logits.npz of collect_router_logits")
+        calibration, _ = load_router_logits(job.calibration_logits)
+    router = build_router(job.routing, shape.num_experts, shape.top_k, null, calibration)
+    router.check_layers(shape.num_layers)
+    return router
 
 
 def make_recorders(job: RouteJob, shape: MoEShape, router: Router, chunk_dir: Path) -> list:
@@ -243,7 +256,7 @@ def provenance_record(job: RouteJob, info: dict[str, Any], model) -> dict[str, A
                    "seed": job.seed, "sample_every": job.sample_every}
     return {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
             "routing": job.routing, "dataset_info": info, "model": str(job.model), "dtype": job.dtype,
-            "batch_size": job.batch_size,
+            "batch_size": job.batch_size, "null": job.null, "calibration_logits": job.calibration_logits,
             "experts_implementation": model.config._experts_implementation, "seed": job.seed,
             "git_commit": git_commit(), "python": platform.python_version(),
             "versions": {"routelab": routelab.__version__, "torch": torch.__version__,

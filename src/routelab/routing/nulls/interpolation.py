@@ -2,12 +2,14 @@
 
 :func:`interpolate_rows` interpolates each row on its own knots (a binary search per value);
 :class:`UniformSegments` does the same for evenly spaced knots by index arithmetic, built once per
-curve and exactly equal to it. Both keep every result between its segment's end values, so a
-non-increasing table gives p-values that never rise with the logit (routers rely on it).
+curve and exactly equal to it where :func:`evenly_spaced` holds. Both keep every result between its
+segment's end values, so a non-increasing table gives p-values that never rise with the logit (routers
+rely on it).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -29,9 +31,26 @@ def interpolate_rows(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> tor
     return (y0 + t.clamp_(0.0, 1.0) * (y1 - y0)).clamp_(torch.minimum(y0, y1), torch.maximum(y0, y1))
 
 
+def evenly_spaced(xp: np.ndarray) -> np.ndarray:
+    """Per curve of ``xp`` ``[..., points]``, whether its knots are evenly spaced closely enough for
+    :class:`UniformSegments`: each within a quarter step of its place on the line through the ends.
+
+    The segment guessed from the spacing is then at most one off (the correction's reach) with room to
+    spare for float32 rounding of the guess. Returns bool ``[...]``.
+    """
+    xp = np.asarray(xp, dtype=np.float64)
+    points = xp.shape[-1]
+    if points < 2:  # no segment to guess
+        return np.zeros(xp.shape[:-1], dtype=bool)
+    start, end = xp[..., :1], xp[..., -1:]
+    step = (end - start) / (points - 1)
+    ideal = start + step * np.arange(points)
+    return (step[..., 0] > 0) & (np.abs(xp - ideal).max(axis=-1) <= 0.25 * step[..., 0])
+
+
 class UniformSegments:
-    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding), without a binary
-    search; built once per curve, then called on ``x`` of any shape (routing does so per layer).
+    """:func:`interpolate` for knots ``xp`` evenly spaced (up to float rounding; :func:`evenly_spaced`),
+    without a binary search; built once per curve, then called on ``x`` of any shape (routing does so per layer).
 
     ``xp`` / ``fp`` are one curve ``[points]`` or several ``[curves, points]`` (the layers of a null,
     whose p-values are then computed in one call); with several, ``x``'s first axis runs over the

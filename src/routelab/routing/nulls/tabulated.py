@@ -1,4 +1,5 @@
 """Per-layer tabulated nulls (kinds ``kde`` and ``empirical``): one survival-function curve per MoE layer.
+:class:`TabulatedNull` also holds the parametric kinds' tables (:mod:`.parametric`).
 
 - ``kde`` (the default): per layer, a Gaussian KDE of the logits of all experts pooled, tabulated as a
   survival function ``sf(x) = P(logit > x)`` on an evenly spaced grid; ``p = sf(logit / temperature)``.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from routelab.routing.nulls.base import (
+    NULL_KINDS,
     NullKind,
     TabulatedCurves,
     check_quantiles,
@@ -32,15 +34,18 @@ from routelab.routing.nulls.base import (
     register_null,
     save_npz,
 )
-from routelab.routing.nulls.interpolation import UniformSegments, interpolate_rows
+from routelab.routing.nulls.interpolation import UniformSegments, evenly_spaced, interpolate_rows
 
 
 @dataclass
 class TabulatedNull(TabulatedCurves):
-    """Survival functions of router logits, one tabulated curve per MoE layer (kinds kde, empirical).
+    """Survival functions of router logits, one tabulated curve per MoE layer (kinds kde, empirical,
+    student_t, gmm).
 
     ``grid`` and ``sf`` are ``[layers, points]``; ``grid`` rows do not decrease, ``sf`` rows do not
     increase, from ~1 to ~0. ``min_pvalue`` floors p so it stays in ``(0, 1]`` beyond the fitted range.
+    Layers whose grid is evenly spaced (kde's, the parametric kinds') are read by index arithmetic
+    (:class:`UniformSegments`) instead of a binary search; the grid itself says which, so no kind has to.
     """
 
     grid: np.ndarray
@@ -50,6 +55,10 @@ class TabulatedNull(TabulatedCurves):
     meta: dict[str, Any] = field(default_factory=dict)
     kind: str = "kde"
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _evenly_spaced: np.ndarray = field(init=False, repr=False, compare=False)  # bool [layers]
+
+    def __post_init__(self):
+        self._evenly_spaced = evenly_spaced(self.grid)
 
     # p is a non-increasing function of the logit, exactly in float32 (see TabulatedCurves._tables and
     # interpolate_rows), the same for every expert and token: sorting a token's logits sorts its
@@ -73,7 +82,7 @@ class TabulatedNull(TabulatedCurves):
         if temperature != 1.0:  # x / 1 is x: skip a pass over the logits
             x = x / temperature
         grid, sf = self._tables(logits.device)
-        if self.kind == "kde":  # evenly spaced grid: index arithmetic instead of a binary search
+        if self._evenly_spaced[layers].all():  # index arithmetic instead of a binary search
             key = (str(logits.device), tuple(layers))
             if key not in self._device_cache:
                 self._device_cache[key] = UniformSegments(grid[layers], sf[layers])
@@ -87,8 +96,6 @@ class TabulatedNull(TabulatedCurves):
                  min_pvalue=self.min_pvalue, meta=json.dumps(self.meta))
 
     @classmethod
-
-    @classmethod
     def from_fields(cls, fields: dict[str, np.ndarray]) -> TabulatedNull:
         """The null a saved ``.npz`` holds (its arrays by name)."""
         grid, sf = check_table_shapes(fields, ndim=2)
@@ -97,11 +104,12 @@ class TabulatedNull(TabulatedCurves):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TabulatedNull:
-        """Read a per-layer tabulated null (kde or empirical); ``load_null`` reads every kind."""
+        """Read a per-layer tabulated null (kde, empirical, student_t, gmm); ``load_null`` reads every kind."""
         null = load_null(path)
         if not isinstance(null, cls):
+            tabulated = ", ".join(repr(name) for name, kind in NULL_KINDS.items() if kind.load == cls.from_fields)
             raise ValueError(f"{path}: holds a {null.kind!r} null, not a per-layer tabulated one "
-                             "('kde', 'empirical'); read it with routelab.routing.nulls.load_null")
+                             f"({tabulated}); read it with routelab.routing.nulls.load_null")
         return null
 
 
