@@ -112,7 +112,10 @@ class EntropyRouter(Router):
         return self._tables[key]
 
     def rank(self, logits, layer, probs=None):
+        order = top_logit_order(logits, self.max_k)
+        if self.min_k == self.max_k:  # a one-rung ladder
+            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
         probs = softmax_float32(logits) if probs is None else probs
         thresholds, ks = self._table(logits.device, layer)
         step = (router_entropy(probs).unsqueeze(-1) > thresholds).sum(dim=-1)
-        return top_logit_order(logits, self.max_k), ks.index_select(0, step), None
+        return order, ks.index_select(0, step), None

@@ -30,8 +30,10 @@ class RelativeThresholdRouter(Router):
         raise NotImplementedError
 
     def rank(self, logits, layer, probs=None):
-        probs = softmax_float32(logits) if probs is None else probs
         order = top_logit_order(logits, self.max_k)  # descending logit is descending probability
+        if self.min_k == self.max_k:  # clamped to one k whatever passes
+            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
+        probs = softmax_float32(logits) if probs is None else probs
         k = relative_count(probs.gather(-1, order), self.factor(layer)).clamp_(self.min_k, self.max_k)
         return order, k, None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from routelab.routing.contract import MAX_K, MIN_K, WEIGHTS, Param, Router, register_router, softmax_float32
-from routelab.routing.counting import top_p_count
+from routelab.routing.counting import top_logit_order, top_p_count
 
 P = Param("p", float, 0.4, "cumulative router probability the selected experts must reach", exclusive_minimum=0,
           maximum=1)
@@ -16,8 +16,9 @@ class TopPRouter(Router):
     """The most probable experts until their cumulative probability reaches ``p``, the crossing expert
     included, clamped to [min_k, max_k].
 
-    Probabilities are the softmax of the logits in float32, ordered descending (ties: lower expert
-    index first); ``k`` is :func:`~routelab.routing.counting.top_p_count`. ``p = 1`` selects ``max_k``
+    Probabilities are the softmax of the logits in float32, ordered by descending logit (ties: lower
+    expert index first); ``k`` is :func:`~routelab.routing.counting.top_p_count` on the first ``max_k``
+    of them (a crossing further down is clamped to ``max_k`` anyway). ``p = 1`` selects ``max_k``
     experts for every token.
     """
 
@@ -30,7 +31,10 @@ class TopPRouter(Router):
         self.p = P.check(p)
 
     def rank(self, logits, layer, probs=None):
+        # Only the first max_k experts are needed: a crossing past them is clamped to max_k anyway.
+        order = top_logit_order(logits, self.max_k)
+        if self.min_k == self.max_k:
+            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
         probs = softmax_float32(logits) if probs is None else probs
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        k = top_p_count(sorted_probs, self.p).clamp_(self.min_k, self.max_k)
-        return order[:, : self.max_k].contiguous(), k, None
+        k = top_p_count(probs.gather(-1, order), self.p).clamp_(self.min_k, self.max_k)
+        return order, k, None
