@@ -31,7 +31,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output directory (null.npz, null.json)")
     parser.add_argument("--method", choices=list(NULL_KINDS), default="kde",
                         help=f"null to fit; calibrated ones: {', '.join(calibrated_kinds())} (default: kde)")
-    parser.add_argument("--grid-size", type=int, default=2048, help="kde, student_t, gmm: points of the tabulated curve")
+    parser.add_argument("--grid-size", type=int, default=2048,
+                        help="kde, student_t, gmm: points of the tabulated curve")
     parser.add_argument("--quantiles", type=int, default=4096,
                         help="empirical, per_expert: order statistics kept per table")
     run(main, parser)
