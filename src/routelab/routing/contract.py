@@ -171,6 +171,11 @@ def check_finite_logits(logits: torch.Tensor, layer: int) -> None:
         raise_nonfinite(layer, bad, logits.shape[0])
 
 
+def same_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` for every token of ``logits`` ``[tokens, experts]``: ``[tokens]`` int64 on their device."""
+    return torch.full(logits.shape[:1], k, dtype=torch.long, device=logits.device)
+
+
 def softmax_float32(logits: torch.Tensor) -> torch.Tensor:
     """Expert probabilities ``[tokens, experts]``: softmax over experts in float32, as native routers."""
     return torch.softmax(logits, dim=-1, dtype=torch.float32)

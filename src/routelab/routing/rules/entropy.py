@@ -17,6 +17,7 @@ from routelab.routing.contract import (
     Router,
     RouterConfigError,
     register_router,
+    same_k,
     softmax_float32,
 )
 from routelab.routing.counting import top_logit_order
@@ -114,7 +115,7 @@ class EntropyRouter(Router):
     def rank(self, logits, layer, probs=None):
         order = top_logit_order(logits, self.max_k)
         if self.min_k == self.max_k:  # a one-rung ladder
-            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
+            return order, same_k(logits, self.max_k), None
         probs = softmax_float32(logits) if probs is None else probs
         thresholds, ks = self._table(logits.device, layer)
         step = (router_entropy(probs).unsqueeze(-1) > thresholds).sum(dim=-1)

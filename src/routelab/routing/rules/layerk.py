@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from routelab.routing.contract import (
     MAX_K,
@@ -19,6 +18,7 @@ from routelab.routing.contract import (
     Router,
     RouterConfigError,
     register_router,
+    same_k,
 )
 from routelab.routing.counting import top_logit_order
 from routelab.routing.statistics import check_layer_count, layer_entropies
@@ -108,5 +108,5 @@ class LayerKRouter(Router):
                                     f"layers; need one k per layer")
 
     def rank(self, logits, layer, probs=None):
-        k = torch.full(logits.shape[:1], self.ks[layer], dtype=torch.long, device=logits.device)
+        k = same_k(logits, self.ks[layer])
         return top_logit_order(logits, self.max_k), k, None

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from routelab.routing.contract import MAX_K, MIN_K, WEIGHTS, Param, Router, register_router, softmax_float32
+from routelab.routing.contract import (
+    MAX_K,
+    MIN_K,
+    WEIGHTS,
+    Param,
+    Router,
+    register_router,
+    same_k,
+    softmax_float32,
+)
 from routelab.routing.counting import top_logit_order
 
 M = Param("m", float, 0.1, "keep expert i when p_i >= m * max_j p_j", minimum=0, maximum=1)
@@ -32,7 +41,7 @@ class RelativeThresholdRouter(Router):
     def rank(self, logits, layer, probs=None):
         order = top_logit_order(logits, self.max_k)  # descending logit is descending probability
         if self.min_k == self.max_k:  # clamped to one k whatever passes
-            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
+            return order, same_k(logits, self.max_k), None
         probs = softmax_float32(logits) if probs is None else probs
         k = relative_count(probs.gather(-1, order), self.factor(layer)).clamp_(self.min_k, self.max_k)
         return order, k, None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from routelab.routing.contract import LayerPValues, Param, PValueNull, Router, RouterConfigError
+from routelab.routing.contract import LayerPValues, Param, PValueNull, Router, RouterConfigError, same_k
 from routelab.routing.counting import order_by_pvalue, top_logit_order
 from routelab.routing.nulls import NULL_KINDS
 
@@ -67,7 +67,7 @@ class PValueRouter(Router):
         if self.min_k == self.max_k:
             # The count is clamped to k whatever it is: the selection is the top k by logit, and the
             # p-values are computed only if someone reads them (a recorder).
-            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), pvalues
+            return order, same_k(logits, self.max_k), pvalues
         count = self.count_from_logits(logits, layer)
         if count is not None:  # counted without p-values: they are computed only if someone reads them
             return order, count.clamp_(self.min_k, self.max_k), pvalues

@@ -17,6 +17,7 @@ from routelab.routing.contract import (
     Router,
     RouterConfigError,
     register_router,
+    same_k,
     softmax_float32,
 )
 from routelab.routing.counting import top_logit_order
@@ -90,7 +91,7 @@ class SeqTopKRouter(Router):
         real = (self._mask.to(logits.device) if self._mask is not None
                 else torch.ones(windows, length, dtype=torch.bool, device=logits.device))
         if self.min_k == self.max_k:
-            k = torch.full((tokens,), self.max_k, dtype=torch.long, device=logits.device)
+            k = same_k(logits, self.max_k)
         else:
             top = probs.gather(-1, order).view(windows, length, self.max_k)
             k = window_counts(top, real, self.budget, self.min_k).view(-1)

@@ -6,7 +6,15 @@ from numbers import Integral
 
 import torch
 
-from routelab.routing.contract import WEIGHTS, Param, Router, RouterConfigError, register_router, softmax_float32
+from routelab.routing.contract import (
+    WEIGHTS,
+    Param,
+    Router,
+    RouterConfigError,
+    register_router,
+    same_k,
+    softmax_float32,
+)
 
 
 @register_router
@@ -30,5 +38,5 @@ class TopKRouter(Router):
         # Same ops as the native routers (softmax in float32, then topk) so ties break identically.
         probs = softmax_float32(logits) if probs is None else probs
         order = torch.topk(probs, self.k, dim=-1).indices
-        k = torch.full(logits.shape[:1], self.k, dtype=torch.long, device=logits.device)
+        k = same_k(logits, self.k)
         return order, k, None

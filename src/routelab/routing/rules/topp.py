@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from routelab.routing.contract import MAX_K, MIN_K, WEIGHTS, Param, Router, register_router, softmax_float32
+from routelab.routing.contract import MAX_K, MIN_K, WEIGHTS, Param, Router, register_router, same_k, softmax_float32
 from routelab.routing.counting import top_logit_order, top_p_count
 
 P = Param("p", float, 0.4, "cumulative router probability the selected experts must reach", exclusive_minimum=0,
@@ -34,7 +32,7 @@ class TopPRouter(Router):
         # Only the first max_k experts are needed: a crossing past them is clamped to max_k anyway.
         order = top_logit_order(logits, self.max_k)
         if self.min_k == self.max_k:
-            return order, torch.full(logits.shape[:1], self.max_k, dtype=torch.long, device=logits.device), None
+            return order, same_k(logits, self.max_k), None
         probs = softmax_float32(logits) if probs is None else probs
         k = top_p_count(probs.gather(-1, order), self.p).clamp_(self.min_k, self.max_k)
         return order, k, None
