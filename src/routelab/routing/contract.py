@@ -290,7 +290,7 @@ class Router:
     ``summary`` is the one-line description the schema and the docs show. ``needs_null``: the router
     takes a null (its constructor's second argument) and offers p-values; ``bh_level`` is the BH level
     its decisions are made at, None for rules that are not BH (the sampled detail log's thresholds).
-    ``alternatives``: groups of parameters of which exactly one is given. ``teacher_forced``: the rule
+    ``alternatives``: groups of parameters of which at most one is given. ``teacher_forced``: the rule
     looks at every token of a window at once, so it cannot route a decode step (generation).
     A router given calibration logits (:func:`uses_calibration`) takes them as its ``calibration``
     argument: one ``[tokens, experts]`` array per MoE layer.
