@@ -87,13 +87,33 @@ def test_defaults_are_filled_from_the_schema(tmp_path, config):
     loaded = load(tmp_path, config)
     assert loaded["seed"] == 0
     assert loaded["evaluation"] == {"window": None, "batch_size": 16, "checkpoint_every": 100,
-                                    "decision_sample_every": 100}
+                                    "decision_sample_every": 100, "route_jobs": "per_run"}
     assert loaded["datasets"]["arithmetic"]["shards"] == 1
     assert loaded["calibration"] == {"grid_size": 2048, "max_logits_per_layer": 1000000}
     assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"
     assert loaded["datasets"]["arithmetic"]["task"] == "perplexity"
     assert loaded["datasets"]["cloze"]["task"] == "cloze"  # a set value is kept
     assert loaded["report"]["baseline"] == "topk8"
+
+
+def test_trackers_are_off_unless_named_and_get_their_defaults(tmp_path, config):
+    loaded = load(tmp_path, config)
+    assert "wandb" not in loaded["tracking"] and "aim" not in loaded["tracking"]
+    config["tracking"] = {"wandb": {}, "aim": {}}
+    loaded = load(tmp_path, config)
+    assert loaded["tracking"]["wandb"] == {"project": "routelab", "entity": None, "mode": "offline"}
+    assert loaded["tracking"]["aim"] == {"repo": None}
+
+
+@pytest.mark.parametrize(("tracking", "message"), [
+    ({"wandb": {"mode": "cloud"}}, r"tracking\.wandb\.mode: 'cloud' is not valid; choose one of \"offline\", \"on"),
+    ({"wandb": {"projekt": "x"}}, r"tracking\.wandb: unknown key 'projekt'; valid keys: entity, mode, project"),
+    ({"aim": {"repo": 3}}, r"tracking\.aim\.repo: 3 has the wrong type; expected \['string', 'null'\]"),
+])
+def test_bad_tracker_settings_name_the_key(tmp_path, config, tracking, message):
+    config["tracking"] = tracking
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, config)
 
 
 def test_bh_run_gets_the_method_defaults(tmp_path, config):

@@ -240,27 +240,56 @@ def test_active_expert_flops_follow_the_expert_shapes(workdir):
     assert system["tokens_per_s"] > 0 and system["peak_rss_mb"] > 10 and system["device"] == "cpu"
 
 
-def route_again(workdir: Path, run_dir: Path, dataset: str, out: Path) -> None:
-    """Run route.py by hand, whole dataset in one job, with the routing spec of ``run_dir``, into ``out``."""
+def route_again(workdir: Path, run_dir: Path, dataset: str | list[str], out: Path | list[Path]) -> None:
+    """Run route.py by hand, whole datasets in one process, with the routing spec of ``run_dir``, into ``out``
+    (one output directory per dataset)."""
     spec = json.loads((run_dir / "provenance.json").read_text())["routing"]
+    datasets, outs = ([dataset], [out]) if isinstance(dataset, str) else (dataset, out)
     result = subprocess.run(
         [sys.executable, "workflow/scripts/route.py", "--model", "results/mini/model", "--data",
-         f"results/mini/data/{dataset}", "--null", "results/mini/calibration/kde/null.npz", "--routing",
-         json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", str(out)],
+         *[f"results/mini/data/{name}" for name in datasets], "--null", "results/mini/calibration/kde/null.npz",
+         "--routing", json.dumps(spec), "--batch-size", "8", "--sample-every", "7", "--out", *map(str, outs)],
         cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def assert_same_run(run_dir: Path, again: Path) -> None:
+    for name in ("metrics.json", "summary.json"):
+        assert json.loads((again / name).read_text()) == json.loads((run_dir / name).read_text()), name
+    for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
+        assert pq.read_table(again / name).equals(pq.read_table(run_dir / name)), name
 
 
 def test_the_same_run_twice_gives_identical_results(workdir, tmp_path):
     """Determinism on CPU: rerunning one route job reproduces metrics, summary and the routing log."""
     run_dir = workdir / "results/mini/runs/bh_main/arithmetic"
     route_again(workdir, run_dir, "arithmetic", tmp_path)
-    for name in ("metrics.json", "summary.json"):
-        assert json.loads((tmp_path / name).read_text()) == json.loads((run_dir / name).read_text()), name
-    for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
-        assert pq.read_table(tmp_path / name).equals(pq.read_table(run_dir / name)), name
+    assert_same_run(run_dir, tmp_path)
     first, second = (json.loads((d / "provenance.json").read_text()) for d in (run_dir, tmp_path))
     assert first["config_hash"] == second["config_hash"]
+
+
+def test_one_process_for_several_datasets_gives_each_runs_own_files(workdir, tmp_path):
+    """route.py with two --data (as route_datasets runs it): the run after another in the same process equals
+    the pipeline's run in a process of its own, byte for byte; the first equals the gathered cloze run."""
+    run_dir = workdir / "results/mini/runs/bh_main/arithmetic"
+    route_again(workdir, run_dir, ["cloze", "arithmetic"], [tmp_path / "cloze", tmp_path / "arithmetic"])
+    assert_same_run(run_dir, tmp_path / "arithmetic")
+    gathered = workdir / "results/mini/runs/bh_main/cloze"
+    assert pq.read_table(tmp_path / "cloze" / "routing.parquet").column("experts").equals(
+        pq.read_table(gathered / "routing.parquet").column("experts"))
+    assert json.loads((tmp_path / "cloze" / "metrics.json").read_text())["acc"] == json.loads(
+        (gathered / "metrics.json").read_text())["acc"]
+
+
+def test_switching_to_one_route_job_per_routing_config(workdir):
+    """``route_jobs: per_routing``: one route_datasets job per config covers every unsharded dataset (the
+    same run files, so only their params differ); the sharded cloze keeps its route_shard jobs."""
+    jobs = planned_after(workdir, lambda config: config["evaluation"].update(route_jobs="per_routing"))
+    counts = Counter(rule for rule, _ in jobs)
+    assert counts == {"route_datasets": 3, "plot_run": 3, "aggregate": 1, "report": 1, "all": 1}, counts
+    assert sorted(w["routing"] for rule, w in jobs if rule == "route_datasets") == sorted(RUNS)
+    assert all("dataset" not in w for rule, w in jobs if rule == "route_datasets")
 
 
 # --- sharded, interrupted and retried route jobs (tests/test_shards.py and test_resume.py test the parts) ---

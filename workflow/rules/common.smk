@@ -98,7 +98,26 @@ def dataset_spec(wildcards):
 # Datasets routed in more than one job (route_shard + gather_shards); the others keep one route job.
 SHARDS = {name: spec["shards"] for name, spec in config["datasets"].items()}
 SHARDED = [name for name in DATASETS if SHARDS[name] > 1]
+# Unsharded datasets routed by one route job per run, or all in the one route_datasets job of each routing config.
+UNSHARDED = [name for name in DATASETS if name not in SHARDED]
+ROUTED_TOGETHER = UNSHARDED if config["evaluation"]["route_jobs"] == "per_routing" else []
+ROUTED_ALONE = [name for name in UNSHARDED if name not in ROUTED_TOGETHER]
 
+
+def together_data(name):
+    """route_datasets: ``name`` in each of its datasets' prepared directories."""
+    return [f"results/{{experiment}}/data/{dataset}/{name}" for dataset in ROUTED_TOGETHER]
+
+
+def data_dirs(wildcards, input):
+    """route.py's --data: the prepared directory of each dataset the job reads (one, or route_datasets' all)."""
+    windows = [input.windows] if isinstance(input.windows, str) else list(input.windows)
+    return [os.path.dirname(path) for path in windows]
+
+
+def together_runs(name):
+    """route_datasets: ``name`` in each of its runs' directories (the directories for "")."""
+    return [f"results/{{experiment}}/runs/{{routing}}/{dataset}/{name}".rstrip("/") for dataset in ROUTED_TOGETHER]
 
 
 def shard_dirs(wildcards):
@@ -243,18 +262,34 @@ def revision_option():
 
 
 def tracking_options(wildcards):
-    """--model-dir / --tensorboard-dir / --mlflow-uri of export_tracking.py, from the config."""
-    options = [f"--model-dir results/{wildcards.experiment}/model"] if IS_DEMO else []
-    if config["tracking"]["tensorboard"]:
-        options.append(f"--tensorboard-dir results/{wildcards.experiment}/tracking/tensorboard")
-    if config["tracking"]["mlflow_uri"]:
-        options.append(f"--mlflow-uri {config['tracking']['mlflow_uri']}")
+    """export_tracking.py's options for the trackers the config switches on (and the demo model's runs)."""
+    tracking, experiment = config["tracking"], wildcards.experiment
+    options = [f"--model-dir results/{experiment}/model"] if IS_DEMO else []
+    if tracking["tensorboard"]:
+        options.append(f"--tensorboard-dir results/{experiment}/tracking/tensorboard")
+    if tracking["mlflow_uri"]:
+        options.append(f"--mlflow-uri {shlex.quote(tracking['mlflow_uri'])}")
+    if "wandb" in tracking:
+        wandb = tracking["wandb"]
+        options.append(f"--wandb-dir results/{experiment}/tracking --wandb-project {shlex.quote(wandb['project'])}"
+                       f" --wandb-mode {wandb['mode']}")
+        if wandb["entity"]:
+            options.append(f"--wandb-entity {shlex.quote(wandb['entity'])}")
+    if "aim" in tracking and tracking["aim"]["repo"]:  # the user's repository: add runs to it
+        options.append(f"--aim-repo {shlex.quote(tracking['aim']['repo'])}")
+    elif "aim" in tracking:  # the pipeline's own: rewritten, as the TensorBoard folder
+        options.append(f"--aim-repo results/{experiment}/tracking/aim --rewrite-aim")
     return " ".join(options)
+
+
+def tracking_enabled():
+    tracking = config["tracking"]
+    return bool(tracking["tensorboard"] or tracking["mlflow_uri"] or "wandb" in tracking or "aim" in tracking)
 
 
 def get_final_output():
     outputs = [f"results/{EXPERIMENT}/report/report.html"]
-    if config["tracking"]["tensorboard"] or config["tracking"]["mlflow_uri"]:
+    if tracking_enabled():
         outputs.append(f"results/{EXPERIMENT}/tracking/exported.json")
     return outputs
 

@@ -1,5 +1,8 @@
 # route: one job per (routing config, dataset); a dataset with `shards: N` > 1 runs N route_shard jobs
-# (whole documents each) and gather_shards merges them into the same run files.
+# (whole documents each) and gather_shards merges them into the same run files. With
+# `evaluation.route_jobs: per_routing`, route_datasets runs one routing config on every unsharded dataset
+# in one process (the same run files; it saves the interpreter and library start-up of each run, which
+# outweighs the work of a small run such as the demo's).
 #
 # Batch size, checkpoint interval and attempt are resources, not params: they do not change the results
 # (beyond float rounding), so changing them, or an out-of-memory retry that halves the batch, does not
@@ -24,7 +27,7 @@ rule route:
         system="results/{experiment}/runs/{routing}/{dataset}/system.json",
         decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
     wildcard_constraints:
-        dataset=one_of([d for d in DATASETS if d not in SHARDED]),
+        dataset=one_of(ROUTED_ALONE),
     log:
         "logs/{experiment}/route/{routing}/{dataset}.log",
     benchmark:
@@ -38,6 +41,7 @@ rule route:
         options=model_options(),
         seed=config["seed"],
         shard="",
+        data=data_dirs,
         out="results/{experiment}/runs/{routing}/{dataset}",
     threads: 1
     resources:
@@ -51,10 +55,36 @@ rule route:
     shell:
         "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
         " {params.calibration}"
-        " --data results/{wildcards.experiment}/data/{wildcards.dataset}"
+        " --data {params.data}"
         " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
         " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
         " --seed {params.seed} --threads {threads} {params.shard} --out {params.out} > {log} 2>&1"
+
+
+if ROUTED_TOGETHER:
+
+    use rule route as route_datasets with:
+        input:
+            model_dir,
+            windows=together_data("windows.parquet"),
+            documents=together_data("documents.parquet"),
+            info=together_data("info.json"),
+            null=null_input,
+            calibration=calibration_input,
+        output:
+            metrics=together_runs("metrics.json"),
+            summary=together_runs("summary.json"),
+            routing=together_runs("routing.parquet"),
+            scores=together_runs("scores.parquet"),
+            provenance=together_runs("provenance.json"),
+            system=together_runs("system.json"),
+            decisions=together_runs("decisions.parquet"),
+        log:
+            "logs/{experiment}/route/{routing}.log",
+        benchmark:
+            "benchmarks/{experiment}/route/{routing}.tsv"
+        params:
+            out=together_runs(""),
 
 
 use rule route as route_shard with:

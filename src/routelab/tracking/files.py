@@ -1,4 +1,4 @@
-"""Experiment tracking for training and routing runs: files on disk first, TensorBoard / MLflow optional.
+"""The tracking files of training and routing runs: the source of truth every tracker export replays.
 
 :class:`RunLogger` writes everything a run reports into one directory (``prefix`` before each name):
 
@@ -12,11 +12,8 @@
                         CUDA memory in MiB) plus whatever the caller adds;
 - ``artifacts.json``    ``[{"name", "path", "bytes"}]``: files the run produced.
 
-These files are the source of truth. :func:`export_run` replays them into TensorBoard event files
-(:class:`TensorBoardExporter`, needs the ``tensorboard`` package) and/or an MLflow tracking store
-(:class:`MlflowExporter`, e.g. ``sqlite:///results/demo/mlflow.db``, needs ``mlflow-skinny`` and
-SQLAlchemy): both are optional extras (``pip install routelab[tracking]``), and exporting after the run
-keeps them out of the jobs that do the work.
+:func:`read_run` reads them back; :mod:`routelab.tracking.export` replays them into trackers after the
+run, which keeps the trackers out of the jobs that do the work.
 """
 
 from __future__ import annotations
@@ -37,10 +34,6 @@ from routelab.io.files import read_json, write_json
 
 FILES = ("hparams.json", "metrics.jsonl", "metrics.csv", "final.json", "histograms.jsonl", "system.jsonl",
          "artifacts.json")
-
-
-class TrackingError(RuntimeError):
-    """A tracker that cannot be used as configured (missing package, unusable URI)."""
 
 
 def system_snapshot(start: float | None = None) -> dict[str, float | None]:
@@ -262,145 +255,3 @@ def read_run(directory: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
         "system": _read_jsonl(file("system.jsonl")),
         "artifacts": read_json(file("artifacts.json")) if file("artifacts.json").exists() else [],
     }
-
-
-def export_run(directory: str | os.PathLike, exporters: Iterable[Any], prefix: str = "") -> dict[str, int]:
-    """Replay one run's tracking files into ``exporters`` (then closed); returns what was sent."""
-    run = read_run(directory, prefix)
-    exporters = list(exporters)
-    last_step = max([row["step"] for row in run["metrics"]] or [0])
-    for exporter in exporters:
-        exporter.params(run["params"])
-        for row in run["metrics"]:
-            exporter.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
-        for row in run["system"]:
-            exporter.scalars(row["step"], {f"system/{k}": v for k, v in row.items() if k != "step"})
-        for record in run["histograms"]:
-            exporter.histogram(record["name"], record["step"], np.asarray(record["edges"]),
-                               np.asarray(record["counts"]))
-        for artifact in run["artifacts"]:
-            exporter.artifact(artifact["name"], artifact["path"])
-        if run["final"]:
-            exporter.final(run["final"], step=last_step)
-        exporter.close()
-    return {"metrics": len(run["metrics"]), "system": len(run["system"]), "histograms": len(run["histograms"]),
-            "artifacts": len(run["artifacts"]), "final": len(run["final"])}
-
-
-def flatten_params(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
-    """Nested parameters as one level, ``{"a": {"b": 1}} -> {"a.b": 1}``; lists become JSON text."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{parent}.{key}" if parent else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, name))
-        elif isinstance(value, (list, tuple)):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = value
-    return flat
-
-
-def _bin_stats(edges: np.ndarray, counts: np.ndarray) -> dict[str, float]:
-    """Count, sum and sum of squares of a histogram, every value taken at its bin centre."""
-    centres = (edges[:-1] + edges[1:]) / 2
-    used = np.nonzero(counts)[0]
-    return {"min": float(centres[used[0]]) if used.size else 0.0,
-            "max": float(centres[used[-1]]) if used.size else 0.0,
-            "num": float(counts.sum()), "sum": float((counts * centres).sum()),
-            "sum_squares": float((counts * centres**2).sum())}
-
-
-class TensorBoardExporter:
-    """Scalars, histograms and text into TensorBoard event files under ``log_dir``."""
-
-    def __init__(self, log_dir: str | os.PathLike):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise TrackingError("tracking.tensorboard: true needs the 'tensorboard' package "
-                                "(pip install 'routelab[tracking]' or pip install tensorboard)") from exc
-        self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(log_dir))
-
-    def params(self, params: dict[str, Any]) -> None:
-        self._writer.add_text("hparams", "```\n" + json.dumps(params, indent=2, default=str) + "\n```")
-
-    def scalars(self, step: int, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            if value is not None:
-                self._writer.add_scalar(name, value, global_step=step)
-
-    def final(self, values: dict[str, Any], step: int = 0) -> None:
-        self.scalars(step, {f"final/{name}": value for name, value in values.items()})
-
-    def histogram(self, name: str, step: int, edges: np.ndarray, counts: np.ndarray) -> None:
-        stats = _bin_stats(edges, counts)
-        # bucket_limits are right edges; the first bucket starts at the first edge.
-        self._writer.add_histogram_raw(name, stats["min"], stats["max"], stats["num"], stats["sum"],
-                                       stats["sum_squares"], bucket_limits=edges[1:].tolist(),
-                                       bucket_counts=counts.tolist(), global_step=step)
-
-    def artifact(self, name: str, path: str) -> None:
-        self._writer.add_text(f"artifacts/{name}", path)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class MlflowExporter:
-    """One MLflow run (in experiment ``experiment``, named ``run_name``) in the store at ``tracking_uri``.
-
-    Parameters are flattened (:func:`flatten_params`); scalars and system metrics become metrics with
-    their step; final metrics ``final/NAME``; histograms JSON artifacts ``histograms/NAME.json``;
-    artifact paths the tags ``artifact.NAME`` (the files stay where the pipeline wrote them). For a
-    ``sqlite:///DIR/x.db`` store, artifacts go to ``DIR/mlflow-artifacts``. SQLite serialises writers:
-    export from one process at a time (the export rule does).
-    """
-
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None):
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
-            raise TrackingError("tracking.mlflow_uri needs MLflow (pip install 'routelab[tracking]' or "
-                                "pip install mlflow-skinny sqlalchemy alembic)") from exc
-        self._client = MlflowClient(tracking_uri=tracking_uri)
-        found = self._client.get_experiment_by_name(experiment)
-        if found is None:
-            location = None
-            if tracking_uri.startswith("sqlite:///"):
-                location = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
-            experiment_id = self._client.create_experiment(experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
-        self._timestamp = int(time.time() * 1000)
-
-    def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        # MLflow keeps parameter values as text of at most 6000 characters.
-        items = [Param(key, str(value)[:6000]) for key, value in flatten_params(params).items()]
-        for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self._client.log_batch(self.run_id, params=items[start:start + 100])
-
-    def scalars(self, step: int, values: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(name, float(value), self._timestamp, int(step)) for name, value in values.items()
-                   if value is not None]
-        for start in range(0, len(metrics), 1000):
-            self._client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
-
-    def final(self, values: dict[str, Any], step: int = 0) -> None:
-        self.scalars(step, {f"final/{name}": value for name, value in values.items()})
-
-    def histogram(self, name: str, step: int, edges: np.ndarray, counts: np.ndarray) -> None:
-        self._client.log_dict(self.run_id, {"name": name, "step": step, "edges": edges.tolist(),
-                                            "counts": counts.tolist()}, f"histograms/{name}/step_{step}.json")
-
-    def artifact(self, name: str, path: str) -> None:
-        self._client.set_tag(self.run_id, f"artifact.{name}", path)
-
-    def close(self) -> None:
-        self._client.set_terminated(self.run_id)
