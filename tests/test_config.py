@@ -8,6 +8,7 @@ a user takes, and check that the same message comes out before any job is schedu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -283,6 +284,63 @@ def test_invalid_model_dtype(tmp_path, config):
     assert_names(config_error(tmp_path, config), "model.dtype", "'float64'", "float32", "bfloat16", "float16")
 
 
+# --- expert counts against the model, before any job ----------------------------------------------
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ({"name": "b", "method": "bh", "max_k": 65}, ["routing b.max_k: 65", "64 experts (demo_model.experts)",
+                                                  "need max_k <= 64"]),
+    ({"name": "t", "method": "topk", "k": 80}, ["routing t.k: 80", "need k <= 64"]),
+    ({"name": "e", "method": "entropy", "ks": [2, 4, 80]}, ["routing e.ks: [2, 4, 80]", "need each value <= 64"]),
+    ({"name": "l", "method": "layerk", "ks": [8, 8, 8, 65]}, ["routing l.ks: [8, 8, 8, 65]", "64 experts"]),
+    ({"name": "s", "method": "seqtopk", "budget": 64.5}, ["routing s.budget: 64.5", "need budget <= 64"]),
+    ({"name": "m", "method": "minp", "min_k": 9}, ["routing m.min_k: 9 is greater than the model's top-k 8",
+                                                   "need min_k <= max_k"]),
+])
+def test_expert_counts_are_checked_against_the_demo_model(tmp_path, config, entry, expected):
+    config["routing"].append(entry)
+    assert_names(config_error(tmp_path, config), *expected)
+
+
+def test_expert_counts_at_the_limit_pass(tmp_path, config):
+    config["routing"] += [{"name": "t64", "method": "topk", "k": 64},
+                          {"name": "b64", "method": "bh", "min_k": 8, "max_k": 64}]
+    assert {"t64", "b64"} <= set(routing_configs(load(tmp_path, config)))
+
+
+def model_config(directory: Path, fields: dict) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(fields))
+    return directory
+
+
+def local_model_config(config: dict, model: str) -> dict:
+    config["model"]["id"] = model
+    config["routing"], config["routing_grid"] = [{"name": "topk9", "method": "topk", "k": 9}], []
+    config["report"]["baseline"] = None
+    return config
+
+
+def test_expert_counts_are_checked_against_a_local_models_config_json(tmp_path, config):
+    model_config(tmp_path / "mixtral", {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
+    assert_names(config_error(tmp_path, local_model_config(config, "mixtral")),
+                 "routing topk9.k: 9 exceeds the model's 8 experts", "mixtral/config.json", "need k <= 8")
+
+
+def test_a_multimodal_models_text_config_holds_the_expert_count(tmp_path, config):
+    model_config(tmp_path / "vl", {"model_type": "qwen3_vl_moe",
+                                   "text_config": {"num_experts": 4, "num_experts_per_tok": 2}})
+    assert_names(config_error(tmp_path, local_model_config(config, "vl")), "routing topk9.k: 9", "4 experts")
+
+
+def test_a_downloaded_hub_models_config_json_is_read_and_a_missing_one_is_not_needed(tmp_path, config):
+    config = local_model_config(config, "someone/tiny-moe")
+    assert "topk9" in routing_configs(load(tmp_path, config))  # not downloaded yet: the route job checks
+    model_config(tmp_path / "resources" / "models" / "someone" / "tiny-moe", {"n_routed_experts": 6})
+    assert_names(config_error(tmp_path, config), "routing topk9.k: 9 exceeds the model's 6 experts",
+                 "resources/models/someone/tiny-moe/config.json")
+
+
 # --- the user path: snakemake -n --configfile BAD.yaml ---------------------------------------------
 
 # --configfile replaces config/config.yaml: each file is the demo config with one bad section
@@ -296,6 +354,10 @@ SNAKEMAKE_CASES = {
     "alpha_in_grid": (
         {"routing_grid": [{"name": "bh_a{alpha}", "method": "bh", "alpha": [0.1, 1.5]}]},
         ["routing_grid[0].alpha[1]", "1.5", "> 0 and <= 1"],
+    ),
+    "max_k_over_the_demos_experts": (
+        {"routing": [{"name": "bh65", "method": "bh", "max_k": 65}]},
+        ["routing bh65.max_k", "65", "the model's 64 experts (demo_model.experts)", "need max_k <= 64"],
     ),
     "missing_local_file": (
         {"datasets": {"mine": {"source": "local", "files": ["no_such_file_for_config_test.txt"]}}},

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from routelab import download
 from routelab.choices import calibration_needed, choose_alternative
 
 DEMO_MODEL_ID = "demo"
@@ -63,6 +64,11 @@ def uses_calibration(spec: dict[str, Any]) -> bool:
     schema = method_schema(spec["method"])
     groups = [(group["keys"], group["default"]) for group in schema.get("x-alternatives", [])]
     return calibration_needed(spec, schema.get("x-calibrated", []), groups)
+
+
+def expert_count_parameters(method: str) -> tuple[str, ...]:
+    """The parameters of ``method`` that count experts per token (each at most the model's experts)."""
+    return tuple(method_schema(method).get("x-expert-counts", ()))
 
 
 def teacher_forced(method: str) -> bool:
@@ -248,10 +254,65 @@ def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
                               "whole documents, so need 1 <= shards <= documents")
 
 
+# Where transformers MoE configs keep the expert count and the top-k (text_config too, for multimodal models).
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k")
+
+
+def _first_int(fields: dict[str, Any], names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = fields.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def model_size(config: dict, base_dir: str | os.PathLike = ".") -> tuple[int, int | None, str] | None:
+    """``(experts, top_k, where read)`` of the configured model when it is knowable before any job: the demo's
+    from ``demo_model``, a local or already downloaded model's from its ``config.json``; else None."""
+    model_id = config["model"]["id"]
+    if model_id == DEMO_MODEL_ID:
+        return config["demo_model"]["experts"], config["demo_model"]["top_k"], "demo_model.experts"
+    local = Path(base_dir) / model_id
+    try:
+        path = (local if local.is_dir() else Path(base_dir) / download.model_dir(model_id)) / "config.json"
+        fields = json.loads(path.read_text())
+    except (ValueError, OSError):  # not downloaded yet, or not a valid hub id (the download rule says so)
+        return None
+    for part in (fields, fields.get("text_config") or {}):
+        experts = _first_int(part, EXPERT_COUNT_FIELDS)
+        if experts is not None:
+            return experts, _first_int(part, TOP_K_FIELDS), f"{path}"
+    return None
+
+
+def check_expert_counts(runs: dict[str, dict], experts: int, top_k: int | None, source: str) -> None:
+    """Every parameter that counts experts per token against the model's ``experts`` (read from
+    ``source``), and min_k against max_k (the model's ``top_k`` where max_k is null)."""
+    for name, spec in runs.items():
+        for key in expert_count_parameters(spec["method"]):
+            value = spec.get(key)
+            items = value if isinstance(value, list) else [value]
+            too_many = [item for item in items if item is not None and item > experts]
+            if too_many:
+                need = f"each value <= {experts}" if isinstance(value, list) else f"{key} <= {experts}"
+                raise ConfigError(f"routing {name}.{key}: {value!r} exceeds the model's {experts} experts "
+                                  f"({source}); need {need}")
+        min_k, max_k = spec.get("min_k"), spec.get("max_k")
+        if "max_k" in spec and max_k is None:
+            max_k = top_k
+        if min_k is not None and max_k is not None and min_k > max_k:
+            which = f"max_k = {spec['max_k']}" if spec.get("max_k") is not None else f"the model's top-k {top_k}"
+            raise ConfigError(f"routing {name}.min_k: {min_k} is greater than {which}; need min_k <= max_k")
+
+
 def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, dict]:
     """Semantic checks after schema validation; returns the expanded routing configs by name."""
     check_datasets(config, base_dir)
     runs = routing_configs(config)
+    size = model_size(config, base_dir)
+    if size is not None:
+        check_expert_counts(runs, *size)
     baseline = config.get("report", {}).get("baseline")
     if baseline is not None and baseline not in runs:
         raise ConfigError(f"report.baseline: {baseline!r} is not a routing config; valid: {', '.join(runs)}")

@@ -60,8 +60,9 @@ def method_schema(method: str, grid: bool) -> dict[str, Any]:
     """The schema of one rule's entry: ``name``, ``method`` and exactly its parameters.
 
     ``x-alternatives`` (groups of parameters of which at most one is given, with what none means),
-    ``x-calibrated`` (parameters that fit the rule to the calibration split) and ``x-teacher-forced``
-    are read by :mod:`routelab.config`; JSON-schema validators ignore them.
+    ``x-calibrated`` (parameters that fit the rule to the calibration split), ``x-expert-counts``
+    (parameters that count experts per token) and ``x-teacher-forced`` are read by :mod:`routelab.config`;
+    JSON-schema validators ignore them.
     """
     cls = ROUTERS[method]
     properties: dict[str, Any] = {"name": NAME, "method": {"const": method}}
@@ -76,6 +77,9 @@ def method_schema(method: str, grid: bool) -> dict[str, Any]:
     calibrated = [param.name for param in cls.params if param.calibrated]
     if calibrated:
         schema["x-calibrated"] = calibrated
+    counts = [param.name for param in cls.params if param.expert_count]
+    if counts:
+        schema["x-expert-counts"] = counts
     if cls.teacher_forced:
         schema["x-teacher-forced"] = True
     return schema

@@ -195,6 +195,8 @@ class Param:
     ``type`` ``list`` declares a list of ``item_type`` numbers (the range applies to every item).
     ``calibrated``: a value given for this parameter asks the router to fit something to the calibration
     split's router logits (the route job then depends on them; see :func:`uses_calibration`).
+    ``expert_count``: the value (every item of a list) counts experts per token, so it can be at most the
+    model's experts; the config check holds it against the model's expert count before any job runs.
     """
 
     name: str
@@ -210,6 +212,7 @@ class Param:
     attribute: str | None = None
     item_type: type | None = None
     calibrated: bool = False
+    expert_count: bool = False
 
     def valid(self) -> str:
         """The valid values as text, e.g. ``0 < alpha <= 1`` or ``one of model, renormalize, none``."""
@@ -265,9 +268,9 @@ def _number(value: float) -> str:
 
 
 # Parameters several rules share: declared once, listed by each rule that takes them.
-MIN_K = Param("min_k", int, 1, "fewest experts per token (the clamp's floor)", minimum=1)
+MIN_K = Param("min_k", int, 1, "fewest experts per token (the clamp's floor)", minimum=1, expert_count=True)
 MAX_K = Param("max_k", int, None, "most experts per token (the clamp's ceiling); null = the model's top-k",
-              minimum=1, model_top_k=True)
+              minimum=1, model_top_k=True, expert_count=True)
 WEIGHTS = Param("weights", str, "model",
                 "model = renormalise the selected weights iff the model's norm_topk_prob is set; renormalize = "
                 "always make the selected weights sum to 1; none = raw softmax probabilities",

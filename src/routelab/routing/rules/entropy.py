@@ -24,7 +24,7 @@ from routelab.routing.counting import top_logit_order
 from routelab.routing.statistics import check_layer_count, layer_entropies, router_entropy
 
 KS = Param("ks", list, None, "the ladder of k values, ascending; null = 1, 2, 4, ... up to the model's top-k",
-           minimum=1, model_top_k=True, item_type=int)
+           minimum=1, model_top_k=True, item_type=int, expert_count=True)
 THRESHOLDS = Param("thresholds", list, None, "router entropies in nats, ascending, one fewer than ks: a token whose "
                    "entropy exceeds i of them gets ks[i] experts", minimum=0, item_type=float)
 QUANTILES = Param("quantiles", list, None, "thresholds fitted per layer as these quantiles (ascending, in (0, 1)) "

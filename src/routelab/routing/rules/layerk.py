@@ -28,7 +28,7 @@ LOWEST = replace(MIN_K, description="fewest experts per token in any layer", att
 HIGHEST = replace(MAX_K, description="most experts per token in any layer; null = the model's top-k",
                   attribute="highest_k")
 KS = Param("ks", list, None, "experts per token in each MoE layer, one k per layer in layer order", minimum=1,
-           item_type=int)
+           item_type=int, expert_count=True)
 BUDGET = Param("budget", int, None, "experts per token summed over all MoE layers, spread over the layers in "
                "proportion to their router perplexity on the calibration split", minimum=1, calibrated=True)
 

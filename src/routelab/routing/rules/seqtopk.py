@@ -24,7 +24,7 @@ from routelab.routing.counting import top_logit_order
 
 BUDGET = Param("budget", float, None, "experts per token on average over the window (the window selects "
                "round(T * budget) pairs of its T tokens); null = the model's top-k", exclusive_minimum=0,
-               model_top_k=True)
+               model_top_k=True, expert_count=True)
 
 
 def window_counts(top_probs: torch.Tensor, real: torch.Tensor, budget: float, min_k: int) -> torch.Tensor:

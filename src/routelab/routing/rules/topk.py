@@ -24,7 +24,8 @@ class TopKRouter(Router):
     method = "topk"
     summary = "fixed k: the k experts with the largest router probabilities (the model's own rule)"
     params = (
-        Param("k", int, None, "experts per token; null = the model's top-k", minimum=1, model_top_k=True),
+        Param("k", int, None, "experts per token; null = the model's top-k", minimum=1, model_top_k=True,
+              expert_count=True),
         WEIGHTS,
     )
 
