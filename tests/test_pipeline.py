@@ -382,6 +382,41 @@ def test_killed_pipeline_resumes_and_equals_the_uninterrupted_run(workdir, tmp_p
     assert not list(root.rglob("*.partial")) and not list(root.rglob("*.tmp"))
 
 
+def test_a_killed_route_process_is_retried_and_equals_the_uninterrupted_run_byte_for_byte(workdir, tmp_path):
+    """SIGKILL of one route job's python process alone (as the kernel's OOM killer, a scheduler's preemption
+    or `kill -9` sends), Snakemake alive: Snakemake retries, the retry resumes from the checkpoint at the
+    same batch size (no out-of-memory evidence), and every output file equals an uninterrupted run's."""
+    import signal
+    import time
+
+    copy = copy_without_runs(workdir, tmp_path / "killed_alone")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           faults.FAULT_ENV: json.dumps({"kind": "slow", "after_batches": 1, "seconds": 3}),
+           "PYTHONPATH": str(faults.SITE)}
+    run = f"results/mini/runs/{KILLED_RUN}/arithmetic"
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config.yaml", "--cores", "1", f"{run}/metrics.json"]
+    with open(tmp_path / "snakemake.log", "w") as log:
+        process = subprocess.Popen(cmd, cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT)
+    partial, deadline = copy / f"{run}.partial", time.monotonic() + 300
+    while not (any(partial.glob("*/chunk-*")) and (partial / "attempt.json").is_file()):
+        assert process.poll() is None, (tmp_path / "snakemake.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the route job saved no chunk"
+        time.sleep(0.01)
+    os.kill(json.loads((partial / "attempt.json").read_text())["pid"], signal.SIGKILL)  # the job's python only
+    assert process.wait(timeout=600) == 0, (tmp_path / "snakemake.log").read_text()[-5000:]
+
+    clean = workdir / run
+    for name in ("metrics.json", "summary.json", "routing.parquet", "decisions.parquet", "scores.parquet",
+                 "provenance.json"):
+        assert (copy / run / name).read_bytes() == (clean / name).read_bytes(), name
+    logs = copy / f"logs/mini/route/{KILLED_RUN}"
+    first, retry = (logs / "arithmetic.log.attempt1").read_text(), (logs / "arithmetic.log").read_text()
+    assert "attempt 1: batch size 8" in first and (logs / "arithmetic.log.attempt2").read_text() == retry
+    assert ("attempt 1 (batch size 8) killed by signal 9 (SIGKILL); no out-of-memory evidence; attempt 2 resumes "
+            "with the saved chunks' batch size 8") in retry
+    assert "resuming from the checkpoint" in retry and (logs / "arithmetic.log.exit").read_text().strip() == "0"
+
+
 def test_route_retries_out_of_memory_with_half_the_batch_and_stops_after_other_errors(workdir, tmp_path):
     copy = copy_without_runs(workdir, tmp_path / "retry")
     target = "results/mini/runs/topk4/arithmetic/metrics.json"
@@ -396,7 +431,11 @@ def test_route_retries_out_of_memory_with_half_the_batch_and_stops_after_other_e
     result = run_with({"kind": "oom", "after_batches": 1, "min_batch_size": 8})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "batch_size=8" in output and "attempt=2" in output and "batch_size=4" in output
+    assert "attempt=2" in output
+    log = copy / "logs/mini/route/topk4/arithmetic.log"
+    assert "out of memory at batch size 8" in Path(f"{log}.attempt1").read_text()
+    assert ("exit status 75 (out of memory); out of memory: it ran out of memory; attempt 2 runs with batch size 4"
+            in log.read_text())
     run_dir = copy / "results/mini/runs/topk4/arithmetic"
     assert json.loads((run_dir / "provenance.json").read_text())["batch_size"] == 4
     clean = json.loads((workdir / "results/mini/runs/topk4/arithmetic/metrics.json").read_text())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from routelab.run.resume import OOM_EXIT_CODE, batch_size_for_attempt, is_out_of_memory
+from routelab.run import resume
+from routelab.run.resume import OOM_EXIT_CODE, choose_batch_size, describe_exit, halve, is_out_of_memory, oom_kill_count
 from tests.support import faults
 from tests.support.route_setup import assert_same_run, load_route_script, make_model_and_data, read_run, route_args
 
@@ -38,11 +41,76 @@ def assert_identical(a: dict, b: dict) -> None:
         {k: v for k, v in b["provenance.json"].items() if k not in skip}
 
 
-def test_batch_size_halves_per_attempt_down_to_one():
-    assert [batch_size_for_attempt(16, a) for a in range(1, 7)] == [16, 8, 4, 2, 1, 1]
-    assert batch_size_for_attempt(1, 3) == 1 and batch_size_for_attempt(5, 2) == 2
-    with pytest.raises(ValueError, match="attempt: 0"):
-        batch_size_for_attempt(8, 0)
+def test_batch_size_halves_down_to_one():
+    assert [halve(n) for n in (16, 8, 5, 2, 1)] == [8, 4, 2, 1, 1]
+
+
+def previous_attempt(root, attempt=1, batch_size=8, **fields):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "attempt.json").write_text(json.dumps({"attempt": attempt, "batch_size": batch_size, "oom_kills": None,
+                                                   "slurm_job_id": None, **fields}))
+    return root
+
+
+def test_a_first_attempt_resumes_at_the_saved_chunks_batch_size(tmp_path):
+    assert choose_batch_size(tmp_path, None, 8, 1, None) == (8, "attempt 1: batch size 8")
+    # --rerun-incomplete after every attempt was killed: the chunks were made at 4, so the run goes on at 4
+    previous_attempt(tmp_path, attempt=2, batch_size=4)
+    assert choose_batch_size(tmp_path, 4, 8, 1, None) == (4, "attempt 1: the saved chunks' batch size 4")
+
+
+def test_a_kill_without_memory_evidence_keeps_the_batch_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(resume, "oom_kill_count", lambda: 3)
+    root = previous_attempt(tmp_path, oom_kills=3)
+    size, why = choose_batch_size(root, 8, 8, 2, "137")
+    assert size == 8
+    assert why == ("attempt 1 (batch size 8) killed by signal 9 (SIGKILL); no out-of-memory evidence; "
+                   "attempt 2 resumes with the saved chunks' batch size 8")
+    assert choose_batch_size(root, None, 8, 2, "1")[0] == 8  # an ordinary failure (fail-fast stops it anyway)
+
+
+@pytest.mark.parametrize(("previous_exit", "record", "oom_kills_now", "slurm_state", "evidence"), [
+    (str(OOM_EXIT_CODE), {}, None, None, "it ran out of memory"),
+    ("1", {"ended": "out of memory"}, None, None, "it ran out of memory"),  # route.py's own record of the OOM
+    ("137", {"oom_kills": 0}, 1, None, "the cgroup's memory.events oom_kill rose from 0 to 1"),
+    ("unrecorded", {"oom_kills": 2}, 3, None, "the cgroup's memory.events oom_kill rose from 2 to 3"),
+    ("137", {"slurm_job_id": "42"}, None, "OUT_OF_MEMORY", "SLURM job 42 ended OUT_OF_MEMORY"),
+])
+def test_memory_evidence_halves_the_previous_attempts_batch(tmp_path, monkeypatch, previous_exit, record,
+                                                            oom_kills_now, slurm_state, evidence):
+    monkeypatch.setattr(resume, "oom_kill_count", lambda: oom_kills_now)
+    monkeypatch.setattr(resume, "slurm_job_state", lambda job_id: slurm_state if job_id == "42" else None)
+    root = previous_attempt(tmp_path, batch_size=8, **record)
+    size, why = choose_batch_size(root, 8, 8, 2, previous_exit)
+    assert size == 4 and f"out of memory: {evidence}; attempt 2 runs with batch size 4" in why
+
+
+def test_a_slurm_job_state_is_read_from_scontrol(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\necho 'JobId=42 JobName=route JobState=OUT_OF_MEMORY Reason=OutOfMemory'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert resume.slurm_job_state("42") == "OUT_OF_MEMORY"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert resume.slurm_job_state("42") is None
+
+
+def test_the_cgroup_oom_kill_count_is_read_from_memory_events(tmp_path, monkeypatch):
+    relative = Path("/proc/self/cgroup").read_text().splitlines()
+    own = next((line[3:].strip().lstrip("/") for line in relative if line.startswith("0::")), None)
+    if own is None:
+        pytest.skip("no cgroup v2 on this machine")
+    (tmp_path / own).mkdir(parents=True, exist_ok=True)
+    (tmp_path / own / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\noom_group_kill 0\n")
+    assert oom_kill_count(tmp_path) == 2
+    assert oom_kill_count(tmp_path / "absent") is None
+
+
+def test_exit_statuses_are_described():
+    assert describe_exit("137") == "killed by signal 9 (SIGKILL)"
+    assert describe_exit("143") == "killed by signal 15 (SIGTERM)"
+    assert describe_exit(str(OOM_EXIT_CODE)) == f"exit status {OOM_EXIT_CODE} (out of memory)"
+    assert describe_exit("unrecorded").startswith("ended without a recorded exit status")
 
 
 def test_out_of_memory_errors_are_recognised():
@@ -98,16 +166,20 @@ def test_out_of_memory_exits_for_a_retry_that_succeeds_with_half_the_batch(setup
     out = root / "oom"
     fault(monkeypatch, "oom", after_batches=1, min_batch_size=8)  # batch size 8 runs out of memory at batch 1
     with pytest.raises(SystemExit) as exit_info:
-        route.main(route_args(model_dir, data_dir, out, batch_size=batch_size_for_attempt(8, 1), checkpoint_every=1))
+        route.main(route_args(model_dir, data_dir, out, batch_size=8, checkpoint_every=1))
     assert exit_info.value.code == OOM_EXIT_CODE
     assert "out of memory at batch size 8" in capsys.readouterr().err
     assert not (root / "oom.partial" / "failed.json").exists()  # an OOM retry is allowed to run
 
-    route.main(route_args(model_dir, data_dir, out, batch_size=batch_size_for_attempt(8, 2), checkpoint_every=1,
-                          attempt=2))
+    # The retry is given the configured batch size again; the attempt record says it ran out of memory.
+    route.main(route_args(model_dir, data_dir, out, batch_size=8, checkpoint_every=1, attempt=2))
     # Windows 0-7 were saved at batch size 8 before the failure; the rest ran at 4, as the clean run.
     assert_same_run(read_run(out), clean, float_tol=1e-5)
-    assert json.loads((out / "provenance.json").read_text())["batch_size"] == 4
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["batch_size"] == 4
+    windows = provenance["batch_sizes"][-1]["windows"][1]
+    assert provenance["batch_sizes"][0] == {"windows": [0, 8], "batch_size": 8}
+    assert {entry["batch_size"] for entry in provenance["batch_sizes"][1:]} == {4} and windows > 8
 
 
 def test_out_of_memory_at_batch_size_one_is_not_retried(setup, monkeypatch):

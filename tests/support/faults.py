@@ -5,6 +5,8 @@ batch, so retries and resumes can be tested on real runs.
 "min_batch_size": B}``) makes a route job raise that failure before its batch ``N`` (0-based, counted
 from the start of the run in this process) when the batch size is at least ``B`` (default 1): a CUDA
 out-of-memory error, a RuntimeError, or a KeyboardInterrupt (a kill, without a failure marker).
+``"kind": "slow"`` (with ``"seconds": S``) raises nothing and waits S seconds before every batch from
+batch ``N`` on: a window in which a test can kill the job's process from outside.
 
 The injector is one more recorder of the route job (:func:`with_faults` wraps
 ``routelab.run.route.make_recorders``); production code has no hook for it. In-process tests install it
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,13 @@ class FaultInjector:
         spec = json.loads(os.environ.get(FAULT_ENV) or "null")
         self.kind = spec["kind"] if spec and batch_size >= spec.get("min_batch_size", 1) else None
         self.after = spec.get("after_batches", 0) if spec else 0
+        self.seconds = spec.get("seconds", 0) if spec else 0
         self.batches = 0
 
     def begin_batch(self, batch: Any) -> None:
-        if self.kind is not None and self.batches == self.after:
+        if self.kind == "slow" and self.batches >= self.after:
+            time.sleep(self.seconds)
+        elif self.kind is not None and self.batches == self.after:
             if self.kind == "oom":
                 import torch
 

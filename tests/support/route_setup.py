@@ -60,10 +60,10 @@ def make_model_and_data(root: Path, documents: int = 14) -> tuple[Path, Path]:
 
 
 def route_args(model_dir: Path, data_dir: Path, out: Path, routing: dict = BH, **overrides) -> argparse.Namespace:
-    """route.py's arguments, as its command line would give them."""
-    args = dict(model=str(model_dir), data=str(data_dir), routing=routing, null=routing.get("null_model"),
+    """route.py's arguments, as its command line would give them (one run: one --data, one --out)."""
+    args = dict(model=str(model_dir), data=[str(data_dir)], routing=routing, null=routing.get("null_model"),
                 calibration_logits=None,
-                out=str(out), batch_size=4, checkpoint_every=0, shard=None, attempt=1, dtype="float32",
+                out=[str(out)], batch_size=4, checkpoint_every=0, shard=None, attempt=1, dtype="float32",
                 device="cpu", experts_implementation=None, sample_every=5, seed=0, threads=None)
     args.update(overrides)
     return argparse.Namespace(**args)

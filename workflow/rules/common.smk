@@ -20,7 +20,6 @@ from routelab.config import (
 from routelab.download import dataset_dir as resource_dataset_dir
 from routelab.download import is_hub_model
 from routelab.download import model_dir as resource_model_dir
-from routelab.run.resume import batch_size_for_attempt
 from routelab.run.shards import shard_name
 
 try:
@@ -136,9 +135,9 @@ def shard_parts(wildcards):
 SHARD_FILES = ("routing.parquet", "decisions.parquet", "scores.parquet", "accumulators.npz", "part.json")
 
 
-def route_batch_size(wildcards, attempt):
-    """Windows per forward pass: the configured batch size, halved on each retry (an OOM retry)."""
-    return batch_size_for_attempt(config["evaluation"]["batch_size"], attempt)
+def route_batch_size(wildcards):
+    """Windows per forward pass as configured; route.py halves it for a retry only on out-of-memory evidence."""
+    return config["evaluation"]["batch_size"]
 
 
 def route_attempt(wildcards, attempt):

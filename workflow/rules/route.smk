@@ -5,10 +5,11 @@
 # outweighs the work of a small run such as the demo's).
 #
 # Batch size, checkpoint interval and attempt are resources, not params: they do not change the results
-# (beyond float rounding), so changing them, or an out-of-memory retry that halves the batch, does not
-# make finished runs stale. `retries`: an out-of-memory attempt reruns with half the batch, resuming
-# from its checkpoint (results/.../{dataset}.partial/, not an output, so it survives a failed attempt);
-# after any other error the retry stops at once (route.py --attempt; see routelab.run.resume).
+# (beyond float rounding), so changing them does not make finished runs stale. `retries`: every attempt
+# resumes from the run's checkpoint (results/.../{dataset}.partial/, not an output, so it survives a
+# failed attempt) at the batch size of its saved chunks, halved only on evidence that the previous
+# attempt ran out of memory; after any other error the retry stops at once (see routelab.run.resume).
+# attempt.sh keeps each attempt's log (LOG.attemptN) and tells the next attempt how the last one ended.
 
 rule route:
     input:
@@ -53,12 +54,13 @@ rule route:
     conda:
         "../../envs/routelab.yaml"
     shell:
-        "python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
+        "workflow/scripts/attempt.sh {log} {resources.attempt}"
+        " python workflow/scripts/route.py --model {params.model:q} --routing {params.routing:q} {params.null}"
         " {params.calibration}"
         " --data {params.data}"
         " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
         " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
-        " --seed {params.seed} --threads {threads} {params.shard} --out {params.out} > {log} 2>&1"
+        " --seed {params.seed} --threads {threads} {params.shard} --out {params.out}"
 
 
 if ROUTED_TOGETHER:

@@ -10,12 +10,17 @@ rows (routing, model, data, null, seed, sampling, shard) so a checkpoint of othe
 reused: it is deleted. The batch size is not in the key: an out-of-memory retry with a smaller batch
 continues the completed windows (batch size changes scores only at float rounding level).
 
-Retries (Snakemake's ``retries:``; the rule halves the batch size each attempt, see
-:func:`batch_size_for_attempt`): an out-of-memory error exits with :data:`OOM_EXIT_CODE` so that
-the next attempt runs with a smaller batch. Any other error writes ``{out}.partial/failed.json``;
-a retry attempt that finds it exits at once, repeating the original error, instead of redoing the
-work (Snakemake retries every failure). The first attempt of a new Snakemake invocation ignores
-and deletes an old marker.
+Retries (Snakemake's ``retries:``): an out-of-memory error exits with :data:`OOM_EXIT_CODE`. Each
+attempt records its batch size and the memory evidence at its start in ``{out}.partial/attempt.json``;
+:func:`choose_batch_size` halves the batch for the next attempt only on evidence that the previous
+one ran out of memory (that exit status, or a kill while the cgroup's OOM-kill count rose or SLURM
+reports OUT_OF_MEMORY). Otherwise a resumed run continues at the batch size its saved chunks were
+made with, so its outputs equal an uninterrupted run's byte for byte. The rule's wrapper
+(``workflow/scripts/attempt.sh``) tells the job how the previous attempt ended
+(:data:`PREVIOUS_EXIT_ENV`). Any other error writes ``{out}.partial/failed.json``; a retry attempt
+that finds it exits at once, repeating the original error, instead of redoing the work (Snakemake
+retries every failure). The first attempt of a new Snakemake invocation ignores and deletes an old
+marker.
 
 The tests inject these failures with a recorder of their own (``tests/support/faults.py``).
 """
@@ -27,7 +32,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -46,14 +54,91 @@ if TYPE_CHECKING:  # the Snakefile imports this module: keep torch and pandas ou
 log = logging.getLogger(__name__)
 
 OOM_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: a temporary failure, worth retrying (with a smaller batch)
+PREVIOUS_EXIT_ENV = "ROUTELAB_PREVIOUS_EXIT"  # set by attempt.sh: the previous attempt's exit status, or "unrecorded"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CHUNK_PREFIX = "chunk-"
 
 
-def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
-    """The batch size of Snakemake attempt ``attempt`` (1, 2, ...): halved per attempt, at least 1."""
-    if attempt < 1:
-        raise ValueError(f"attempt: {attempt} is not valid; attempts count from 1")
-    return max(1, int(batch_size) >> (attempt - 1))
+def halve(batch_size: int) -> int:
+    """The batch size after an out-of-memory failure: half, at least 1."""
+    return max(1, int(batch_size) // 2)
+
+
+def oom_kill_count(cgroup_root: Path = CGROUP_ROOT) -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's cgroup and the cgroups below
+    it (cgroup v2 ``memory.events``); None where there is no cgroup v2 memory controller."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        (relative,) = [line[3:] for line in lines if line.startswith("0::")]
+        events = (cgroup_root / relative.strip().lstrip("/") / "memory.events").read_text()
+    except (OSError, ValueError):
+        return None
+    counts = dict(line.split() for line in events.splitlines() if line.strip())
+    return int(counts["oom_kill"]) if "oom_kill" in counts else None
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """SLURM's state of job ``job_id`` (e.g. OUT_OF_MEMORY), from ``scontrol`` while the controller still
+    holds the finished job (MinJobAge, 300 s by default); None when it cannot tell."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                               timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"\bJobState=(\S+)", shown)
+    return match.group(1) if match else None
+
+
+def describe_exit(status: str | None) -> str:
+    """How an attempt ended, from its shell's exit status (128 + N: killed by signal N)."""
+    if status is None or status == "unrecorded":
+        return "ended without a recorded exit status (its shell was killed too: preemption, node failure or OOM)"
+    code = int(status)
+    if code > 128 and code - 128 in {s.value for s in signal.Signals}:
+        return f"killed by signal {code - 128} ({signal.Signals(code - 128).name})"
+    if code == OOM_EXIT_CODE:
+        return f"exit status {code} (out of memory)"
+    return f"exit status {code}"
+
+
+def choose_batch_size(root: Path, chunks_batch_size: int | None, configured: int, attempt: int,
+                      previous_exit: str | None) -> tuple[int, str]:
+    """The batch size attempt ``attempt`` runs with, and why (a line for the job's log).
+
+    ``root``: the run's ``{out}.partial`` (its ``attempt.json`` is the previous attempt's record);
+    ``chunks_batch_size``: the batch size of the last saved chunk (None: none saved); ``previous_exit``:
+    the previous attempt's exit status as the wrapper recorded it. The batch is halved only on evidence
+    that the previous attempt ran out of memory; otherwise the saved chunks' batch size is kept.
+    """
+    record = read_json(root / "attempt.json") if (root / "attempt.json").is_file() else None
+    keep = chunks_batch_size or (record["batch_size"] if record else configured)
+    resumed = f"the saved chunks' batch size {keep}" if chunks_batch_size else f"batch size {keep}"
+    if attempt == 1 or record is None:
+        return keep, f"attempt {attempt}: {resumed}"
+    ended = describe_exit(previous_exit)
+    killed = previous_exit in (None, "unrecorded") or int(previous_exit) > 128
+    evidence = None
+    if record.get("ended") == "out of memory" or previous_exit == str(OOM_EXIT_CODE):
+        evidence = "it ran out of memory"
+    elif killed:
+        before, now = record.get("oom_kills"), oom_kill_count()
+        if before is not None and now is not None and now > before:
+            evidence = f"the cgroup's memory.events oom_kill rose from {before} to {now}"
+        elif record.get("slurm_job_id") and slurm_job_state(record["slurm_job_id"]) == "OUT_OF_MEMORY":
+            evidence = f"SLURM job {record['slurm_job_id']} ended OUT_OF_MEMORY"
+    previous = f"attempt {record['attempt']} (batch size {record['batch_size']}) {ended}"
+    if evidence:
+        smaller = halve(record["batch_size"])
+        return smaller, f"{previous}; out of memory: {evidence}; attempt {attempt} runs with batch size {smaller}"
+    return keep, f"{previous}; no out-of-memory evidence; attempt {attempt} resumes with {resumed}"
+
+
+def record_attempt(root: Path, attempt: int, batch_size: int) -> None:
+    """``attempt.json``: this attempt's batch size and what the next attempt compares to tell an OOM kill."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "attempt.json", {"attempt": attempt, "batch_size": batch_size, "pid": os.getpid(),
+                                       "oom_kills": oom_kill_count(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -137,20 +222,31 @@ class Checkpoint:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+_CHUNK_FIELDS = ("tokens_seen", "seconds", "batch_size")
+
+
 def save_chunk_state(chunk_dir: Path, recorder_state: dict[str, np.ndarray], tokens_seen: int,
-                     seconds: float, window_scores: pd.DataFrame) -> None:
-    """Save what a resumed run needs after a chunk: recorder state (cumulative), sampler counter, compute time."""
+                     seconds: float, window_scores: pd.DataFrame, batch_size: int) -> None:
+    """Save what a resumed run needs after a chunk: recorder state (cumulative), sampler counter, compute
+    time, and the batch size the chunk was evaluated at."""
     from routelab.io.files import write_parquet
 
     write_parquet(chunk_dir / "window_scores.parquet", window_scores)
-    np.savez(chunk_dir / "state.npz", **recorder_state, tokens_seen=np.int64(tokens_seen), seconds=np.float64(seconds))
+    np.savez(chunk_dir / "state.npz", **recorder_state, tokens_seen=np.int64(tokens_seen), seconds=np.float64(seconds),
+             batch_size=np.int64(batch_size))
 
 
 def load_chunk_state(chunk: Chunk) -> tuple[dict[str, np.ndarray], int, float]:
     """``(recorder state, sampler tokens seen, compute seconds)`` after ``chunk`` (cumulative)."""
     with np.load(chunk.path / "state.npz") as saved:
-        state = {name: saved[name] for name in saved.files if name not in ("tokens_seen", "seconds")}
+        state = {name: saved[name] for name in saved.files if name not in _CHUNK_FIELDS}
         return state, int(saved["tokens_seen"]), float(saved["seconds"])
+
+
+def chunk_batch_size(chunk: Chunk) -> int:
+    """The batch size ``chunk`` was evaluated at."""
+    with np.load(chunk.path / "state.npz") as saved:
+        return int(saved["batch_size"])
 
 
 @contextlib.contextmanager
@@ -176,8 +272,10 @@ def retry_guard(marker: Path, attempt: int, batch_size: int) -> Iterator[None]:
     except Exception as exc:
         if is_out_of_memory(exc) and batch_size > 1:
             message = (f"out of memory at batch size {batch_size} ({type(exc).__name__}: {str(exc)[:300]}); "
-                       f"exit status {OOM_EXIT_CODE} so that the retry runs with batch size "
-                       f"{batch_size_for_attempt(batch_size, 2)}")
+                       f"exit status {OOM_EXIT_CODE} so that the retry runs with batch size {halve(batch_size)}")
+            attempt_record = marker.parent / "attempt.json"
+            if attempt_record.is_file():
+                write_json(attempt_record, {**read_json(attempt_record), "ended": "out of memory"})
             log.error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(OOM_EXIT_CODE) from None

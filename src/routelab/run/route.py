@@ -27,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,17 @@ from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
 from routelab.run.calibration import load_router_logits
 from routelab.run.evaluate import Stopwatch, document_scores, score_windows
 from routelab.run.records import run_metrics, run_summary, write_run_records
-from routelab.run.resume import Checkpoint, fingerprint, load_chunk_state, retry_guard, save_chunk_state
+from routelab.run.resume import (
+    PREVIOUS_EXIT_ENV,
+    Checkpoint,
+    choose_batch_size,
+    chunk_batch_size,
+    fingerprint,
+    load_chunk_state,
+    record_attempt,
+    retry_guard,
+    save_chunk_state,
+)
 from routelab.run.shards import select_shard
 
 log = logging.getLogger("route")
@@ -108,7 +119,13 @@ def run_route(job: RouteJob) -> None:
     torch.manual_seed(job.seed)
     info = read_json(job.data / "info.json")
     checkpoint = Checkpoint(job.out, checkpoint_key(job))
+    saved = checkpoint.chunks()
+    batch_size, why = choose_batch_size(checkpoint.root, chunk_batch_size(saved[-1]) if saved else None, job.batch_size,
+                                        job.attempt, os.environ.get(PREVIOUS_EXIT_ENV))
+    log.info("%s", why)
+    job = replace(job, batch_size=batch_size)
     with retry_guard(checkpoint.failure_marker, job.attempt, job.batch_size):
+        record_attempt(checkpoint.root, job.attempt, job.batch_size)
         _route(job, info, checkpoint)
     checkpoint.remove()
 
@@ -179,7 +196,7 @@ def evaluate_in_chunks(job: RouteJob, model, shape: MoEShape, router: Router, pa
                                               recording, progress=size >= len(windows))
             recording.close()
             state, tokens_seen, seconds = recorders[0].state(), recording.tokens_seen, seconds + clock.seconds
-            save_chunk_state(chunk_dir, state, tokens_seen, seconds, window_scores)
+            save_chunk_state(chunk_dir, state, tokens_seen, seconds, window_scores, job.batch_size)
         if size < len(windows):
             log.info("checkpoint: windows %d-%d of %d done (%.1f s so far)", start, end, len(windows), seconds)
     return checkpoint.chunks()
@@ -211,7 +228,7 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
     head = {"routing": spec["name"], "dataset": job.data.name, "method": spec["method"], "params": params,
             "num_layers": shape.num_layers, "num_experts": shape.num_experts, "model_top_k": shape.top_k,
             "norm_topk_prob": shape.norm_topk_prob}
-    provenance = provenance_record(job, info, model)
+    provenance = provenance_record(job, info, model, [(c.start, c.end, chunk_batch_size(c)) for c in chunks])
     out = job.out
     concat_parquet([c.path / "routing.parquet" for c in chunks], out / "routing.parquet")
     concat_parquet([c.path / "decisions.parquet" for c in chunks], out / "decisions.parquet")
@@ -246,11 +263,14 @@ def system_record(job: RouteJob, model, windows: pd.DataFrame, seconds: float) -
             "device": str(device), "experts_implementation": model.config._experts_implementation}
 
 
-def provenance_record(job: RouteJob, info: dict[str, Any], model) -> dict[str, Any]:
+def provenance_record(job: RouteJob, info: dict[str, Any], model,
+                      chunks: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
     """What produced the run: inputs, versions, commit, and a hash of everything that determines it.
 
     The batch size changes scores only at float rounding level (and an out-of-memory retry lowers it), so
-    it is recorded but not hashed: shards and retries of one config share one hash.
+    it is recorded but not hashed: shards and retries of one config share one hash. ``chunks``: (first
+    window, end window, batch size) of each saved chunk; where the batch size changed between them
+    (an out-of-memory retry), ``batch_sizes`` lists them.
     """
     determining = {"routing": job.routing, "dataset": info, "model": str(job.model), "dtype": job.dtype,
                    "seed": job.seed, "sample_every": job.sample_every}
@@ -260,7 +280,9 @@ def provenance_record(job: RouteJob, info: dict[str, Any], model) -> dict[str, A
             "experts_implementation": model.config._experts_implementation, "seed": job.seed,
             "git_commit": git_commit(), "python": platform.python_version(),
             "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
-                         "transformers": __import__("transformers").__version__}}
+                         "transformers": __import__("transformers").__version__},
+            **({"batch_sizes": [{"windows": [start, end], "batch_size": size} for start, end, size in chunks]}
+               if chunks and len({size for _, _, size in chunks}) > 1 else {})}
 
 
 def git_commit() -> str | None:
