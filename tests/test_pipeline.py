@@ -134,6 +134,16 @@ def test_runs_record_every_token_and_layer(workdir):
                 assert 0 <= metrics["acc"] <= 1
 
 
+def test_documents_longer_than_the_window_span_several_windows_and_score_every_token_once(workdir):
+    data = workdir / "results/mini/data/arithmetic"
+    windows, documents = pd.read_parquet(data / "windows.parquet"), pd.read_parquet(data / "documents.parquet")
+    per_document = windows.groupby("doc_id").size()
+    assert (per_document > 1).any() and set(per_document.index) == set(documents["doc_id"])
+    scores = pd.read_parquet(workdir / "results/mini/runs/topk4/arithmetic/scores.parquet")
+    scored = windows["labels"].map(lambda labels: int((labels != -100).sum())).groupby(windows["doc_id"]).sum()
+    assert scores.set_index("doc_id")["tokens"].equals(scored.rename("tokens"))
+
+
 def test_topk_with_the_models_k_matches_the_unrouted_model(workdir):
     """The topk4 run (the model's own k) scores exactly what the native model scores."""
     import torch

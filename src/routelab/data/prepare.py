@@ -5,19 +5,25 @@ Prepared dataset layout (``results/{experiment}/data/{dataset}/``):
 - ``documents.parquet``: ``doc_id, text, words, bytes`` (+ ``context, target`` for cloze tasks);
 - ``windows.parquet``: ``window_id, doc_id, input_ids, labels`` (``labels == -100`` is context);
 - ``calibration.parquet``: windows of the held-out calibration documents (for ``calibrate_null``);
-- ``info.json``: counts and the preparation parameters.
+- ``info.json``: counts and the preparation parameters, and ``skipped``: documents left out, by reason
+  (``empty``: no text or whitespace only; ``no_tokens``: text the tokenizer encodes to nothing;
+  ``cloze_no_context``: a cloze document of one word, with no context before its last word).
+
+A document longer than the window is cut into several rolling windows, as lm-eval does; a one-token
+document is scored (its token predicted from the prefix token).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from routelab.data.loading import DatasetError, load_texts
+from routelab.data.loading import DatasetError, load_documents
 from routelab.data.windows import (
     IGNORE,
     cloze_window,
@@ -34,6 +40,19 @@ log = logging.getLogger(__name__)
 # What a dataset entry of the config means when it leaves a key out (the schema fills these for configs).
 SPEC_DEFAULTS = {"task": "perplexity", "split": "test", "text_column": "text", "documents": 100,
                  "calibration_documents": 50}
+
+
+def usable_documents(texts: list[str], tokenizer, task: str, skipped: Counter) -> list[str]:
+    """``texts`` without the documents a task cannot score, each counted in ``skipped`` by reason."""
+    kept = []
+    for text in texts:
+        if task == "cloze" and not text.rstrip().rpartition(" ")[0]:
+            skipped["cloze_no_context"] += 1
+        elif not tokenizer.encode(text, add_special_tokens=False):
+            skipped["no_tokens"] += 1
+        else:
+            kept.append(text)
+    return kept
 
 
 def document_table(texts: list[str], task: str) -> pd.DataFrame:
@@ -85,14 +104,20 @@ def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | o
     task, n_eval, n_cal = spec["task"], spec["documents"], spec["calibration_documents"]
     tokenizer = load_tokenizer(model)
     window = resolve_window(window, model)
-    texts = load_texts(spec, n_eval, start=0, seed=seed, split="eval")
+    texts, skipped = load_documents(spec, n_eval, start=0, seed=seed, split="eval")
     # Demo calibration text comes from its own random stream; real data uses the documents after the eval ones.
     if spec["source"] == "demo":
-        calibration = load_texts(spec, n_cal, start=0, seed=seed, split="calibration")
+        calibration, _ = load_documents(spec, n_cal, start=0, seed=seed, split="calibration")
     elif spec.get("calibration_split"):
-        calibration = load_texts({**spec, "split": spec["calibration_split"]}, n_cal, start=0)
+        calibration, _ = load_documents({**spec, "split": spec["calibration_split"]}, n_cal, start=0)
     else:
-        calibration = load_texts(spec, n_cal, start=n_eval)
+        calibration, _ = load_documents(spec, n_cal, start=n_eval)
+    texts = usable_documents(texts, tokenizer, task, skipped)
+    calibration = usable_documents(calibration, tokenizer, "perplexity", Counter())
+    if not texts:
+        raise DatasetError(f"no document left to evaluate: skipped {dict(skipped)}")
+    if sum(skipped.values()):
+        log.warning("skipped documents: %s (counted in info.json)", dict(skipped))
     documents = document_table(texts, task)
     windows = window_table(documents, tokenizer, task, window)
     cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window)
@@ -103,6 +128,7 @@ def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | o
     info = {"spec": spec, "task": task, "window": window, "documents": len(documents),
             "windows": len(windows), "scored_tokens": int(sum(sum(t != IGNORE for t in r) for r in windows["labels"])),
             "words": int(documents["words"].sum()), "bytes": int(documents["bytes"].sum()),
+            "skipped": {reason: int(skipped[reason]) for reason in ("empty", "no_tokens", "cloze_no_context")},
             "calibration_documents": len(calibration), "calibration_windows": len(cal_windows),
             "tokenizer": str(model), "seed": seed}
     write_json(out / "info.json", info)
