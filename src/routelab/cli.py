@@ -29,6 +29,24 @@ def json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
 
 
+def device_map_arg(text: str) -> Any:
+    """argparse type: a device-map strategy (``auto``, ``balanced``, ...) or a JSON ``{module: device}``."""
+    return json_arg(text) if text.lstrip().startswith(("{", "@")) else text
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The loading options of every script that runs the model (the config's ``model`` section)."""
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--experts-implementation", default=None)
+    parser.add_argument("--device-map", type=device_map_arg, default=None,
+                        help="spread the model with accelerate: auto, balanced, sequential or a JSON {module: device}")
+    parser.add_argument("--max-memory", type=json_arg, default=None,
+                        help='with --device-map: JSON {device: size}, e.g. {"0": "70GiB", "cpu": "200GiB"}')
+    parser.add_argument("--offload-folder", default=None, help="with --device-map: where 'disk' modules live")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs this job takes (several: with --device-map)")
+
+
 def layer_option(text: str) -> int | None:
     """argparse type: a layer index, or None from the config's null (Snakemake writes it as "None")."""
     if text.lower() in ("none", "null"):

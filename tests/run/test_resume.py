@@ -201,9 +201,9 @@ def test_a_retry_after_another_error_fails_at_once_with_the_first_error(setup, m
 
     # The retry (Snakemake attempt 2) must not load the model or evaluate anything.
     monkeypatch.delenv("ROUTELAB_INJECT_FAULT")
-    from routelab.run import route as route_job
+    from routelab.model import loading
 
-    monkeypatch.setattr(route_job, "load_model", lambda *a, **k: pytest.fail("the retry redid the work"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the retry redid the work"))
     with pytest.raises(SystemExit) as exit_info:
         route.main(route_args(model_dir, data_dir, out, batch_size=2, attempt=2))
     assert exit_info.value.code == 1

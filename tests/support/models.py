@@ -42,11 +42,16 @@ def save_tiny_olmoe(path, norm_topk_prob: bool, seed: int) -> str:
     return str(path)
 
 
-def load_tiny(path: str, experts_implementation: str = "eager"):
-    from transformers import AutoModelForCausalLM
+def load_tiny(path: str, experts_implementation: str | None = "eager", dtype=torch.float32):
+    """The checkpoint at ``path`` through the pipeline's loader class (``AutoModelForCausalLM`` but for the
+    vision-language families); ``experts_implementation`` None: the model's default (families without
+    experts kernels take no choice)."""
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=experts_implementation,
-                                                 dtype=torch.float32)
+    from routelab.model.loading import model_loader
+
+    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = model_loader(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype, **kwargs)
     return model.eval()
 
 

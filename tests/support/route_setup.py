@@ -64,7 +64,8 @@ def route_args(model_dir: Path, data_dir: Path, out: Path, routing: dict = BH, *
     args = dict(model=str(model_dir), data=[str(data_dir)], routing=routing, null=routing.get("null_model"),
                 calibration_logits=None,
                 out=[str(out)], batch_size=4, checkpoint_every=0, shard=None, attempt=1, dtype="float32",
-                device="cpu", experts_implementation=None, sample_every=5, seed=0, threads=None)
+                device="cpu", experts_implementation=None, device_map=None, max_memory=None, offload_folder=None,
+                gpus=1, sample_every=5, seed=0, threads=None)
     args.update(overrides)
     return argparse.Namespace(**args)
 

@@ -16,7 +16,7 @@ rule collect_router_logits:
         seed=config["seed"],
     threads: 2
     resources:
-        gpu=1,
+        gpu=config["model"]["gpus"],
     conda:
         "../../envs/routelab.yaml"
     shell:

@@ -180,9 +180,16 @@ def calibration_arg(wildcards, input):
 def model_options():
     """Loading options shared by every rule that runs the model."""
     model = config["model"]
-    options = f"--dtype {model['dtype']} --device {model['device']}"
+    options = f"--dtype {model['dtype']} --device {model['device']} --gpus {model['gpus']}"
     if model["experts_implementation"]:
         options += f" --experts-implementation {model['experts_implementation']}"
+    if model["device_map"] is not None:
+        device_map = model["device_map"]
+        options += f" --device-map {shlex.quote(device_map if isinstance(device_map, str) else json.dumps(device_map))}"
+    if model["max_memory"] is not None:
+        options += f" --max-memory {shlex.quote(json.dumps(model['max_memory']))}"
+    if model["offload_folder"] is not None:
+        options += f" --offload-folder {shlex.quote(model['offload_folder'])}"
     return options
 
 

@@ -46,7 +46,7 @@ rule route:
         out="results/{experiment}/runs/{routing}/{dataset}",
     threads: 1
     resources:
-        gpu=1,
+        gpu=config["model"]["gpus"],
         batch_size=route_batch_size,
         checkpoint_every=config["evaluation"]["checkpoint_every"],
         attempt=route_attempt,

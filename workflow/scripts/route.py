@@ -16,7 +16,7 @@ docs/outputs.md.
 import argparse
 from dataclasses import fields
 
-from routelab.cli import json_arg, run
+from routelab.cli import add_model_options, json_arg, run
 from routelab.run.route import RouteJob, run_route
 
 
@@ -51,9 +51,7 @@ if __name__ == "__main__":
                         help="evaluate only shard I-of-N (whole documents) and write its part for gather_shards.py")
     parser.add_argument("--attempt", type=int, default=1,
                         help="Snakemake's attempt number: a retry after a non-memory error exits at once")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--experts-implementation", default=None)
+    add_model_options(parser)
     parser.add_argument("--sample-every", type=int, default=100,
                         help="full routing detail for every n-th token into decisions.parquet (0 = none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -76,24 +76,24 @@ def _try_lock(path: Path) -> int | None:
 
 
 def pin_gpu(lock_dir: str | os.PathLike | None = None, timeout: float | None = None,
-            poll: float = 0.5) -> str | None:
-    """Restrict this process to one free GPU and return its ``CUDA_VISIBLE_DEVICES`` entry.
+            poll: float = 0.5, count: int = 1) -> str | None:
+    """Restrict this process to ``count`` free GPUs (default one) and return its ``CUDA_VISIBLE_DEVICES``.
 
     - no GPU visible: returns None, the environment is unchanged;
-    - exactly one visible (e.g. a SLURM job with ``--gpus=1``): returns it without locking;
-    - several: locks the first free one in ``lock_dir`` (default :func:`default_lock_dir`), sets
-      ``CUDA_VISIBLE_DEVICES`` to it and keeps the lock until the process exits (or :func:`release`).
-      When all are taken (more GPU jobs than ``--resources gpu=N`` allows, or none given), it waits,
+    - at most ``count`` visible (e.g. a SLURM job with ``--gpus=N``): returns them without locking;
+    - more: locks the first ``count`` free ones in ``lock_dir`` (default :func:`default_lock_dir`), sets
+      ``CUDA_VISIBLE_DEVICES`` to them and keeps the locks until the process exits (or :func:`release`).
+      When too few are free (more GPU jobs than ``--resources gpu=N`` allows, or none given), it waits,
       polling every ``poll`` seconds; after ``timeout`` seconds (None: wait forever) it raises
-      ``TimeoutError``.
+      ``TimeoutError``. A model spread over several GPUs (``model.device_map``) asks for ``count`` > 1.
 
     Call it before anything initialises CUDA (loading a model on ``cuda``, ``torch.cuda.*``).
     """
-    if _held:  # already pinned: the environment says to which device
+    if _held:  # already pinned: the environment says to which devices
         return os.environ["CUDA_VISIBLE_DEVICES"]
     devices = visible_gpus()
-    if len(devices) <= 1:
-        return devices[0] if devices else None
+    if len(devices) <= count:
+        return ",".join(devices) if devices else None
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         raise RuntimeError("pin_gpu() was called after CUDA was initialised; call it at the start of the script")
     folder = Path(lock_dir) if lock_dir is not None else default_lock_dir()
@@ -101,18 +101,25 @@ def pin_gpu(lock_dir: str | os.PathLike | None = None, timeout: float | None = N
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting_logged = False
     while True:
+        locked: dict[str, int] = {}
         for device in devices:
             fd = _try_lock(folder / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.lock")
             if fd is not None:
-                _held[device] = fd
-                os.environ["CUDA_VISIBLE_DEVICES"] = device
-                log.info("pinned to GPU %s (of %s; locks in %s)", device, ",".join(devices), folder)
-                return device
+                locked[device] = fd
+                if len(locked) == count:
+                    _held.update(locked)
+                    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(locked)
+                    log.info("pinned to GPU %s (of %s; locks in %s)", ",".join(locked), ",".join(devices), folder)
+                    return os.environ["CUDA_VISIBLE_DEVICES"]
+        for fd in locked.values():  # too few free: give back the partial set so two jobs cannot deadlock
+            os.close(fd)
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no free GPU among CUDA_VISIBLE_DEVICES={','.join(devices)} after {timeout} s "
-                               f"(locks in {folder}); run with --resources gpu=N, N at most the number of GPUs")
+            raise TimeoutError(f"fewer than {count} free GPU(s) among CUDA_VISIBLE_DEVICES={','.join(devices)} "
+                               f"after {timeout} s (locks in {folder}); run with --resources gpu=N, N at most the "
+                               "number of GPUs")
         if not waiting_logged:
-            log.warning("all %d GPUs are taken by other jobs; waiting for one to be released", len(devices))
+            log.warning("fewer than %d of %d GPUs are free; waiting for other jobs to release them", count,
+                        len(devices))
             waiting_logged = True
         time.sleep(poll)
 

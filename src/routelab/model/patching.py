@@ -10,6 +10,7 @@ fire. A variable-k router also switches the experts to a compacting kernel
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,13 @@ from torch import nn
 
 from routelab.model.experts import compacting_experts
 from routelab.model.families import Family, MoELayer, find_moe_layers, model_family
-from routelab.routing.contract import Router, nonfinite_tokens, raise_nonfinite
+from routelab.routing.contract import (
+    Router,
+    RouterConfigError,
+    check_finite_logits,
+    nonfinite_tokens,
+    raise_nonfinite,
+)
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -29,20 +36,25 @@ def _patched_class(original: type) -> type:
             state = self._routelab_state
             family: Family = state["family"]
             router_logits = family.router_logits(self, hidden_states)
-            routed = router_logits
-            if router_logits.device.type != "cpu":
+            if router_logits.device.type == "cpu":
+                check_finite_logits(router_logits, state["layer"])
+                checked = router_logits
+            else:
                 # Checking here would wait for the device every layer: count the bad tokens on the device
                 # and check once per forward (_NonFiniteCheck); meanwhile route on finite stand-ins so
                 # the index arithmetic of the routers stays in range.
                 state["nonfinite"].add(state["layer"], router_logits)
-                routed = torch.nan_to_num(router_logits)
-            selection = state["router"](routed, state["layer"], family.norm_topk_prob(self),
-                                        probs=family.expert_probs(routed), check_finite=routed is router_logits)
+                checked = torch.nan_to_num(router_logits)
+            scores = family.scores(self, checked, args)
+            # The raw logits were checked: the selection scores may hold -inf outside the candidate groups.
+            selection = state["router"](scores.ranked, state["layer"], family.norm_topk_prob(self), probs=scores.probs,
+                                        check_finite=False, mixing_scores=scores.mixing, mixing=state["mixing"],
+                                        probability_order=scores.probability_order)
+            selection.scores, selection.softmax_logits = scores.scores, scores.softmax_logits
             if state["recorder"] is not None:
                 state["recorder"].record(state["layer"], router_logits, selection)
-            indices = selection.indices
-            weights = selection.weights.to(family.weights_dtype_for(router_logits, hidden_states))
-            return router_logits, weights, indices
+            dtype = family.weights_dtype_for(router_logits, hidden_states, scores.mixing)
+            return family.native_output(router_logits, selection.weights.to(dtype), selection.indices)
 
         _PATCHED_CLASSES[original] = type(f"Routelab{original.__name__}", (original,), {"forward": forward})
     return _PATCHED_CLASSES[original]
@@ -106,18 +118,28 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
         raise RuntimeError("a routelab router is already installed in this model; leave that block first")
     saved = [layer.gate.__class__ for layer in layers]
     router.check_layers(len(layers))
+    candidates = family.candidate_experts(layers[0].gate)
+    if router.max_k > candidates:
+        raise RouterConfigError(
+            f"max_k: {router.max_k} exceeds the {candidates} experts a token may choose from (model type "
+            f"{family.model_type!r} limits each token to its best {layers[0].gate.topk_group} of "
+            f"{layers[0].gate.num_group} expert groups); need max_k <= {candidates}")
     nonfinite = _NonFiniteCheck()
+    hooked: list[tuple[nn.Module, Any]] = []
     hooks = [model.register_forward_pre_hook(nonfinite.clear), model.register_forward_hook(nonfinite.check),
              model.register_forward_pre_hook(_ForwardShape(router), with_kwargs=True)]
-    # Fixed k produces no sentinel: the experts stay as they are.
-    experts = (compacting_experts(model, [layer.experts for layer in layers]) if router.min_k < router.max_k
-               else contextlib.nullcontext())
+    # Fixed k produces no sentinel, and experts that compute every expert (Llama 4) take any selection:
+    # then the experts stay as they are.
+    experts = (compacting_experts(model, [layer.experts for layer in layers])
+               if router.min_k < router.max_k and family.kernels else contextlib.nullcontext())
     try:
         with experts:
             for layer in layers:
                 layer.gate._routelab_state = {"router": router, "layer": layer.index, "recorder": recorder,
-                                              "family": family, "nonfinite": nonfinite}
+                                              "family": family, "nonfinite": nonfinite,
+                                              "mixing": family.mixing(layer.gate)}
                 layer.gate.__class__ = _patched_class(layer.gate.__class__)
+                _through_accelerate_hook(layer.gate, hooked)
             yield layers
             nonfinite.check()
     finally:
@@ -126,3 +148,18 @@ def install_router(model: nn.Module, router: Router, recorder: Any | None = None
         for layer, gate_class in zip(layers, saved):
             layer.gate.__class__ = gate_class
             layer.gate.__dict__.pop("_routelab_state", None)
+        for gate, old_forward in hooked:
+            gate._old_forward = old_forward
+
+
+def _through_accelerate_hook(gate: nn.Module, hooked: list[tuple[nn.Module, Any]]) -> None:
+    """Make an accelerate-hooked router call the patched forward (``device_map`` / offload).
+
+    accelerate's ``add_hook_to_module`` replaces the instance's ``forward`` with a wrapper that moves the
+    weights in, then calls ``module._old_forward``: the forward bound before the class was swapped. Rebinding
+    ``_old_forward`` to the patched class's forward keeps the hook around it (weights loaded from the
+    offload store, outputs moved); the original is put back on exit (kept in ``hooked``).
+    """
+    if "_old_forward" in gate.__dict__ and hasattr(gate, "_hf_hook"):
+        hooked.append((gate, gate._old_forward))
+        gate._old_forward = types.MethodType(type(gate).forward, gate)

@@ -118,7 +118,10 @@ class RoutingRecorder:
         """
         if self._batch is None:
             return
-        self._layers[layer] = (router_logits, selection)
+        # Families whose probabilities are not the softmax of their router logits (sigmoid scores, a
+        # candidate mask) give logits that are: the statistics below describe the probabilities rules saw.
+        logits = router_logits if selection.softmax_logits is None else selection.softmax_logits
+        self._layers[layer] = (logits, selection)
 
     def end_batch(self) -> None:
         """Add the batch to the running counts and queue its rows for Parquet (one host copy)."""

@@ -5,9 +5,14 @@ A router maps one MoE layer's router logits ``[tokens, experts]`` to a :class:`S
 experts (most preferred first) and whose unused slots hold the sentinel index ``num_experts`` with
 weight 0. Pure tensor code: no Python loop over tokens, any device, any floating dtype.
 
-Weights are the model's softmax probabilities of the selected experts. The ``weights`` policy says
-what happens next: ``model`` renormalises them over the selected experts exactly when the model's
-``norm_topk_prob`` says so (OLMoE-1B-7B: no), ``renormalize`` always does, ``none`` never does.
+What a rule ranks (``logits``, the family's selection score: the router logits of softmax families,
+``sigmoid(logit) + bias`` of DeepSeek-V3-class ones, ``-inf`` outside a group-limited family's candidate
+experts), the probabilities probability-based rules count on (``probs``) and the scores the selected
+experts are mixed with (``mixing``, default ``probs``) are separate inputs; the model families module
+computes them. The ``weights`` policy says what happens to the selected experts' mixing scores:
+``model`` renormalises them over the selected experts exactly when the model's ``norm_topk_prob`` says
+so (OLMoE-1B-7B: no), ``renormalize`` always does, ``none`` never does; a family's :class:`Mixing` adds
+its epsilon, floor and scaling factor.
 
 Logits must be finite: a call whose logits contain NaN or +-inf raises ``ValueError`` naming the
 layer and how many tokens are affected, instead of routing those tokens on garbage.
@@ -71,15 +76,23 @@ class Selection:
     weights were taken from; and, from a router whose preference order is descending probability,
     ``top_expert`` ``[tokens]`` (the most probable expert) and ``top_probs`` ``[tokens, 2]`` (the two
     largest probabilities, whatever k is), so statistics need no index reduction over all experts.
+
+    Set by :func:`routelab.model.install_router` for families whose scores are not the softmax of their
+    router logits (else None): ``scores`` ``[tokens, experts]``, the selection scores before any candidate
+    mask (what calibration fits nulls on), and ``softmax_logits`` ``[tokens, experts]`` float32, logits
+    whose softmax is ``probs`` (what the routing log's probability statistics are computed from).
     """
 
-    __slots__ = ("indices", "weights", "k", "_pvalues", "probs", "top_expert", "top_probs")
+    __slots__ = ("indices", "weights", "k", "_pvalues", "probs", "top_expert", "top_probs", "scores",
+                 "softmax_logits")
 
     def __init__(self, indices: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, pvalues: PValues = None,
                  probs: torch.Tensor | None = None, top_expert: torch.Tensor | None = None,
                  top_probs: torch.Tensor | None = None):
         self.indices, self.weights, self.k, self._pvalues, self.probs = indices, weights, k, pvalues, probs
         self.top_expert, self.top_probs = top_expert, top_probs
+        self.scores: torch.Tensor | None = None
+        self.softmax_logits: torch.Tensor | None = None
 
     @property
     def pvalues(self) -> torch.Tensor | None:
@@ -179,6 +192,33 @@ def same_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def softmax_float32(logits: torch.Tensor) -> torch.Tensor:
     """Expert probabilities ``[tokens, experts]``: softmax over experts in float32, as native routers."""
     return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How a family turns the selected experts' mixing scores into the weights the experts are mixed with.
+
+    Renormalised (when the ``weights`` policy says so) as ``w / (max(sum w, floor) + eps)``, then times
+    ``scale`` (DeepSeek-V3's ``routed_scaling_factor``); ``eps`` and ``floor`` are the family's own
+    (DeepSeek-V3: eps 1e-20; LFM2: eps 1e-6; ERNIE 4.5: floor ``moe_norm_min``), so the weights are
+    computed with the native operations.
+    """
+
+    eps: float = 0.0
+    floor: float | None = None
+    scale: float = 1.0
+
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        total = weights.sum(dim=-1, keepdim=True)
+        if self.floor is not None:
+            total = total.clamp(min=self.floor)
+        return weights / (total + self.eps if self.eps else total)
+
+    def scaled(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights if self.scale == 1.0 else weights * self.scale
+
+
+SOFTMAX_MIXING = Mixing()
 
 
 @dataclass(frozen=True)
@@ -335,14 +375,20 @@ class Router:
         raise NotImplementedError
 
     def __call__(self, logits: torch.Tensor, layer: int = 0, norm_topk_prob: bool = False,
-                 probs: torch.Tensor | None = None, check_finite: bool = True) -> Selection:
-        """Select experts for ``logits`` ``[tokens, experts]`` of MoE layer ``layer``.
+                 probs: torch.Tensor | None = None, check_finite: bool = True, *,
+                 mixing_scores: torch.Tensor | None = None, mixing: Mixing = SOFTMAX_MIXING,
+                 probability_order: bool = True) -> Selection:
+        """Select experts for ``logits`` ``[tokens, experts]`` (the selection scores) of MoE layer ``layer``.
 
-        ``probs`` ``[tokens, experts]`` are the probabilities the weights are taken from; default the
-        softmax of the logits in float32 (model families that score experts otherwise pass their own).
+        ``probs`` ``[tokens, experts]`` are the probabilities probability-based rules count on; default
+        the softmax of the logits in float32 (model families that score experts otherwise pass their
+        own). The weights are the selected experts' ``mixing_scores`` (default ``probs``) under the
+        ``weights`` policy and ``mixing``. ``probability_order``: ranking by ``logits`` is ranking by
+        ``probs`` (False where a selection bias reorders them), so the first two slots may stand for the
+        two most probable experts.
         Raises ``ValueError`` if any logit is NaN or infinite, unless ``check_finite`` is False (the
-        caller checks them itself, as :func:`routelab.model.install_router` does on accelerators
-        once per forward instead of once per layer).
+        caller checks them itself, as :func:`routelab.model.install_router` does on the raw router logits,
+        on accelerators once per forward instead of once per layer).
         """
         if logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits: expected shape [tokens, {self.num_experts}], got {tuple(logits.shape)}")
@@ -351,10 +397,12 @@ class Router:
         if probs is None:
             probs = softmax_float32(logits)
         order, k, pvalues = self.rank(logits, layer, probs)
-        weights = probs.gather(-1, order)
+        weights = (probs if mixing_scores is None else mixing_scores).gather(-1, order)
         top = {}
-        if self.max_k >= 2 and self.orders_by_probability():  # the first two slots are the two most probable
-            top = {"top_expert": order[:, 0], "top_probs": weights[:, :2]}
+        if self.max_k >= 2 and probability_order and self.orders_by_probability():
+            # the first two slots are the two most probable experts
+            top = {"top_expert": order[:, 0], "top_probs": weights[:, :2] if mixing_scores is None
+                   else probs.gather(-1, order[:, :2])}
         if self.min_k == self.max_k:  # every slot used: no sentinel to write
             indices = order
         else:
@@ -362,7 +410,8 @@ class Router:
             weights = weights * used
             indices = order.masked_fill(~used, self.num_experts)
         if self.weight_policy == "renormalize" or (self.weight_policy == "model" and norm_topk_prob):
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = mixing.renormalize(weights)
+        weights = mixing.scaled(weights)
         return Selection(indices=indices, weights=weights, k=k, pvalues=pvalues, probs=probs, **top)
 
     def check_layers(self, num_layers: int) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,46 +16,101 @@ import pandas as pd
 import torch
 
 from routelab.io.files import atomic_path, write_json
+from routelab.model.loading import ModelPlacement, input_device
 from routelab.routing.nulls import NULL_KINDS, calibrated_kinds, fit_null
 from routelab.run.evaluate import padded_batches
 
 log = logging.getLogger(__name__)
 
 
+class _ScoreCollector:
+    """A recorder that keeps every layer's selection scores (what nulls are fitted on: the router logits of
+    softmax families, ``sigmoid + bias`` of DeepSeek-V3-class ones) and, where the family's probabilities
+    are not their softmax, logits whose softmax they are (what calibrated probability rules read)."""
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None
+        self.scores: list[list[torch.Tensor]] = []
+        self.softmax_logits: list[list[torch.Tensor]] = []
+
+    def record(self, layer: int, router_logits: torch.Tensor, selection) -> None:
+        while len(self.scores) <= layer:
+            self.scores.append([])
+            self.softmax_logits.append([])
+        scores = router_logits if selection.scores is None else selection.scores
+        self.scores[layer].append(scores[self.valid].float().cpu())
+        if selection.softmax_logits is not None:
+            self.softmax_logits[layer].append(selection.softmax_logits[self.valid].float().cpu())
+
+
+@dataclass
+class CalibrationScores:
+    """Per MoE layer ``[tokens, experts]`` float32: the selection scores, and (None for softmax families
+    without a selection bias, where they are the scores themselves) logits whose softmax is the family's
+    probabilities."""
+
+    scores: list[np.ndarray]
+    softmax_logits: list[np.ndarray] | None = None
+
+
 @torch.inference_mode()
 def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_token_id: int,
-                          max_per_layer: int, seed: int = 0, progress: bool = True) -> list[np.ndarray]:
-    """Router logits ``[tokens, experts]`` per MoE layer (padding excluded), subsampled by token to at
-    most ``max_per_layer`` values per layer with a seeded generator."""
-    device = next(model.parameters()).device
-    per_layer: list[list[torch.Tensor]] = []
-    for _, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "calibrate", progress):
-        out = model(input_ids=inputs, attention_mask=mask, output_router_logits=True)
-        valid = mask.reshape(-1).bool()
-        if not per_layer:
-            per_layer = [[] for _ in out.router_logits]
-        for store, logits in zip(per_layer, out.router_logits):
-            store.append(logits[valid].float().cpu())
-    if not per_layer:
+                          max_per_layer: int, seed: int = 0, progress: bool = True) -> CalibrationScores:
+    """The model's selection scores ``[tokens, experts]`` per MoE layer (padding excluded), subsampled by
+    token to at most ``max_per_layer`` values per layer with a seeded generator.
+
+    The model runs with its own top-k installed through routelab's router seam (which reproduces its
+    native forward), so families that return no router logits, or rank by something other than them,
+    are collected the same way.
+    """
+    from routelab.model.families import moe_shape
+    from routelab.model.patching import install_router
+    from routelab.routing import TopKRouter
+
+    shape = moe_shape(model)
+    device = input_device(model)
+    collector = _ScoreCollector()
+    with install_router(model, TopKRouter(shape.num_experts, shape.top_k), recorder=collector):
+        for _, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "calibrate", progress):
+            collector.valid = mask.reshape(-1).bool()
+            model(input_ids=inputs, attention_mask=mask)
+    if not collector.scores or not collector.scores[0]:
         raise ValueError("calibration windows: empty; the calibration split has no tokens")
     rng = np.random.default_rng(seed)
-    result = []
-    for store in per_layer:
-        logits = torch.cat(store).numpy()
-        max_tokens = max(1, max_per_layer // logits.shape[1])
-        if logits.shape[0] > max_tokens:
-            logits = logits[np.sort(rng.choice(logits.shape[0], max_tokens, replace=False))]
-        result.append(logits)
-    return result
+    scores, softmax_logits = [], []
+    for layer, store in enumerate(collector.scores):
+        values = torch.cat(store).numpy()
+        kept = slice(None)
+        max_tokens = max(1, max_per_layer // values.shape[1])
+        if values.shape[0] > max_tokens:
+            kept = np.sort(rng.choice(values.shape[0], max_tokens, replace=False))
+        scores.append(values[kept])
+        if collector.softmax_logits[layer]:
+            softmax_logits.append(torch.cat(collector.softmax_logits[layer]).numpy()[kept])
+    return CalibrationScores(scores, softmax_logits or None)
 
 
-def save_router_logits(path, logits: list[np.ndarray], meta: dict) -> None:
-    """Write per-layer router logits ``[tokens, experts]`` and ``meta`` (model, shape, calibration files)
-    to one ``.npz`` (atomically): the input every null is fitted from, so the model runs once however
-    many null models the routing configs use."""
+def save_router_logits(path, logits: list[np.ndarray], meta: dict,
+                       softmax_logits: list[np.ndarray] | None = None) -> None:
+    """Write per-layer selection scores ``[tokens, experts]`` (``layer_i``; the router logits of softmax
+    families), optionally the logits whose softmax is the family's probabilities (``softmax_logits_i``),
+    and ``meta`` (model, shape, calibration files) to one ``.npz`` (atomically): the input every null is
+    fitted from, so the model runs once however many null models the routing configs use."""
     arrays = {f"layer_{i}": np.ascontiguousarray(layer, dtype=np.float32) for i, layer in enumerate(logits)}
+    for i, layer in enumerate(softmax_logits or ()):
+        arrays[f"softmax_logits_{i}"] = np.ascontiguousarray(layer, dtype=np.float32)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+
+
+def load_softmax_logits(path) -> list[np.ndarray]:
+    """What calibrated probability rules read from a ``router_logits.npz``: per layer, logits whose softmax
+    is the family's probabilities (the selection scores themselves for softmax families)."""
+    logits, _ = load_router_logits(path)
+    with np.load(path) as data:
+        if "softmax_logits_0" not in data.files:
+            return logits
+        return [data[f"softmax_logits_{i}"] for i in range(len(logits))]
 
 
 def load_router_logits(path) -> tuple[list[np.ndarray], dict]:
@@ -68,27 +124,28 @@ def load_router_logits(path) -> tuple[list[np.ndarray], dict]:
 
 
 def collect_calibration_logits(model_path: str | os.PathLike, calibration: Sequence[str | os.PathLike],
-                               out: str | os.PathLike, max_per_layer: int, batch_size: int, dtype: str = "float32",
-                               device: str = "auto", experts_implementation: str | None = None,
-                               seed: int = 0) -> list[np.ndarray]:
-    """Stage collect_router_logits: run the unpatched model over every dataset's calibration windows and
-    save each MoE layer's router logits to ``out`` (:func:`save_router_logits`); returns them."""
+                               out: str | os.PathLike, max_per_layer: int, batch_size: int,
+                               placement: ModelPlacement | None = None, seed: int = 0) -> list[np.ndarray]:
+    """Stage collect_router_logits: run the model with its own routing over every dataset's calibration
+    windows and save each MoE layer's selection scores (the router logits of softmax families) to ``out``
+    (:func:`save_router_logits`); returns them."""
     from routelab.model.families import moe_shape
-    from routelab.model.gpus import pin_gpu
-    from routelab.model.loading import load_model, load_tokenizer
+    from routelab.model.loading import load_tokenizer
 
-    if device in ("auto", "cuda"):  # before CUDA starts: one free GPU per job (Snakemake pins none)
-        pin_gpu()
+    placement = placement or ModelPlacement()
+    placement.pin()
     torch.manual_seed(seed)
     windows = pd.concat([pd.read_parquet(p) for p in calibration], ignore_index=True)
-    model = load_model(model_path, dtype, device, experts_implementation)
+    model = placement.load(model_path)
     shape = moe_shape(model)
     tokenizer = load_tokenizer(model_path)
-    logits = collect_router_logits(model, windows, batch_size, tokenizer.pad_token_id or 0, max_per_layer, seed=seed)
+    collected = collect_router_logits(model, windows, batch_size, tokenizer.pad_token_id or 0, max_per_layer, seed=seed)
+    logits = collected.scores
     save_router_logits(out, logits, {"model": str(model_path), "num_layers": shape.num_layers,
                                      "num_experts": shape.num_experts, "top_k": shape.top_k,
-                                     "calibration_files": [str(p) for p in calibration]})
-    log.info("saved router logits of %d layers x %d experts (%d tokens per layer at most) from %d calibration "
+                                     "calibration_files": [str(p) for p in calibration]},
+                       softmax_logits=collected.softmax_logits)
+    log.info("saved selection scores of %d layers x %d experts (%d tokens per layer at most) from %d calibration "
              "windows to %s", shape.num_layers, shape.num_experts, max(len(layer) for layer in logits), len(windows),
              out)
     return logits

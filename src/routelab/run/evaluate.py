@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from routelab.data.windows import IGNORE
+from routelab.model.loading import input_device
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def score_windows(model, windows: pd.DataFrame, batch_size: int, pad_token_id: i
     Windows are right-padded into batches; padding is masked from attention and from the recorder.
     Returns one row per window: ``window_id, doc_id, loglik, tokens, correct``.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for chunk, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "evaluate", progress):
         labels = _pad([list(r) for r in chunk["labels"]], IGNORE).to(device)

@@ -44,13 +44,12 @@ from routelab.config import normalise_routing
 from routelab.io.files import atomic_path, read_json, write_json, write_parquet
 from routelab.io.parquet import concat_parquet
 from routelab.model.families import MoEShape, moe_shape
-from routelab.model.gpus import pin_gpu
-from routelab.model.loading import load_model, load_tokenizer
+from routelab.model.loading import ModelPlacement, input_device, load_tokenizer
 from routelab.model.patching import install_router
 from routelab.record import DecisionSampler, Recording, RoutingRecorder
 from routelab.routing import Router, build_router, router_class
 from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
-from routelab.run.calibration import load_router_logits
+from routelab.run.calibration import load_softmax_logits
 from routelab.run.evaluate import Stopwatch, document_scores, score_windows
 from routelab.run.records import run_metrics, run_summary, write_run_records
 from routelab.run.resume import (
@@ -93,6 +92,10 @@ class RouteJob:
     dtype: str = "float32"
     device: str = "auto"
     experts_implementation: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[str, Any] | None = None
+    offload_folder: str | None = None
+    gpus: int = 1
     sample_every: int = 100
     seed: int = 0
     threads: int | None = None
@@ -105,15 +108,21 @@ class RouteJob:
         routing = normalise_routing(self.routing, "--routing")
         router_class(routing["method"]).check_values(routing)  # before any model is loaded
         object.__setattr__(self, "routing", routing)
+        _ = self.placement  # checks the model options before any work
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
+
+
+    @property
+    def placement(self) -> ModelPlacement:
+        return ModelPlacement(self.dtype, self.device, self.experts_implementation, self.device_map, self.max_memory,
+                              self.offload_folder, self.gpus)
 
 
 def run_route(job: RouteJob) -> None:
     """Run ``job``: resume from its checkpoint, evaluate and record, write the run's files (or the shard's
     part), then delete the checkpoint."""
-    if job.device in ("auto", "cuda"):  # before CUDA starts: one free GPU per job (Snakemake pins none)
-        pin_gpu()
+    job.placement.pin()
     if job.threads:
         torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
@@ -155,7 +164,7 @@ def make_router(job: RouteJob, shape: MoEShape) -> Router:
         if job.calibration_logits is None:
             raise ValueError(f"--calibration-logits: routing {job.routing['name']!r} fits its rule to the calibration "
                              "split; give the router_logits.npz of collect_router_logits")
-        calibration, _ = load_router_logits(job.calibration_logits)
+        calibration = load_softmax_logits(job.calibration_logits)
     router = build_router(job.routing, shape.num_experts, shape.top_k, null, calibration)
     router.check_layers(shape.num_layers)
     return router
@@ -177,7 +186,7 @@ def evaluate_in_chunks(job: RouteJob, model, shape: MoEShape, router: Router, pa
     Resumes after the saved chunks; returns all chunks, in order. ``tokens_before``: real tokens before
     the first window (a shard's offset), so every-n-th-token sampling matches an unsharded run.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     chunks = checkpoint.open()
     state, tokens_seen, seconds = load_chunk_state(chunks[-1]) if chunks else (None, tokens_before, 0.0)
     done = chunks[-1].end if chunks else 0
@@ -210,7 +219,7 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
         log.info("shard %s: windows %d-%d, documents %d-%d", job.shard, *shard["windows"], *shard["documents"])
     if windows.empty:
         raise ValueError(f"--data: {job.data} has no evaluation windows")
-    model = load_model(job.model, job.dtype, job.device, job.experts_implementation)
+    model = job.placement.load(job.model)
     tokenizer = load_tokenizer(job.model)
     shape = moe_shape(model)
     router = make_router(job, shape)
@@ -255,7 +264,7 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
 def system_record(job: RouteJob, model, windows: pd.DataFrame, seconds: float) -> dict[str, Any]:
     """``system.json``: compute time, throughput (every token the model processed, context included, not
     only scored ones), peak memory, device and experts kernel."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     return {"routing": job.routing["name"], "dataset": job.data.name, "wall_time_s": seconds,
             "tokens_per_s": int(windows["input_ids"].map(len).sum()) / seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -282,7 +291,9 @@ def provenance_record(job: RouteJob, info: dict[str, Any], model,
             "versions": {"routelab": routelab.__version__, "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
             **({"batch_sizes": [{"windows": [start, end], "batch_size": size} for start, end, size in chunks]}
-               if chunks and len({size for _, _, size in chunks}) > 1 else {})}
+               if chunks and len({size for _, _, size in chunks}) > 1 else {}),
+            **({"device_map": {name: str(device) for name, device in model.hf_device_map.items()}}
+               if getattr(model, "hf_device_map", None) else {})}
 
 
 def git_commit() -> str | None:

@@ -21,7 +21,8 @@ class GaussianNull(Null):
 
     ``num_layers`` is None (any layer count). ``num_experts`` is None (works for any expert count)
     unless given, in which case ``check_model`` and routers check it. A token whose logits are all
-    equal gets p = 0.5 everywhere. ``min_pvalue`` keeps p > 0 where ``Phi`` underflows.
+    equal gets p = 0.5 everywhere. ``min_pvalue`` keeps p > 0 where ``Phi`` underflows. ``-inf`` logits
+    (experts outside the candidate groups) are left out of the mean and std and get p = 1.
     """
 
     num_experts: int | None = None
@@ -40,12 +41,18 @@ class GaussianNull(Null):
     def pvalues(self, logits: torch.Tensor, layer: int, temperature: float = 1.0) -> torch.Tensor:
         """``1 - Phi(z / temperature)`` of the within-token standardised ``logits`` ``[tokens, experts]``."""
         x = logits.float()
-        mean = x.mean(dim=-1, keepdim=True)
-        std = x.std(dim=-1, correction=0, keepdim=True)
+        # -inf marks an expert outside a group-limited family's candidates: standardise over the others
+        # and give it p = 1.
+        eligible = x > float("-inf")
+        x = x.masked_fill(~eligible, 0.0)
+        count = eligible.sum(dim=-1, keepdim=True).clamp_(min=1)
+        mean = x.sum(dim=-1, keepdim=True) / count
+        std = (((x - mean) * eligible).square().sum(dim=-1, keepdim=True) / count).sqrt()
         # A std at the level of float rounding means "all equal": call it z = 0 rather than noise / noise.
         flat = std <= torch.finfo(torch.float32).eps * x.abs().amax(dim=-1, keepdim=True)
         z = torch.where(flat, 0.0, (x - mean) / torch.where(flat, 1.0, std))
-        return torch.special.ndtr(-z / temperature).clamp_(min=self.min_pvalue, max=1.0)
+        p = torch.special.ndtr(-z / temperature).clamp_(min=self.min_pvalue, max=1.0)
+        return p.masked_fill_(~eligible, 1.0)
 
     def save(self, path: str | os.PathLike) -> None:
         extra = {} if self.num_experts is None else {"num_experts": self.num_experts}

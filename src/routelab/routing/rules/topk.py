@@ -13,13 +13,13 @@ from routelab.routing.contract import (
     RouterConfigError,
     register_router,
     same_k,
-    softmax_float32,
 )
 
 
 @register_router
 class TopKRouter(Router):
-    """The standard rule: the ``k`` experts with the largest router probabilities."""
+    """The standard rule: the ``k`` experts with the largest selection scores (softmax families: the largest
+    router probabilities; DeepSeek-V3 class: ``sigmoid(logit) + bias`` among the candidate groups)."""
 
     method = "topk"
     summary = "fixed k: the k experts with the largest router probabilities (the model's own rule)"
@@ -36,8 +36,8 @@ class TopKRouter(Router):
         self.k = int(k)
 
     def rank(self, logits, layer, probs=None):
-        # Same ops as the native routers (softmax in float32, then topk) so ties break identically.
-        probs = softmax_float32(logits) if probs is None else probs
-        order = torch.topk(probs, self.k, dim=-1).indices
+        # One topk over the selection scores, as the native routers do (softmax is monotone: the softmax
+        # families' topk over probabilities selects the same experts).
+        order = torch.topk(logits, self.k, dim=-1).indices
         k = same_k(logits, self.k)
         return order, k, None
