@@ -288,7 +288,7 @@ def test_invalid_model_dtype(tmp_path, config):
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    ({"name": "b", "method": "bh", "max_k": 65}, ["routing b.max_k: 65", "64 experts (demo_model.experts)",
+    ({"name": "b", "method": "bh", "max_k": 65}, ["routing b.max_k: 65", "64 experts a token may choose from (demo_model.experts)",
                                                   "need max_k <= 64"]),
     ({"name": "t", "method": "topk", "k": 80}, ["routing t.k: 80", "need k <= 64"]),
     ({"name": "e", "method": "entropy", "ks": [2, 4, 80]}, ["routing e.ks: [2, 4, 80]", "need each value <= 64"]),
@@ -324,7 +324,7 @@ def local_model_config(config: dict, model: str) -> dict:
 def test_expert_counts_are_checked_against_a_local_models_config_json(tmp_path, config):
     model_config(tmp_path / "mixtral", {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
     assert_names(config_error(tmp_path, local_model_config(config, "mixtral")),
-                 "routing topk9.k: 9 exceeds the model's 8 experts", "mixtral/config.json", "need k <= 8")
+                 "routing topk9.k: 9 exceeds the 8 experts a token may choose from", "mixtral/config.json", "need k <= 8")
 
 
 def test_a_multimodal_models_text_config_holds_the_expert_count(tmp_path, config):
@@ -337,8 +337,31 @@ def test_a_downloaded_hub_models_config_json_is_read_and_a_missing_one_is_not_ne
     config = local_model_config(config, "someone/tiny-moe")
     assert "topk9" in routing_configs(load(tmp_path, config))  # not downloaded yet: the route job checks
     model_config(tmp_path / "resources" / "models" / "someone" / "tiny-moe", {"n_routed_experts": 6})
-    assert_names(config_error(tmp_path, config), "routing topk9.k: 9 exceeds the model's 6 experts",
+    assert_names(config_error(tmp_path, config), "routing topk9.k: 9 exceeds the 6 experts a token may choose from",
                  "resources/models/someone/tiny-moe/config.json")
+
+
+def test_a_group_limited_models_candidate_experts_bound_the_counts(tmp_path, config):
+    model_config(tmp_path / "v3", {"model_type": "deepseek_v3", "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
+                                   "num_experts_per_tok": 4})
+    config = local_model_config(config, "v3")
+    config["routing"] = [{"name": "bh9", "method": "bh", "min_k": 1, "max_k": 9}]
+    assert_names(config_error(tmp_path, config), "routing bh9.max_k: 9 exceeds the 8 experts a token may choose from",
+                 "16 experts in 4 groups, each token choosing within its best 2", "need max_k <= 8")
+    config["routing"] = [{"name": "bh8", "method": "bh", "min_k": 1, "max_k": 8}]
+    assert "bh8" in routing_configs(load(tmp_path, config))
+
+
+def test_memory_limits_without_a_device_map_are_refused_naming_the_key(tmp_path, config):
+    config["model"]["max_memory"] = {"cpu": "10GiB"}
+    assert_names(config_error(tmp_path, config), "model.max_memory", "without model.device_map")
+
+
+def test_a_device_map_and_its_memory_limits_are_accepted(tmp_path, config):
+    config["model"].update(device_map="auto", max_memory={0: "70GiB", "cpu": "200GiB"}, gpus=2)
+    assert routing_configs(load(tmp_path, config))
+    config["model"]["device_map"] = "everywhere"
+    assert_names(config_error(tmp_path, config), "everywhere")
 
 
 # --- the user path: snakemake -n --configfile BAD.yaml ---------------------------------------------
@@ -357,7 +380,7 @@ SNAKEMAKE_CASES = {
     ),
     "max_k_over_the_demos_experts": (
         {"routing": [{"name": "bh65", "method": "bh", "max_k": 65}]},
-        ["routing bh65.max_k", "65", "the model's 64 experts (demo_model.experts)", "need max_k <= 64"],
+        ["routing bh65.max_k", "65", "the 64 experts a token may choose from (demo_model.experts)", "need max_k <= 64"],
     ),
     "missing_local_file": (
         {"datasets": {"mine": {"source": "local", "files": ["no_such_file_for_config_test.txt"]}}},

@@ -282,8 +282,19 @@ def model_size(config: dict, base_dir: str | os.PathLike = ".") -> tuple[int, in
     for part in (fields, fields.get("text_config") or {}):
         experts = _first_int(part, EXPERT_COUNT_FIELDS)
         if experts is not None:
+            groups, kept = _first_int(part, ("n_group",)), _first_int(part, ("topk_group",))
+            if groups and kept and kept < groups and _group_limited(part):
+                # DeepSeek-V3 class: a token chooses among the experts of its best topk_group groups only.
+                return (experts // groups * kept, _first_int(part, TOP_K_FIELDS),
+                        f"{path}: {experts} experts in {groups} groups, each token choosing within its best {kept}")
             return experts, _first_int(part, TOP_K_FIELDS), f"{path}"
     return None
+
+
+def _group_limited(fields: dict[str, Any]) -> bool:
+    """Whether a config.json's router limits each token to its best expert groups (DeepSeek-V2 only when
+    its ``topk_method`` says so)."""
+    return fields.get("model_type") != "deepseek_v2" or fields.get("topk_method") == "group_limited_greedy"
 
 
 def check_expert_counts(runs: dict[str, dict], experts: int, top_k: int | None, source: str) -> None:
@@ -296,8 +307,8 @@ def check_expert_counts(runs: dict[str, dict], experts: int, top_k: int | None, 
             too_many = [item for item in items if item is not None and item > experts]
             if too_many:
                 need = f"each value <= {experts}" if isinstance(value, list) else f"{key} <= {experts}"
-                raise ConfigError(f"routing {name}.{key}: {value!r} exceeds the model's {experts} experts "
-                                  f"({source}); need {need}")
+                raise ConfigError(f"routing {name}.{key}: {value!r} exceeds the {experts} experts a token may "
+                                  f"choose from ({source}); need {need}")
         min_k, max_k = spec.get("min_k"), spec.get("max_k")
         if "max_k" in spec and max_k is None:
             max_k = top_k
@@ -306,8 +317,17 @@ def check_expert_counts(runs: dict[str, dict], experts: int, top_k: int | None, 
             raise ConfigError(f"routing {name}.min_k: {min_k} is greater than {which}; need min_k <= max_k")
 
 
+def check_model_placement(model: dict) -> None:
+    """``max_memory`` and ``offload_folder`` only mean something for a model spread by ``device_map``."""
+    for key in ("max_memory", "offload_folder"):
+        if model.get(key) is not None and model.get("device_map") is None:
+            raise ConfigError(f"model.{key}: {model[key]!r} given without model.device_map; it only applies to a "
+                              "model spread by accelerate (set model.device_map: auto or a map)")
+
+
 def check_config(config: dict, base_dir: str | os.PathLike = ".") -> dict[str, dict]:
     """Semantic checks after schema validation; returns the expanded routing configs by name."""
+    check_model_placement(config["model"])
     check_datasets(config, base_dir)
     runs = routing_configs(config)
     size = model_size(config, base_dir)

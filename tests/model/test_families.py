@@ -407,3 +407,21 @@ def test_unsupported_family_raises_naming_type_and_reason(family):
     assert all(model_type in message for model_type in SUPPORTED_MODEL_TYPES)
     with pytest.raises(UnsupportedModelError, match=family):
         moe_shape(model)
+
+
+def test_the_docs_families_table_lists_every_family_with_its_router():
+    from routelab.model.families import FAMILIES, REFUSED_MODEL_TYPES
+    from tests.support import REPO
+
+    text = (REPO / "docs" / "models.md").read_text()
+    supported = text.split("## Supported families")[1].split("\n## ")[0]
+    rows = {}
+    for line in supported.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| `"):
+            rows.update({name.strip("` "): cells[1] for name in cells[0].split(",")})
+    assert sorted(rows) == sorted(FAMILIES)
+    assert {name: FAMILIES[name].router_kind for name in rows} == rows
+    refused = text.split("## Refused families")[1].split("\n## ")[0]
+    assert {line.split("|")[1].strip(" `") for line in refused.splitlines() if line.startswith("| `")} == set(
+        REFUSED_MODEL_TYPES)
