@@ -288,8 +288,8 @@ def test_invalid_model_dtype(tmp_path, config):
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    ({"name": "b", "method": "bh", "max_k": 65}, ["routing b.max_k: 65", "64 experts a token may choose from (demo_model.experts)",
-                                                  "need max_k <= 64"]),
+    ({"name": "b", "method": "bh", "max_k": 65},
+     ["routing b.max_k: 65", "64 experts a token may choose from (demo_model.experts)", "need max_k <= 64"]),
     ({"name": "t", "method": "topk", "k": 80}, ["routing t.k: 80", "need k <= 64"]),
     ({"name": "e", "method": "entropy", "ks": [2, 4, 80]}, ["routing e.ks: [2, 4, 80]", "need each value <= 64"]),
     ({"name": "l", "method": "layerk", "ks": [8, 8, 8, 65]}, ["routing l.ks: [8, 8, 8, 65]", "64 experts"]),
@@ -324,7 +324,8 @@ def local_model_config(config: dict, model: str) -> dict:
 def test_expert_counts_are_checked_against_a_local_models_config_json(tmp_path, config):
     model_config(tmp_path / "mixtral", {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
     assert_names(config_error(tmp_path, local_model_config(config, "mixtral")),
-                 "routing topk9.k: 9 exceeds the 8 experts a token may choose from", "mixtral/config.json", "need k <= 8")
+                 "routing topk9.k: 9 exceeds the 8 experts a token may choose from", "mixtral/config.json",
+                 "need k <= 8")
 
 
 def test_a_multimodal_models_text_config_holds_the_expert_count(tmp_path, config):

@@ -86,7 +86,8 @@ def test_a_two_gpu_example_asks_snakemake_for_two_gpus_per_model_job(tmp_path):
         subprocess.run(["cp", "-r", str(REPO / folder), str(tmp_path / folder)], check=True)
     subprocess.run(["cp", str(REPO / "Snakefile"), str(tmp_path)], check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/mixtral_8x7b/runs/bh_a0.05_k4/wikitext/summary.json",
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
+         "results/mixtral_8x7b/runs/bh_a0.05_k4/wikitext/summary.json",
          "--configfile", "config/olmoe.yaml", "config/models/mixtral_8x7b.yaml"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
