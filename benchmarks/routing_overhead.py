@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Forward-time cost of every registered routelab router relative to the model's native router, at the
-demo model's shape and at the real model's (OLMoE-1B-7B) shape, in one interleaved run per model.
+demo model's shape and at real models' shapes (OLMoE-1B-7B; DeepSeek-V3's router), in one interleaved run
+per model.
 
 Every repetition runs each variant once, in a rotating order, for both workloads, so drift in machine
 load affects all variants alike; the printed ratios are ratios of medians of per-repetition times (wall
@@ -44,8 +45,13 @@ layer against ``bh``'s at ~k/2 in prefill (target: <= 1.2), then a count of the 
 
 Models: ``demo``, the demo architecture in float32 on the CPU; ``olmoe4``, an OLMoE-1B-7B-shaped stack
 on the CPU: 4 of its 16 layers, hidden 2048, 64 experts of size 1024, top-8, vocabulary 50304, 16
-heads, bfloat16, random weights (routing cost does not depend on training), ~4 GB; and ``olmoe16``, the
-full 16 layers on a GPU, 16 x 512 tokens (the default when CUDA is available, instead of ``olmoe4``).
+heads, bfloat16, random weights (routing cost does not depend on training), ~4 GB; ``olmoe16``, the
+full 16 layers on a GPU, 16 x 512 tokens (the default when CUDA is available, instead of ``olmoe4``);
+and ``deepseek_v3`` (not in the default list), DeepSeek-V3's router and layer width on the CPU: hidden
+7168, 256 routed experts (sigmoid scores plus a selection bias, the best 4 of 8 groups, top-8, scaled)
+and a shared expert, experts of 256 instead of 2048 so a layer fits in memory, 16 MLA heads, 2 MoE
+layers, bfloat16, 1 x 256 tokens, ~7.5 GB. Calibration collects each family's selection scores through
+the router seam, as the pipeline's ``collect_router_logits`` does.
 
     python benchmarks/routing_overhead.py [--repeats N] [--tokens 2048] [--decode-steps 16] [--threads N]
                                           [--models demo,olmoe4] [--rules bh,topp,...] [--stable-malloc]
@@ -73,11 +79,22 @@ import torch
 
 from routelab.model.families import find_moe_layers, moe_shape
 from routelab.model.patching import install_router
-from routelab.routing import ROUTERS, build_router
+from routelab.routing import ROUTERS, TopKRouter, build_router
 from routelab.routing.nulls import fit_kde_null
+from routelab.run.calibration import ScoreCollector
 
 DEMO = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, max_position_embeddings=256)
+# DeepSeek-V3's router and MoE layer width (hidden 7168; 256 routed experts, sigmoid scores plus a
+# selection bias, the best 4 of 8 groups, top-8, weights renormalised and scaled by 2.5; one shared
+# expert; MLA attention) with experts of 256 instead of 2048 (the layer fits in memory: 2.8 GB per layer in
+# bf16 instead of 23), 16 instead of 128 heads and a 4096-token vocabulary, so that the router and the
+# experts are most of the forward.
+DEEPSEEK_V3 = dict(vocab_size=4096, hidden_size=7168, moe_intermediate_size=256,
+                   n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                   first_k_dense_replace=0, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
+                   q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                   routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=4096)
 OLMOE = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
              num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
              max_position_embeddings=4096)
@@ -103,6 +120,7 @@ class Model:
     tokens: int | None
     repeats: int
     exact_target: float
+    model_type: str = "olmoe"
 
 
 MODELS = {
@@ -110,6 +128,8 @@ MODELS = {
     "olmoe4": Model("OLMoE-1B-7B-shaped stack, 4 of its 16 layers (CPU)", {**OLMOE, "num_hidden_layers": 4}, "cpu",
                     torch.bfloat16, 512, 10, 1.02),
     "olmoe16": Model("OLMoE-1B-7B-shaped stack (GPU)", OLMOE, "cuda", torch.bfloat16, 8192, 20, 1.02),
+    "deepseek_v3": Model("DeepSeek-V3-shaped router and layer width, 2 MoE layers, experts of 256 (CPU)", DEEPSEEK_V3,
+                         "cpu", torch.bfloat16, 256, 5, 1.02, model_type="deepseek_v3"),
 }
 
 
@@ -171,16 +191,23 @@ def note(message: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def build(shape: dict, device: str, dtype: torch.dtype):
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+def build(spec: Model):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     # Special-token ids inside the vocabulary (OLMoE's defaults point past the demo's 512 tokens).
-    config = OlmoeConfig(**shape, norm_topk_prob=False, eos_token_id=0, pad_token_id=1, bos_token_id=None)
+    fields = {"norm_topk_prob": False, **spec.shape}
+    config = AutoConfig.for_model(spec.model_type, **fields, eos_token_id=0, pad_token_id=1, bos_token_id=None)
     config._experts_implementation = "grouped_mm"
-    # On a GPU the weights are drawn there (the 16-layer stack is ~27 GB in float32); on the CPU in place.
-    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
-        model = OlmoeForCausalLM(config).to(dtype=dtype).eval()
+    # The weights are drawn on the device in the benchmark's dtype (the 16-layer OLMoE stack is ~27 GB in
+    # float32, the DeepSeek-V3-shaped one 15 GB).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)
+    try:
+        with torch.device(spec.device) if spec.device != "cpu" else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     model.set_experts_implementation("grouped_mm")
     return model
 
@@ -383,12 +410,12 @@ def bench(key: str, args) -> list[tuple[str, bool]]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     load = os.getloadavg()
     note(f"{key}: building the model")
-    model = build(spec.shape, device, spec.dtype)
+    model = build(spec)
     shape = moe_shape(model)
     num_layers, num_experts, k = shape.num_layers, shape.num_experts, shape.top_k
     config = model.config
-    seq = min(512, config.max_position_embeddings)
     tokens = spec.tokens or args.tokens
+    seq = min(512, config.max_position_embeddings, tokens)
     repeats = args.repeats or spec.repeats
     steps = args.decode_steps
     generator = torch.Generator().manual_seed(1)
@@ -400,11 +427,19 @@ def bench(key: str, args) -> list[tuple[str, bool]]:
     calibration_inputs = random_tokens(*inputs.shape)
     prompt, decode_tokens = random_tokens(1, PROMPT), random_tokens(1, steps)
     note(f"{key}: calibration logits and null")
+    # As collect_router_logits does: the selection scores through the router seam (the router logits of a
+    # softmax family, sigmoid + bias of a DeepSeek-V3-class one), and the log-probabilities calibrated
+    # probability rules read where the family has them.
+    collector = ScoreCollector()
+    collector.valid = torch.ones(calibration_inputs.numel(), dtype=torch.bool, device=device)
     with torch.inference_mode():
-        logits = model(input_ids=calibration_inputs, output_router_logits=True, logits_to_keep=1).router_logits
+        with install_router(model, TopKRouter(num_experts, k), collector):
+            model(input_ids=calibration_inputs, logits_to_keep=1)
         prompt_cache = model(input_ids=prompt, use_cache=True).past_key_values
-    calibration = [layer.float().cpu().numpy() for layer in logits]
-    null = fit_kde_null(calibration, num_experts)
+    scores = [torch.cat(layer).numpy() for layer in collector.scores]
+    null = fit_kde_null(scores, num_experts)
+    calibration = [torch.cat(layer).numpy() for layer in collector.softmax_logits] if collector.softmax_logits[0] \
+        else scores
     note(f"{key}: building the variants; search for mean k ~ {k / 2:g}")
     notes: list[str] = []
     variants = make_variants(model, args.rules, num_experts, k, null, calibration, inputs, notes)
@@ -459,13 +494,15 @@ def bench(key: str, args) -> list[tuple[str, bool]]:
         return "/".join(f"{value:.1f}" for value in ks)
 
     results = []
+    expert_size = getattr(config, "moe_intermediate_size", config.intermediate_size)
     print(f"\n{spec.title}: {num_layers} layers x {num_experts} experts, top-{k}, hidden {config.hidden_size}, expert "
-          f"size {config.intermediate_size}, vocabulary {config.vocab_size}, {device} "
+          f"size {expert_size}, vocabulary {config.vocab_size}, {device} "
           f"{str(spec.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, experts kernel grouped_mm, "
           f"{repeats} interleaved repeats")
     print(f"  load average before the run {load[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 minute)")
-    print(f"  calibration: router logits of a separate random batch of {calibration_inputs.numel()} tokens (kde null, "
-          f"per-layer statistics); ~k/2 searched on the prefill inputs to |mean k - {k / 2:g}| < {TOLERANCE}:")
+    print(f"  calibration: selection scores of a separate random batch of {calibration_inputs.numel()} tokens "
+          f"(kde null, per-layer statistics); ~k/2 searched"
+          f" on the prefill inputs to |mean k - {k / 2:g}| < {TOLERANCE}:")
     for line in notes:
         print(f"    {line}")
 

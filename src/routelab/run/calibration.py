@@ -23,7 +23,7 @@ from routelab.run.evaluate import padded_batches
 log = logging.getLogger(__name__)
 
 
-class _ScoreCollector:
+class ScoreCollector:
     """A recorder that keeps every layer's selection scores (what nulls are fitted on: the router logits of
     softmax families, ``sigmoid + bias`` of DeepSeek-V3-class ones) and, where the family's probabilities
     are not their softmax, logits whose softmax they are (what calibrated probability rules read)."""
@@ -69,7 +69,7 @@ def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_tok
 
     shape = moe_shape(model)
     device = input_device(model)
-    collector = _ScoreCollector()
+    collector = ScoreCollector()
     with install_router(model, TopKRouter(shape.num_experts, shape.top_k), recorder=collector):
         for _, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "calibrate", progress):
             collector.valid = mask.reshape(-1).bool()
