@@ -121,6 +121,7 @@ class Model:
     repeats: int
     exact_target: float
     model_type: str = "olmoe"
+    case: str | None = None  # a tiny family config of tests/support/families.py (--family)
 
 
 MODELS = {
@@ -195,6 +196,8 @@ def build(spec: Model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
+    if spec.case is not None:
+        return build_tiny(spec.case)
     # Special-token ids inside the vocabulary (OLMoE's defaults point past the demo's 512 tokens).
     fields = {"norm_topk_prob": False, **spec.shape}
     config = AutoConfig.for_model(spec.model_type, **fields, eos_token_id=0, pad_token_id=1, bos_token_id=None)
@@ -209,6 +212,25 @@ def build(spec: Model):
     finally:
         torch.set_default_dtype(default)
     model.set_experts_implementation("grouped_mm")
+    return model
+
+
+def build_tiny(case: str):
+    """The tiny random model of a family case the families' tests use, in float32 (256 positions, so the
+    decode prompt fits); ``grouped_mm`` where the family's experts dispatch through the kernels."""
+    from routelab.model.families import model_family
+    from routelab.model.loading import model_loader
+    from tests.support.families import CASES, tiny_config
+
+    model_type, overrides, _ = CASES[case]
+    if "text_config" in overrides:
+        overrides = {**overrides, "text_config": {**overrides["text_config"], "max_position_embeddings": 256}}
+    else:
+        overrides = {**overrides, "max_position_embeddings": 256}
+    config = tiny_config(model_type, **overrides)
+    model = model_loader(config).from_config(config).eval()
+    if model_family(model).kernels:
+        model.set_experts_implementation("grouped_mm")
     return model
 
 
@@ -413,7 +435,7 @@ def bench(key: str, args) -> list[tuple[str, bool]]:
     model = build(spec)
     shape = moe_shape(model)
     num_layers, num_experts, k = shape.num_layers, shape.num_experts, shape.top_k
-    config = model.config
+    config = model.config.get_text_config()
     tokens = spec.tokens or args.tokens
     seq = min(512, config.max_position_embeddings, tokens)
     repeats = args.repeats or spec.repeats
@@ -585,6 +607,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     default_models = "demo,olmoe16" if torch.cuda.is_available() else "demo,olmoe4"
     parser.add_argument("--models", default=default_models, help=f"of {', '.join(MODELS)} (default {default_models})")
+    parser.add_argument("--family", default=None,
+                        help="instead of --models: the tiny random model of one supported family (a case of "
+                             "tests/support/families.py, e.g. deepseek_v3, llama4_text, deepseek_v2_grouped)")
     parser.add_argument("--rules", default=None, help="comma-separated router methods (default: every registered one)")
     parser.add_argument("--stable-malloc", action="store_true",
                         help="rerun with glibc malloc settings that keep large temporaries (steadier native times)")
@@ -600,6 +625,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rules: {', '.join(unknown)} not registered; registered: {', '.join(ROUTERS)}")
     models = args.models.split(",")
+    if args.family is not None:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's tests/
+        from tests.support.families import CASES
+
+        if args.family not in CASES:
+            raise SystemExit(f"--family: {args.family!r}; choose from {', '.join(CASES)}")
+        MODELS[args.family] = Model(f"tiny {args.family} (CPU, float32)", {"max_position_embeddings": 256}, "cpu",
+                                    torch.float32, None, 20, 1.05, case=args.family)
+        models = [args.family]
     if any(key not in MODELS for key in models):
         raise SystemExit(f"--models: {args.models!r}; choose from {', '.join(MODELS)}")
     if PROMPT + args.decode_steps > min(MODELS[key].shape["max_position_embeddings"] for key in models):
