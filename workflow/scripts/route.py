@@ -17,6 +17,7 @@ import argparse
 from dataclasses import fields
 
 from routelab.cli import add_model_options, json_arg, run
+from routelab.model.loading import ModelPlacement
 from routelab.run.route import RouteJob, run_route
 
 
@@ -26,8 +27,11 @@ def main(args: argparse.Namespace) -> None:
                          f"{len(args.out)} --out directories")
     if args.shard and len(args.data) > 1:
         raise ValueError(f"--shard {args.shard}: a shard is part of one run; got {len(args.data)} --data directories")
-    options = {field.name: getattr(args, field.name) for field in fields(RouteJob) if field.name not in ("data", "out")}
-    jobs = [RouteJob(data=data, out=out, **options) for data, out in zip(args.data, args.out)]  # all checked first
+    options = {field.name: getattr(args, field.name) for field in fields(RouteJob)
+               if field.name not in ("data", "out", "placement")}
+    placement = ModelPlacement.from_args(args)
+    jobs = [RouteJob(data=data, out=out, placement=placement, **options)  # all checked first
+            for data, out in zip(args.data, args.out)]
     for job in jobs:
         run_route(job)
 

@@ -31,7 +31,7 @@ import os
 import platform
 import resource
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ class RouteJob:
     collect_router_logits, for rules set up from the calibration split (``Router.uses_calibration``);
     ``batch_size``: windows per forward pass; ``checkpoint_every``:
     batches per saved chunk (0: one chunk); ``attempt``: Snakemake's attempt number; ``sample_every``:
-    every n-th real token's detail goes to decisions.parquet (0: none); ``threads``: torch's CPU
+    every n-th real token's detail goes to decisions.parquet (0: none); ``placement``: how the model
+    is loaded and placed (checked when it is made, before any work); ``threads``: torch's CPU
     threads (None: torch's default)."""
 
     model: str
@@ -89,13 +90,7 @@ class RouteJob:
     checkpoint_every: int = 0
     shard: str | None = None
     attempt: int = 1
-    dtype: str = "float32"
-    device: str = "auto"
-    experts_implementation: str | None = None
-    device_map: str | dict[str, Any] | None = None
-    max_memory: dict[str, Any] | None = None
-    offload_folder: str | None = None
-    gpus: int = 1
+    placement: ModelPlacement = field(default_factory=ModelPlacement)
     sample_every: int = 100
     seed: int = 0
     threads: int | None = None
@@ -108,15 +103,8 @@ class RouteJob:
         routing = normalise_routing(self.routing, "--routing")
         router_class(routing["method"]).check_values(routing)  # before any model is loaded
         object.__setattr__(self, "routing", routing)
-        _ = self.placement  # checks the model options before any work
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
-
-
-    @property
-    def placement(self) -> ModelPlacement:
-        return ModelPlacement(self.dtype, self.device, self.experts_implementation, self.device_map, self.max_memory,
-                              self.offload_folder, self.gpus)
 
 
 def run_route(job: RouteJob) -> None:
@@ -141,8 +129,9 @@ def run_route(job: RouteJob) -> None:
 
 def checkpoint_key(job: RouteJob) -> dict[str, Any]:
     """Everything that determines the recorded rows (not the batch size: see routelab.run.resume)."""
-    return {"routing": job.routing, "model": fingerprint(job.model), "dtype": job.dtype, "device": job.device,
-            "experts_implementation": job.experts_implementation, "null": fingerprint(job.null),
+    return {"routing": job.routing, "model": fingerprint(job.model), "dtype": job.placement.dtype,
+            "device": job.placement.device, "experts_implementation": job.placement.experts_implementation,
+            "null": fingerprint(job.null),
             "calibration_logits": fingerprint(job.calibration_logits),
             "windows": fingerprint(job.data / "windows.parquet"),
             "documents": fingerprint(job.data / "documents.parquet"),
@@ -281,10 +270,10 @@ def provenance_record(job: RouteJob, info: dict[str, Any], model,
     window, end window, batch size) of each saved chunk; where the batch size changed between them
     (an out-of-memory retry), ``batch_sizes`` lists them.
     """
-    determining = {"routing": job.routing, "dataset": info, "model": str(job.model), "dtype": job.dtype,
+    determining = {"routing": job.routing, "dataset": info, "model": str(job.model), "dtype": job.placement.dtype,
                    "seed": job.seed, "sample_every": job.sample_every}
     return {"config_hash": hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest(),
-            "routing": job.routing, "dataset_info": info, "model": str(job.model), "dtype": job.dtype,
+            "routing": job.routing, "dataset_info": info, "model": str(job.model), "dtype": job.placement.dtype,
             "batch_size": job.batch_size, "null": job.null, "calibration_logits": job.calibration_logits,
             "experts_implementation": model.config._experts_implementation, "seed": job.seed,
             "git_commit": git_commit(), "python": platform.python_version(),
