@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from routelab.io.files import read_json
-from tests.model.test_families import CASES, COMMON
+from tests.support.families import CASES, COMMON
 from tests.support.models import seed_everything
 from tests.support.route_setup import load_route_script, make_model_and_data, route_args
 
