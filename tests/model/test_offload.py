@@ -11,7 +11,8 @@ from routelab.model.loading import ModelPlacement
 from routelab.model.patching import install_router
 from routelab.routing import BHRouter, TopKRouter
 from routelab.routing.nulls import fit_kde_null
-from tests.model.test_families import CASES, own_score_null
+from tests.model.test_families import own_score_null
+from tests.support.families import CASES
 from tests.support.models import batch, seed_everything
 
 pytest.importorskip("accelerate")
@@ -31,7 +32,7 @@ class Recorded:
 def deepseek_dir(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tests.model.test_families import COMMON
+    from tests.support.families import COMMON
 
     seed_everything(0)
     config = AutoConfig.for_model("deepseek_v3", **{**COMMON, **CASES["deepseek_v3"][1]})
