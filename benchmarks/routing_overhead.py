@@ -458,10 +458,9 @@ def bench(key: str, args) -> list[tuple[str, bool]]:
         with install_router(model, TopKRouter(num_experts, k), collector):
             model(input_ids=calibration_inputs, logits_to_keep=1)
         prompt_cache = model(input_ids=prompt, use_cache=True).past_key_values
-    scores = [torch.cat(layer).numpy() for layer in collector.scores]
-    null = fit_kde_null(scores, num_experts)
-    calibration = [torch.cat(layer).numpy() for layer in collector.softmax_logits] if collector.softmax_logits[0] \
-        else scores
+    collected = collector.result()
+    null = fit_kde_null(collected.scores, num_experts)
+    calibration = collected.probability_logits
     note(f"{key}: building the variants; search for mean k ~ {k / 2:g}")
     notes: list[str] = []
     variants = make_variants(model, args.rules, num_experts, k, null, calibration, inputs, notes)

@@ -42,6 +42,13 @@ class ScoreCollector:
         if selection.softmax_logits is not None:
             self.softmax_logits[layer].append(selection.softmax_logits[self.valid].float().cpu())
 
+    def result(self) -> CalibrationScores:
+        """Everything collected, per layer ``[tokens, experts]`` (raises if nothing was)."""
+        if not self.scores or not self.scores[0]:
+            raise ValueError("calibration windows: empty; the calibration split has no tokens")
+        softmax_logits = [torch.cat(layer).numpy() for layer in self.softmax_logits] if self.softmax_logits[0] else None
+        return CalibrationScores([torch.cat(layer).numpy() for layer in self.scores], softmax_logits)
+
 
 @dataclass
 class CalibrationScores:
@@ -51,6 +58,11 @@ class CalibrationScores:
 
     scores: list[np.ndarray]
     softmax_logits: list[np.ndarray] | None = None
+
+    @property
+    def probability_logits(self) -> list[np.ndarray]:
+        """What calibrated probability rules read (as :func:`load_softmax_logits` reads it from the file)."""
+        return self.scores if self.softmax_logits is None else self.softmax_logits
 
 
 @torch.inference_mode()
@@ -74,19 +86,17 @@ def collect_router_logits(model, windows: pd.DataFrame, batch_size: int, pad_tok
         for _, inputs, mask in padded_batches(windows, batch_size, pad_token_id, device, "calibrate", progress):
             collector.valid = mask.reshape(-1).bool()
             model(input_ids=inputs, attention_mask=mask)
-    if not collector.scores or not collector.scores[0]:
-        raise ValueError("calibration windows: empty; the calibration split has no tokens")
+    collected = collector.result()
     rng = np.random.default_rng(seed)
     scores, softmax_logits = [], []
-    for layer, store in enumerate(collector.scores):
-        values = torch.cat(store).numpy()
+    for layer, values in enumerate(collected.scores):
         kept = slice(None)
         max_tokens = max(1, max_per_layer // values.shape[1])
         if values.shape[0] > max_tokens:
             kept = np.sort(rng.choice(values.shape[0], max_tokens, replace=False))
         scores.append(values[kept])
-        if collector.softmax_logits[layer]:
-            softmax_logits.append(torch.cat(collector.softmax_logits[layer]).numpy()[kept])
+        if collected.softmax_logits is not None:
+            softmax_logits.append(collected.softmax_logits[layer][kept])
     return CalibrationScores(scores, softmax_logits or None)
 
 
