@@ -14,9 +14,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from routelab.routing.contract import Selection, pvalues_at_layers
+
+# What a forward pass does, as the logs' ``phase`` column names it (its codes are the indices).
+PHASES = ("prefill", "decode")
+PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
+# Per-window values at the head of the packed token metadata: window id, doc id, position offset, phase.
+WINDOW_FIELDS = 4
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,18 @@ class BatchContext:
 
     ``attention_mask`` / ``input_ids`` ``[batch, seq]``, ``window_ids`` / ``doc_ids`` ``[batch]``;
     ``tokens_before``: the real tokens of the run before this batch (every-n-th-token sampling counts
-    over the whole run, so a resumed or sharded run samples the same tokens as one run).
+    over the whole run, so a resumed or sharded run samples the same tokens as one run);
+    ``position_offsets`` ``[batch]``: a row's token at column ``c`` has position ``c + offset`` in its
+    sequence (None: 0; a decode step's one column sits after the tokens in the KV cache, a left-padded
+    prompt's first real token is at position 0); ``phase``: ``"prefill"`` or ``"decode"`` (a
+    generation step of one token per sequence, the rest of the sequence in the KV cache).
     """
 
     def __init__(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
-                 input_ids: torch.Tensor, tokens_before: int = 0):
+                 input_ids: torch.Tensor, tokens_before: int = 0, position_offsets: torch.Tensor | None = None,
+                 phase: str = "prefill"):
+        if phase not in PHASES:
+            raise ValueError(f"phase: {phase!r} is not valid; choose one of {', '.join(PHASES)}")
         valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
         # Row indices of real tokens in the flat [batch * seq] layout: found once per batch, so that
         # selecting them in every layer needs no device-to-host sync (a boolean mask would).
@@ -47,6 +61,11 @@ class BatchContext:
         self.device, self.seq = valid.device, valid.shape[1]
         self.window_ids, self.doc_ids, self.input_ids = window_ids, doc_ids, input_ids
         self.tokens_before = int(tokens_before)
+        batch = len(window_ids)
+        self.position_offsets = (torch.zeros(batch, dtype=torch.int32) if position_offsets is None
+                                 else position_offsets)
+        self.phase = phase
+        self.phase_ids = torch.full((batch,), PHASES.index(phase), dtype=torch.int32)
         self._samples: dict[int, SampledTokens] = {}
         self._pvalues: dict[tuple[int, int], torch.Tensor | None] = {}  # (every, layer) -> [sampled, E]
 
@@ -112,8 +131,10 @@ class Recording:
         self.recorders, self.tokens_seen = recorders, int(tokens_seen)
 
     def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
-                    input_ids: torch.Tensor) -> BatchContext:
-        batch = BatchContext(attention_mask, window_ids, doc_ids, input_ids, tokens_before=self.tokens_seen)
+                    input_ids: torch.Tensor, position_offsets: torch.Tensor | None = None,
+                    phase: str = "prefill") -> BatchContext:
+        batch = BatchContext(attention_mask, window_ids, doc_ids, input_ids, tokens_before=self.tokens_seen,
+                             position_offsets=position_offsets, phase=phase)
         self.tokens_seen += batch.real_tokens
         for recorder in self.recorders:
             recorder.begin_batch(batch)
@@ -132,26 +153,39 @@ class Recording:
             recorder.close()
 
 
-def pack_token_meta(window_ids: torch.Tensor, doc_ids: torch.Tensor, input_ids: torch.Tensor,
-                    rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def pack_token_meta(batch: BatchContext, rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """The metadata of a batch's recorded tokens as the logs keep it until written, int32 on ``device``:
-    ``[window ids (batch) | doc ids (batch) | token ids | flat rows]``: each window's ids once, then the
-    tokens at ``rows`` of the flat ``[batch * seq]`` layout (``rows`` None: every position, and no rows
-    stored). :func:`unpack_token_meta` gives each token's columns back."""
-    ids = [window_ids, doc_ids, input_ids.reshape(-1)]
+    ``[window ids | doc ids | position offsets | phases (batch each) | token ids | flat rows]``: each
+    window's values once, then the tokens at ``rows`` of the flat ``[batch * seq]`` layout (``rows`` None:
+    every position, and no rows stored). :func:`unpack_token_meta` gives each token's columns back."""
+    ids = [batch.window_ids, batch.doc_ids, batch.position_offsets, batch.phase_ids, batch.input_ids.reshape(-1)]
     if rows is not None:
-        ids[2] = ids[2].index_select(0, on_device(rows, ids[2].device))
+        ids[-1] = ids[-1].index_select(0, on_device(rows, ids[-1].device))
         ids.append(rows)
-    return torch.cat([on_device(part, device) for part in ids]).to(torch.int32)
+    return torch.cat([on_device(part, device).to(torch.int32) for part in ids])
 
 
 def unpack_token_meta(meta: np.ndarray, windows: int, tokens: int, seq: int) -> tuple[np.ndarray, ...]:
-    """``(window_id, doc_id, position, token_id)`` of each of ``tokens`` tokens from :func:`pack_token_meta`'s
-    layout (with flat rows when ``meta`` holds them) for a batch of ``windows`` windows of ``seq`` positions."""
-    stored = meta.size == 2 * windows + 2 * tokens
-    flat = meta[2 * windows + tokens:] if stored else np.arange(tokens, dtype=np.int32)
-    window, position = np.divmod(flat, seq)
-    return meta[:windows][window], meta[windows:2 * windows][window], position, meta[2 * windows:2 * windows + tokens]
+    """``(window_id, doc_id, position, token_id, phase)`` of each of ``tokens`` tokens from
+    :func:`pack_token_meta`'s layout (with flat rows when ``meta`` holds them) for a batch of ``windows``
+    windows of ``seq`` positions; ``phase`` as int8 codes into :data:`PHASES`."""
+    head = WINDOW_FIELDS * windows
+    stored = meta.size == head + 2 * tokens
+    flat = meta[head + tokens:] if stored else np.arange(tokens, dtype=np.int32)
+    window, column = np.divmod(flat, seq)
+    window_ids, doc_ids, offsets, phases = (meta[i * windows:(i + 1) * windows][window] for i in range(WINDOW_FIELDS))
+    return window_ids, doc_ids, column + offsets, meta[head:head + tokens], phases.astype(np.int8)
+
+
+def phase_array(codes: np.ndarray) -> pa.DictionaryArray:
+    """The ``phase`` column of the logs from int8 codes into :data:`PHASES`."""
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(PHASES, pa.string()))
+
+
+def windows_in_meta(meta_size: int, tokens: int) -> int:
+    """How many windows a packed metadata array of ``meta_size`` values with ``tokens`` tokens and their
+    flat rows holds."""
+    return (meta_size - 2 * tokens) // WINDOW_FIELDS
 
 
 def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,7 @@ all batches in row-major order (batch row, then position), so the sample is dete
 copied to the host once, and the logit statistics, sorted p-values, BH rank and rows are computed on the
 Parquet writer's thread. ``decisions.parquet`` has one row per (kept token, MoE layer), token-major:
 
-``window_id, doc_id, position, token_id int32; layer, k int16;
+``window_id, doc_id, position, token_id int32; phase dictionary<string> (prefill / decode); layer, k int16;
 logit_mean, logit_std, logit_min, logit_max float32`` (over the experts; std is the population std);
 ``logits list<float32>`` (all experts, by expert index);
 ``pvalues list<float32>`` (all experts, by expert index; null for routers without p-values);
@@ -35,7 +35,15 @@ import torch
 
 from routelab.io.arena import BufferArena, pack_for_writer
 from routelab.io.parquet import BatchedParquetWriter
-from routelab.record.batch import BatchContext, on_device, pack_token_meta, unpack_token_meta
+from routelab.record.batch import (
+    PHASE_TYPE,
+    BatchContext,
+    on_device,
+    pack_token_meta,
+    phase_array,
+    unpack_token_meta,
+    windows_in_meta,
+)
 from routelab.routing.contract import Param, Selection
 
 ALPHA = Param("alpha", float, None, "the BH level of the sampled decisions", exclusive_minimum=0, maximum=1)
@@ -43,14 +51,14 @@ ALPHA = Param("alpha", float, None, "the BH level of the sampled decisions", exc
 _F32_LIST, _I16_LIST = pa.list_(pa.float32()), pa.list_(pa.int16())
 SCHEMA = pa.schema([
     ("window_id", pa.int32()), ("doc_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
-    ("layer", pa.int16()), ("k", pa.int16()),
+    ("phase", PHASE_TYPE), ("layer", pa.int16()), ("k", pa.int16()),
     ("logit_mean", pa.float32()), ("logit_std", pa.float32()), ("logit_min", pa.float32()),
     ("logit_max", pa.float32()),
     ("logits", _F32_LIST), ("pvalues", _F32_LIST), ("sorted_pvalues", _F32_LIST), ("bh_thresholds", _F32_LIST),
     ("passing_rank", pa.int16()), ("selected", _I16_LIST), ("selected_weights", _F32_LIST),
 ])
 
-_META = ("window_id", "doc_id", "position", "token_id")
+_META = ("window_id", "doc_id", "position", "token_id", "phase")
 # Dictionary encoding for the integer columns only: the float lists' values hardly ever repeat, and on
 # them it made the writer slower and the file larger (benchmarks/README.md).
 _DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "k", "passing_rank"]
@@ -104,7 +112,7 @@ class DecisionSampler:
         kept = on_device(sample.rows, device)
         # only the sampled rows' p-values are computed (routers compute them lazily), once for all recorders
         pvalues = batch.sampled_pvalues(self.every_n, layers, selections, device)  # [layers, tokens, E]
-        meta = pack_token_meta(batch.window_ids, batch.doc_ids, batch.input_ids, sample.rows, device)
+        meta = pack_token_meta(batch, sample.rows, device)
         parts = {"meta": meta, "logits": torch.stack(logits, dim=1), "weights": torch.stack(weights, dim=1)}
         if pvalues is not None:
             parts["pvalues"] = pvalues
@@ -141,10 +149,11 @@ class _SampledRows:
 
     def __init__(self, buffer: pa.Buffer, offsets: dict[str, int], shapes: dict[str, tuple[int, ...]], seq: int,
                  layers: list[int], num_experts: int, alpha: float | None):
-        """``buffer`` holds, at ``offsets`` with ``shapes``: ``meta`` int32 ``[window ids | doc ids | token
-        ids | flat rows]``, ``logits`` / ``weights`` float32 ``[tokens, layers, ...]``, optionally ``pvalues``
-        float32 ``[layers, tokens, E]``, ``k`` int16 ``[tokens, layers]`` and ``indices`` int16 ``[tokens,
-        layers, max_k]``, as :meth:`DecisionSampler.end_batch` packs them."""
+        """``buffer`` holds, at ``offsets`` with ``shapes``: ``meta`` int32 (the layout of
+        :func:`routelab.record.batch.pack_token_meta`), ``logits`` / ``weights`` float32
+        ``[tokens, layers, ...]``, optionally ``pvalues`` float32 ``[layers, tokens, E]``, ``k`` int16
+        ``[tokens, layers]`` and ``indices`` int16 ``[tokens, layers, max_k]``, as
+        :meth:`DecisionSampler.end_batch` packs them."""
         self._buffer, self._offsets, self._shapes, self._seq = buffer, offsets, shapes, seq
         self._layers, self._num_experts, self._alpha = list(layers), num_experts, alpha
         self.num_rows = shapes["k"][0] * len(layers)
@@ -164,7 +173,7 @@ class _SampledRows:
         n_layers, rows = len(self._layers), self.num_rows
         tokens = rows // n_layers
         meta = self._array("meta", np.int32)
-        per_token = unpack_token_meta(meta, (meta.size - 2 * tokens) // 2, tokens, self._seq)
+        per_token = unpack_token_meta(meta, windows_in_meta(meta.size, tokens), tokens, self._seq)
         columns = {key: np.repeat(values, n_layers) for key, values in zip(_META, per_token)}
         columns["layer"] = np.tile(np.asarray(self._layers, dtype=np.int16), tokens)
         k, indices = self._array("k", np.int16), self._array("indices", np.int16)
@@ -207,6 +216,7 @@ class _SampledRows:
         offsets = np.concatenate([[0], np.cumsum(columns["k"])]).astype(np.int32)
         columns["selected"] = pa.ListArray.from_arrays(offsets, columns["selected"])
         columns["selected_weights"] = pa.ListArray.from_arrays(offsets, columns["selected_weights"])
+        columns["phase"] = phase_array(columns["phase"])
         return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
 
 

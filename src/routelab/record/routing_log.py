@@ -3,8 +3,9 @@
 Decisions are gathered on the model's device during the forward pass and copied to the host once per
 batch. ``routing.parquet`` has one row per (token, MoE layer):
 
-``window_id int32, doc_id int32, position int32, token_id int32, layer int16, k int16,
-experts list<int16>, weights list<float32>`` (only the ``k`` selected experts, most preferred first).
+``window_id int32, doc_id int32, position int32, token_id int32, phase dictionary<string>, layer int16,
+k int16, experts list<int16>, weights list<float32>`` (only the ``k`` selected experts, most preferred
+first; ``phase``: ``prefill`` or ``decode``, a generation step's token).
 
 Alongside, running sums of per-token router statistics (entropies, z-loss, top-1 margin, per-expert
 probability mass and top-1 counts; see :mod:`routelab.record.statistics`) stay on the device and are reduced
@@ -31,7 +32,15 @@ import torch
 
 from routelab.io.arena import BufferArena, arrow_backed, pack_for_writer
 from routelab.io.parquet import BatchedParquetWriter
-from routelab.record.batch import BatchContext, on_device, pack_token_meta, unpack_token_meta
+from routelab.record.batch import (
+    PHASE_TYPE,
+    WINDOW_FIELDS,
+    BatchContext,
+    on_device,
+    pack_token_meta,
+    phase_array,
+    unpack_token_meta,
+)
 from routelab.record.statistics import summary_from_state
 from routelab.routing.contract import Selection
 
@@ -40,7 +49,7 @@ from routelab.routing.contract import Selection
 # without: less encoding time and smaller files, see benchmarks/README.md).
 SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in (
     ("window_id", pa.int32()), ("doc_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
-    ("layer", pa.int16()), ("k", pa.int16()),
+    ("phase", PHASE_TYPE), ("layer", pa.int16()), ("k", pa.int16()),
     ("experts", pa.list_(pa.field("element", pa.int16(), nullable=False))),
     ("weights", pa.list_(pa.field("element", pa.float32(), nullable=False))),
 )])
@@ -311,7 +320,7 @@ class RoutingRecorder:
         experts = indices.view(-1).index_select(0, used).to(torch.int16)
         chosen = weights.view(-1).index_select(0, used)
         rows = batch.real_rows
-        meta = pack_token_meta(batch.window_ids, batch.doc_ids, batch.input_ids, rows, device)
+        meta = pack_token_meta(batch, rows, device)
         buffer, _ = pack_for_writer([meta, chosen, k.to(torch.int16), experts], self._arena)  # 4-byte values first
         self._writer.append(_CompactRows(buffer, len(batch.window_ids), batch.seq, tokens, layer_ids,
                                          used.numel(), padded=rows is not None))
@@ -400,9 +409,9 @@ class _CompactRows:
 
     def __init__(self, buffer: pa.Buffer, windows: int, seq: int, tokens: int, layer_ids: list[int], total: int,
                  padded: bool):
-        """``buffer``: int32 ``[window ids (windows) | doc ids (windows) | token ids (tokens) | flat rows
-        (tokens, only if padded)]``, float32 ``weights (total)``, int16 ``[k (tokens x layers, token-major) |
-        experts (total)]``, as :meth:`RoutingRecorder._write_rows` writes it."""
+        """``buffer``: int32 ``[window ids | doc ids | position offsets | phases (windows each) | token ids
+        (tokens) | flat rows (tokens, only if padded)]``, float32 ``weights (total)``, int16 ``[k (tokens x
+        layers, token-major) | experts (total)]``, as :meth:`RoutingRecorder._write_rows` writes it."""
         self._buffer, self._windows, self._seq, self._tokens = buffer, windows, seq, tokens
         self._layer_ids, self._total, self._padded = list(layer_ids), total, padded
         self.num_rows = tokens * len(self._layer_ids)
@@ -412,9 +421,9 @@ class _CompactRows:
         layer column, and list offsets from the running sum of k (the selected experts lead each row)."""
         windows, tokens, n_layers = self._windows, self._tokens, len(self._layer_ids)
         rows, total = self.num_rows, self._total
-        n_meta = 2 * windows + tokens * (2 if self._padded else 1)
-        per_token = unpack_token_meta(np.frombuffer(self._buffer, dtype=np.int32, count=n_meta), windows, tokens,
-                                      self._seq)
+        n_meta = WINDOW_FIELDS * windows + tokens * (2 if self._padded else 1)
+        *per_token, phases = unpack_token_meta(np.frombuffer(self._buffer, dtype=np.int32, count=n_meta), windows,
+                                               tokens, self._seq)
         start = 4 * n_meta
         weights = self._buffer.slice(start, 4 * total)
         k = np.frombuffer(self._buffer, dtype=np.int16, count=rows, offset=start + 4 * total)
@@ -424,6 +433,7 @@ class _CompactRows:
             buffer, repeated = arrow_backed(np.int32, rows)
             np.copyto(repeated.reshape(tokens, n_layers), values[:, None])
             columns.append(pa.Array.from_buffers(pa.int32(), rows, [None, buffer]))
+        columns.append(phase_array(np.repeat(phases, n_layers)))
         buffer, layer = arrow_backed(np.int16, rows)
         layer.reshape(tokens, n_layers)[:] = self._layer_ids
         columns.append(pa.Array.from_buffers(pa.int16(), rows, [None, buffer]))

@@ -1,0 +1,137 @@
+"""Routing inside ``model.generate()`` with the KV cache: the model's own top-k reproduces native
+generation, decode-step decisions equal those of teacher-forced scoring of the same sequence, and the
+routing log records both phases with each token's position in its sequence."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from routelab.record import Recording, RoutingRecorder
+from routelab.routing import build_router
+from routelab.routing.contract import RouterConfigError
+from routelab.routing.nulls import GaussianNull
+from routelab.run.generation import ForwardLog, generate_routed, token_positions
+from tests.support.models import KERNELS, batch, load_tiny
+
+NEW_TOKENS = 6
+
+
+def prompts():
+    """Two prompts of different lengths, left-padded as lm-eval pads prompts for generation."""
+    ids = batch(seed=3, size=(2, 7))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 1, 0  # the second prompt: 3 padding columns, then 4 tokens
+    return ids, mask
+
+
+def causal_routers():
+    null = GaussianNull(num_experts=8)
+    return {"topk": build_router({"method": "topk", "k": 2}, 8, 2),
+            "bh": build_router({"method": "bh", "alpha": 0.5, "min_k": 1, "max_k": 4}, 8, 2, null),
+            "topp": build_router({"method": "topp", "p": 0.5, "min_k": 1, "max_k": 4}, 8, 2),
+            "entropy": build_router({"method": "entropy", "thresholds": [1.5, 1.8], "ks": [1, 2, 4]}, 8, 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_model_topk_generates_the_native_tokens(tiny_olmoe_dir, kernel, dtype):
+    model = load_tiny(tiny_olmoe_dir, kernel, dtype)
+    ids, mask = prompts()
+    with torch.inference_mode():
+        native = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=1)
+    routed, forwards = generate_routed(model, build_router({"method": "topk", "k": 2}, 8, 2), ids, mask,
+                                       max_new_tokens=NEW_TOKENS, pad_token_id=1)
+    assert torch.equal(routed, native)
+    assert forwards.tokens == {"prefill": int(mask.sum()), "decode": 2 * (NEW_TOKENS - 1)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rule", ["bh", "topp", "entropy"])
+def test_variable_k_rules_generate_deterministically_on_every_kernel(tiny_olmoe_dir, kernel, rule):
+    router = causal_routers()[rule]
+    ids, mask = prompts()
+    eager = load_tiny(tiny_olmoe_dir, "eager")
+    reference, _ = generate_routed(eager, router, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=1)
+    model = load_tiny(tiny_olmoe_dir, kernel)
+    first, _ = generate_routed(model, router, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=1)
+    again, _ = generate_routed(model, router, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=1)
+    assert torch.equal(first, again)
+    assert torch.equal(first, reference)  # every kernel computes the same selection's output
+
+
+def routing_rows(path):
+    table = pq.read_table(path).to_pandas()
+    table["phase"] = table["phase"].astype(str)
+    return table
+
+
+@pytest.mark.parametrize("rule", ["topk", "bh", "topp", "entropy"])
+def test_decode_steps_route_as_teacher_forced_scoring_of_the_generated_sequence(tiny_olmoe_dir, tmp_path, rule):
+    """With the KV cache, a decode step's token sees the same hidden states as in one forward over the
+    whole sequence: a causal rule must choose the same experts for it."""
+    router = causal_routers()[rule]
+    model = load_tiny(tiny_olmoe_dir, "eager")
+    ids = batch(seed=4, size=(1, 5))
+    recorder = RoutingRecorder(2, 8, router.min_k, router.max_k, path=tmp_path / "generated.parquet")
+    tokens, _ = generate_routed(model, router, ids, recording=Recording(recorder), max_new_tokens=NEW_TOKENS,
+                                pad_token_id=1)
+    recorder.close()
+    generated = routing_rows(tmp_path / "generated.parquet")
+
+    scored = RoutingRecorder(2, 8, router.min_k, router.max_k, path=tmp_path / "scored.parquet")
+    forwards = ForwardLog(Recording(scored))
+    from routelab.model.patching import install_router
+    with torch.inference_mode(), install_router(model, router, forwards.recording), forwards.attach(model):
+        model(input_ids=tokens[:, :-1])  # the last token generated is never fed back
+    scored.close()
+    teacher = routing_rows(tmp_path / "scored.parquet")
+
+    assert sorted(set(generated["phase"])) == ["decode", "prefill"]
+    assert (generated["phase"] == "decode").sum() == 2 * (NEW_TOKENS - 1)
+    assert generated["position"].tolist() == teacher["position"].tolist()
+    assert generated["token_id"].tolist() == teacher["token_id"].tolist() == (
+        tokens[0, :-1].repeat_interleave(2).tolist())
+    assert [list(e) for e in generated["experts"]] == [list(e) for e in teacher["experts"]]
+    torch.testing.assert_close(torch.tensor([w for ws in generated["weights"] for w in ws]),
+                               torch.tensor([w for ws in teacher["weights"] for w in ws]), rtol=1e-5, atol=1e-6)
+
+
+def test_left_padded_prompts_record_positions_from_their_first_real_token(tiny_olmoe_dir, tmp_path):
+    model = load_tiny(tiny_olmoe_dir, "eager")
+    ids, mask = prompts()
+    router = causal_routers()["bh"]
+    recorder = RoutingRecorder(2, 8, router.min_k, router.max_k, path=tmp_path / "routing.parquet")
+    generate_routed(model, router, ids, mask, recording=Recording(recorder), request_ids=[10, 11], doc_ids=[5, 6],
+                    max_new_tokens=NEW_TOKENS, pad_token_id=1)
+    recorder.close()
+    rows = routing_rows(tmp_path / "routing.parquet")
+    rows = rows[rows["layer"] == 0]
+    for request, doc, prompt_length in ((10, 5, 7), (11, 6, 4)):
+        mine = rows[rows["window_id"] == request]
+        assert set(mine["doc_id"]) == {doc}
+        assert mine["position"].tolist() == list(range(prompt_length + NEW_TOKENS - 1))
+        assert mine["phase"].tolist() == ["prefill"] * prompt_length + ["decode"] * (NEW_TOKENS - 1)
+    assert int(recorder.state()["k_hist"][0].sum()) == int(mask.sum()) + 2 * (NEW_TOKENS - 1)  # padding unrecorded
+
+
+def test_token_positions_of_prefill_and_decode_by_hand():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    real, offsets = token_positions(mask, 2, 4, 0, torch.device("cpu"))
+    assert real.tolist() == mask.bool().tolist() and offsets.tolist() == [-2, 0]
+    # a decode step: the mask covers the 4 cached columns and the new one
+    step = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    real, offsets = token_positions(step, 2, 1, 4, torch.device("cpu"))
+    assert real.tolist() == [[True], [True]] and offsets.tolist() == [2, 4]
+    real, offsets = token_positions(None, 2, 1, 9, torch.device("cpu"))
+    assert real.all() and offsets.tolist() == [9, 9]
+
+
+def test_a_teacher_forced_rule_is_refused_before_generation(tiny_olmoe_dir):
+    model = load_tiny(tiny_olmoe_dir, "eager")
+    router = build_router({"method": "seqtopk", "budget": 2, "min_k": 1, "max_k": 4}, 8, 2)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(RouterConfigError, match=r"'seqtopk'.*teacher-forced.*cannot route generation.*causal rule"):
+        generate_routed(model, router, batch(size=(1, 4)), max_new_tokens=2)
+    assert not calls
