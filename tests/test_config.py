@@ -46,6 +46,10 @@ def write_config(tmp_path: Path, config: dict) -> Path:
 
 
 def load(tmp_path: Path, config: dict) -> dict:
+    tasks = tmp_path / "config" / "tasks"  # the shipped demo's lm-eval task YAMLs, where its include_path says
+    if not tasks.exists():
+        tasks.parent.mkdir(parents=True, exist_ok=True)
+        tasks.symlink_to(REPO / "config" / "tasks")
     return load_config(write_config(tmp_path, config), base_dir=tmp_path)
 
 
@@ -87,8 +91,8 @@ def test_defaults_are_filled_from_the_schema(tmp_path, config):
     assert "task" not in config["datasets"]["arithmetic"]
     loaded = load(tmp_path, config)
     assert loaded["seed"] == 0
-    assert loaded["evaluation"] == {"window": None, "batch_size": 16, "checkpoint_every": 100,
-                                    "decision_sample_every": 100, "route_jobs": "per_run"}
+    assert loaded["evaluation"] == {"window": None, "add_bos_token": None, "batch_size": 16,
+                                    "checkpoint_every": 100, "decision_sample_every": 100, "route_jobs": "per_run"}
     assert loaded["datasets"]["arithmetic"]["shards"] == 1
     assert loaded["calibration"] == {"grid_size": 2048, "max_logits_per_layer": 1000000}
     assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"

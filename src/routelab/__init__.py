@@ -25,6 +25,7 @@ API: dict[str, str] = {
     "load_texts": "routelab.data.loading",
     "prepare_dataset": "routelab.data.prepare",
     "rolling_windows": "routelab.data.windows",
+    "prepare_task": "routelab.data.tasks",
     # model
     "load_model": "routelab.model.loading",
     "load_tokenizer": "routelab.model.loading",
@@ -57,6 +58,9 @@ API: dict[str, str] = {
     "document_scores": "routelab.run.evaluate",
     "quality_metrics": "routelab.run.quality",
     "collect_router_logits": "routelab.run.calibration",
+    "generate_routed": "routelab.run.generation",
+    "ForwardLog": "routelab.run.generation",
+    "evaluate_task": "routelab.run.tasks",
     "RouteJob": "routelab.run.route",
     "run_route": "routelab.run.route",
     # report

@@ -230,6 +230,73 @@ def normalise_routing(run: dict, where: str = "routing") -> dict:
     return spec
 
 
+TEXT_TASKS = ("perplexity", "cloze")
+LM_EVAL_KEYS = ("include_path", "num_fewshot", "limit", "fewshot_seed", "options", "generates")
+
+
+def check_task_keys(ds: dict, where: str, base_dir: str | os.PathLike = ".") -> None:
+    """A text dataset's ``task`` is one routelab scores; the lm-eval keys belong to ``source: lm_eval`` alone,
+    and an lm-eval task runs in one job (no shards)."""
+    source = ds["source"]
+    if source != "lm_eval":
+        if ds.get("task", "perplexity") not in TEXT_TASKS:
+            raise ConfigError(f"{where}.task: {ds['task']!r} is not valid for source {source!r}; choose one of "
+                              f"{', '.join(TEXT_TASKS)} (an lm-eval task needs source: lm_eval)")
+        defaults = dataset_defaults()
+        given = [key for key in LM_EVAL_KEYS if key in ds and ds[key] != defaults[key]]
+        if given:
+            raise ConfigError(f"{where}.{given[0]}: only lm-eval tasks (source: lm_eval) take it "
+                              f"(source is {source!r})")
+        return
+    if ds.get("task", "perplexity") in TEXT_TASKS:
+        raise ConfigError(f"{where}.task: {ds.get('task', 'perplexity')!r} is routelab's own; give the lm-eval task "
+                          "or group to run (e.g. arc_easy)")
+    if ds.get("shards", 1) > 1:
+        raise ConfigError(f"{where}.shards: {ds['shards']} is not valid for an lm-eval task; it runs in one job (1)")
+    include = ds.get("include_path")
+    if include is not None and not (Path(base_dir) / include).is_dir():
+        raise ConfigError(f"{where}.include_path: {include!r} is not a folder (of lm-eval task YAMLs; looked in "
+                          f"{Path(base_dir).resolve()})")
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs for their plain keys: tags such as ``!function`` load as None."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def task_generates(ds: dict, base_dir: str | os.PathLike = ".") -> bool:
+    """Whether an lm-eval dataset's task generates text (``output_type: generate_until``), so that a
+    teacher-forced routing rule cannot run it: the entry's ``generates`` when given, else the output type of
+    its task YAML in ``include_path`` (following ``include:``), else False (lm-eval's own tasks: the route
+    job finds out and refuses such a pair, naming ``generates``)."""
+    if ds.get("generates") is not None:
+        return bool(ds["generates"])
+    if ds["source"] != "lm_eval" or ds.get("include_path") is None:
+        return False
+    for path in sorted((Path(base_dir) / ds["include_path"]).rglob("*.yaml")):
+        task = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
+        if isinstance(task, dict) and task.get("task") == ds["task"]:
+            return _output_type(task, path) == "generate_until"
+    return False
+
+
+def _output_type(task: dict, path: Path) -> str | None:
+    while "output_type" not in task and task.get("include"):
+        path = path.parent / task["include"]
+        task = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
+    return task.get("output_type")
+
+
+def routed_datasets(config: dict, runs: dict[str, dict], base_dir: str | os.PathLike = ".") -> dict[str, list[str]]:
+    """``{routing: the datasets it runs on}``: every dataset, but a teacher-forced rule skips the lm-eval
+    tasks that generate (it cannot route a decode step)."""
+    generating = {name for name, ds in config["datasets"].items() if task_generates(ds, base_dir)}
+    return {name: [d for d in config["datasets"] if not (teacher_forced(spec["method"]) and d in generating)]
+            for name, spec in runs.items()}
+
+
 def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
     """Source-specific checks the schema cannot express (required keys per source, files exist)."""
     for name, ds in config["datasets"].items():
@@ -248,6 +315,7 @@ def check_datasets(config: dict, base_dir: str | os.PathLike = ".") -> None:
                                       f"(looked in {Path(base_dir).resolve()})")
         if source != "demo" and "domain" in ds:
             raise ConfigError(f"{where}.domain: only demo datasets have a domain (source is {source!r})")
+        check_task_keys(ds, where, base_dir)
         documents = ds.get("documents", 100)
         if ds.get("shards", 1) > documents:
             raise ConfigError(f"{where}.shards: {ds['shards']} exceeds documents = {documents}; a shard holds "
@@ -379,4 +447,11 @@ def section_defaults(section: str, schema: str | os.PathLike = DEFAULT_SCHEMA) -
     """Default values of one top-level config section, read from the schema (for the stage scripts)."""
     with open(schema) as fh:
         properties = yaml.safe_load(fh)["properties"][section]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
+
+
+def dataset_defaults(schema: str | os.PathLike = DEFAULT_SCHEMA) -> dict[str, Any]:
+    """Default values of a ``datasets`` entry's keys, read from the schema."""
+    with open(schema) as fh:
+        properties = yaml.safe_load(fh)["properties"]["datasets"]["additionalProperties"]["properties"]
     return {key: spec["default"] for key, spec in properties.items() if "default" in spec}

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from routelab.data.windows import IGNORE, cloze_window, count_bytes, count_words, rolling_windows, split_cloze
+from routelab.data.windows import (
+    IGNORE,
+    cloze_window,
+    count_bytes,
+    count_words,
+    prefix_token_id,
+    rolling_windows,
+    split_cloze,
+)
 
 
 def get_rolling_token_windows(token_list, prefix_token, max_seq_len, context_len):
@@ -166,3 +175,23 @@ def test_count_bytes_is_utf8_length():
     assert count_bytes("abc") == 3
     assert count_bytes("é€") == 2 + 3
     assert count_bytes("😀") == 4
+
+
+def lm_eval_prefix_token_id(tokenizer):
+    """lm-eval HFLM.prefix_token_id (no custom prefix_token_id): BOS if the tokenizer has one, else EOS."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("bos,eos", [(5, 0), (None, 0), (0, 0), (7, None)], ids=["bos and eos", "eos only",
+                                                                                  "bos is id 0", "bos only"])
+def test_prefix_token_id_matches_lm_eval(bos, eos):
+    tokenizer = SimpleNamespace(bos_token_id=bos, eos_token_id=eos, name_or_path="tiny")
+    assert prefix_token_id(tokenizer) == lm_eval_prefix_token_id(tokenizer)
+
+
+def test_prefix_token_id_names_a_tokenizer_without_bos_or_eos():
+    tokenizer = SimpleNamespace(bos_token_id=None, eos_token_id=None, name_or_path="models/bare")
+    with pytest.raises(ValueError, match=r"tokenizer 'models/bare': has neither a bos_token nor an eos_token"):
+        prefix_token_id(tokenizer)

@@ -48,6 +48,12 @@ def test_batch_samples_every_nth_real_token_counting_across_batches_and_skipping
     assert batch_context(torch.ones(2, 3, dtype=torch.long), 0).real_rows is None  # no padding: no row gather
 
 
+def test_a_batch_smaller_than_the_sampling_step_samples_nothing_or_its_one_due_token():
+    # decode steps: two tokens per forward, every 100th token of the run sampled
+    assert batch_context(torch.ones(2, 1, dtype=torch.long), tokens_before=30).sample(100).rows.tolist() == []
+    assert batch_context(torch.ones(2, 1, dtype=torch.long), tokens_before=99).sample(100).rows.tolist() == [1]
+
+
 def test_recording_counts_real_tokens_over_the_run():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     recording = Recording(tokens_seen=7)

@@ -1,12 +1,7 @@
 rule aggregate:
     input:
         # everything the aggregate reads from each run; routing.parquet for one layer's co-activation
-        expand(
-            "results/{{experiment}}/runs/{routing}/{dataset}/{name}",
-            routing=ROUTING,
-            dataset=DATASETS,
-            name=["summary.json", "metrics.json", "system.json", "scores.parquet", "routing.parquet"],
-        ),
+        aggregate_inputs,
     output:
         runs="results/{experiment}/aggregate/runs.parquet",
         table=report(

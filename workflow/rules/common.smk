@@ -14,6 +14,7 @@ from routelab.config import (
     baseline_name,
     calibrated_nulls,
     check_config,
+    routed_datasets,
     uses_calibration,
     validate_schema,
 )
@@ -33,6 +34,14 @@ EXPERIMENT = config["experiment"]
 DATASETS = list(config["datasets"])
 IS_DEMO = config["model"]["id"] == DEMO_MODEL_ID
 BASELINE = baseline_name(config)
+# The datasets each routing config runs on: all, but a teacher-forced rule skips lm-eval tasks that generate.
+RUN_DATASETS = routed_datasets(config, ROUTING, base_dir=workflow.basedir)
+RUNS = [(routing, dataset) for routing, datasets in RUN_DATASETS.items() for dataset in datasets]
+# The two sets of datasets a routing config can have (every dataset, or those without generation): the
+# per-routing jobs (route_datasets, plot_run) are one rule per set, since a rule's outputs are fixed.
+FULL_ROUTINGS = [name for name, datasets in RUN_DATASETS.items() if datasets == DATASETS]
+CAUSAL_ONLY_DATASETS = [d for d in DATASETS if all(d in datasets for datasets in RUN_DATASETS.values())]
+PARTIAL_ROUTINGS = [name for name in ROUTING if name not in FULL_ROUTINGS]
 
 
 def one_of(names):
@@ -58,6 +67,8 @@ def as_json(value):
 HUB_MODEL = not IS_DEMO and is_hub_model(config["model"]["id"])
 MODEL_RESOURCE = str(resource_model_dir(config["model"]["id"])) if HUB_MODEL else None
 HUB_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "hub"]
+# lm-eval tasks: their data goes into lm-eval's cache under resources/lm_eval/, which the route jobs read offline
+TASK_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "lm_eval"]
 
 
 def model_dir(wildcards):
@@ -77,12 +88,15 @@ def model_ref(wildcards):
 
 def dataset_download(wildcards):
     """The local copy of a hub dataset (an input of prepare_dataset), or nothing for demo/local data."""
+    if wildcards.dataset in TASK_DATASETS:
+        return [f"resources/lm_eval/{wildcards.dataset}.json"]
     return [str(resource_dataset_dir(wildcards.dataset))] if wildcards.dataset in HUB_DATASETS else []
 
 
 def download_targets():
-    """Everything the `download` rule fetches (the hub model and every hub dataset)."""
-    return ([MODEL_RESOURCE] if HUB_MODEL else []) + [str(resource_dataset_dir(name)) for name in HUB_DATASETS]
+    """Everything the `download` rule fetches (the hub model, every hub dataset and lm-eval task)."""
+    return (([MODEL_RESOURCE] if HUB_MODEL else []) + [str(resource_dataset_dir(name)) for name in HUB_DATASETS]
+            + [f"resources/lm_eval/{name}.json" for name in TASK_DATASETS])
 
 
 def dataset_spec(wildcards):
@@ -103,9 +117,9 @@ ROUTED_TOGETHER = UNSHARDED if config["evaluation"]["route_jobs"] == "per_routin
 ROUTED_ALONE = [name for name in UNSHARDED if name not in ROUTED_TOGETHER]
 
 
-def together_data(name):
-    """route_datasets: ``name`` in each of its datasets' prepared directories."""
-    return [f"results/{{experiment}}/data/{dataset}/{name}" for dataset in ROUTED_TOGETHER]
+def together_data(name, datasets=DATASETS):
+    """route_datasets: ``name`` in each of its datasets' prepared directories (those of ``datasets`` it routes)."""
+    return [f"results/{{experiment}}/data/{dataset}/{name}" for dataset in ROUTED_TOGETHER if dataset in datasets]
 
 
 def data_dirs(wildcards, input):
@@ -114,9 +128,10 @@ def data_dirs(wildcards, input):
     return [os.path.dirname(path) for path in windows]
 
 
-def together_runs(name):
+def together_runs(name, datasets=DATASETS):
     """route_datasets: ``name`` in each of its runs' directories (the directories for "")."""
-    return [f"results/{{experiment}}/runs/{{routing}}/{dataset}/{name}".rstrip("/") for dataset in ROUTED_TOGETHER]
+    return [f"results/{{experiment}}/runs/{{routing}}/{dataset}/{name}".rstrip("/") for dataset in ROUTED_TOGETHER
+            if dataset in datasets]
 
 
 def shard_dirs(wildcards):
@@ -194,21 +209,28 @@ def model_options():
 
 
 def run_dirs(wildcards):
-    return expand(
-        "results/{experiment}/runs/{routing}/{dataset}",
-        experiment=wildcards.experiment,
-        routing=ROUTING,
-        dataset=DATASETS,
-    )
+    """Every run's directory (a routing config on a dataset it runs on)."""
+    return [f"results/{wildcards.experiment}/runs/{routing}/{dataset}" for routing, dataset in RUNS]
+
+
+def run_files(wildcards, names):
+    """``names`` in every run's directory."""
+    return [f"{d}/{name}" for d in run_dirs(wildcards) for name in names]
 
 
 def run_summaries(wildcards):
-    return [f"{d}/{name}" for d in run_dirs(wildcards) for name in ("summary.json", "metrics.json", "system.json")]
+    return run_files(wildcards, ("summary.json", "metrics.json", "system.json"))
+
+
+def aggregate_inputs(wildcards):
+    """Everything the aggregate reads from each run; routing.parquet for one layer's co-activation."""
+    return run_files(wildcards, ("summary.json", "metrics.json", "system.json", "scores.parquet", "routing.parquet"))
 
 
 def config_runs(wildcards):
-    """The run directories of one routing config, one per dataset (the plot_run job draws them all)."""
-    return [f"results/{wildcards.experiment}/runs/{wildcards.routing}/{dataset}" for dataset in DATASETS]
+    """The run directories of one routing config, one per dataset it runs on (the plot_run job draws them all)."""
+    return [f"results/{wildcards.experiment}/runs/{wildcards.routing}/{dataset}"
+            for dataset in RUN_DATASETS[wildcards.routing]]
 
 
 def config_run_files(wildcards):
@@ -218,14 +240,15 @@ def config_run_files(wildcards):
 
 
 def config_plot_dirs(wildcards):
-    return [f"results/{wildcards.experiment}/plots/{wildcards.routing}/{dataset}" for dataset in DATASETS]
+    return [f"results/{wildcards.experiment}/plots/{wildcards.routing}/{dataset}"
+            for dataset in RUN_DATASETS[wildcards.routing]]
 
 
-def run_figure_outputs():
-    """plot_run's outputs for one routing config: each dataset's run gets every per-run figure of the
+def run_figure_outputs(datasets=DATASETS):
+    """plot_run's outputs for one routing config: each run (on ``datasets``) gets every per-run figure of the
     catalogue (shown in Snakemake's report) and index.json."""
     outputs = {}
-    for dataset in DATASETS:
+    for dataset in datasets:
         for figure in RUN_FIGURES:
             outputs[f"{dataset}/{figure.name}"] = report(
                 f"results/{{experiment}}/plots/{{routing}}/{dataset}/{figure.file}",
@@ -253,12 +276,7 @@ def report_figure_outputs():
 def run_plots(wildcards):
     """Every run's figure index: plot_run writes it with all of the run's figures, and the report links
     the per-run figures from it."""
-    return expand(
-        "results/{experiment}/plots/{routing}/{dataset}/index.json",
-        experiment=wildcards.experiment,
-        routing=ROUTING,
-        dataset=DATASETS,
-    )
+    return [f"results/{wildcards.experiment}/plots/{routing}/{dataset}/index.json" for routing, dataset in RUNS]
 
 
 def revision_option():

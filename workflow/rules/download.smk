@@ -45,3 +45,22 @@ if HUB_DATASETS:
             "../../envs/routelab.yaml"
         shell:
             "python workflow/scripts/download.py dataset --spec {params.spec:q} --out {output:q} > {log} 2>&1"
+
+
+if TASK_DATASETS:
+
+    rule download_task:
+        localrule: True
+        output:
+            "resources/lm_eval/{dataset}.json",
+        log:
+            "logs/download/task/{dataset}.log",
+        params:
+            spec=dataset_spec,
+        wildcard_constraints:
+            dataset=one_of(TASK_DATASETS),
+        threads: 1
+        conda:
+            "../../envs/routelab.yaml"
+        shell:
+            "python workflow/scripts/download.py task --spec {params.spec:q} --out {output:q} > {log} 2>&1"

@@ -11,6 +11,8 @@ rule plot_run:
         model=model_dir,
     output:
         **run_figure_outputs(),
+    wildcard_constraints:
+        routing=one_of(FULL_ROUTINGS),
     params:
         runs=config_runs,
         plots=config_plot_dirs,
@@ -23,3 +25,13 @@ rule plot_run:
     shell:
         "python workflow/scripts/plot_run.py --run-dir {params.runs} --out-dir {params.plots}"
         " --model {params.model:q} > {log} 2>&1"
+
+
+# A teacher-forced routing config has no runs on the lm-eval tasks that generate: no figures of them.
+if PARTIAL_ROUTINGS:
+
+    use rule plot_run as plot_run_causal_only with:
+        output:
+            **run_figure_outputs(CAUSAL_ONLY_DATASETS),
+        wildcard_constraints:
+            routing=one_of(PARTIAL_ROUTINGS),

@@ -13,6 +13,7 @@ rule prepare_dataset:
         spec=dataset_spec,
         model=model_ref,
         window=config["evaluation"]["window"] or "",
+        add_bos_token={None: "", True: "true", False: "false"}[config["evaluation"]["add_bos_token"]],
         seed=config["seed"],
     threads: 1
     conda:
@@ -20,4 +21,5 @@ rule prepare_dataset:
     shell:
         "python workflow/scripts/prepare_dataset.py --spec {params.spec:q} --model {params.model:q}"
         " --seed {params.seed} $( [ -n '{params.window}' ] && echo --window {params.window} )"
+        " $( [ -n '{params.add_bos_token}' ] && echo --add-bos-token {params.add_bos_token} )"
         " --out results/{wildcards.experiment}/data/{wildcards.dataset} > {log} 2>&1"

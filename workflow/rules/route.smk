@@ -63,7 +63,7 @@ rule route:
         " --seed {params.seed} --threads {threads} {params.shard} --out {params.out}"
 
 
-if ROUTED_TOGETHER:
+if ROUTED_TOGETHER and FULL_ROUTINGS:
 
     use rule route as route_datasets with:
         input:
@@ -81,12 +81,43 @@ if ROUTED_TOGETHER:
             provenance=together_runs("provenance.json"),
             system=together_runs("system.json"),
             decisions=together_runs("decisions.parquet"),
+        wildcard_constraints:
+            routing=one_of(FULL_ROUTINGS),
         log:
             "logs/{experiment}/route/{routing}.log",
         benchmark:
             "benchmarks/{experiment}/route/{routing}.tsv"
         params:
             out=together_runs(""),
+
+
+# A teacher-forced routing config (seqtopk) skips the lm-eval tasks that generate: its job routes the rest.
+if together_data("info.json", CAUSAL_ONLY_DATASETS) and PARTIAL_ROUTINGS:
+
+    use rule route as route_datasets_causal_only with:
+        input:
+            model_dir,
+            windows=together_data("windows.parquet", CAUSAL_ONLY_DATASETS),
+            documents=together_data("documents.parquet", CAUSAL_ONLY_DATASETS),
+            info=together_data("info.json", CAUSAL_ONLY_DATASETS),
+            null=null_input,
+            calibration=calibration_input,
+        output:
+            metrics=together_runs("metrics.json", CAUSAL_ONLY_DATASETS),
+            summary=together_runs("summary.json", CAUSAL_ONLY_DATASETS),
+            routing=together_runs("routing.parquet", CAUSAL_ONLY_DATASETS),
+            scores=together_runs("scores.parquet", CAUSAL_ONLY_DATASETS),
+            provenance=together_runs("provenance.json", CAUSAL_ONLY_DATASETS),
+            system=together_runs("system.json", CAUSAL_ONLY_DATASETS),
+            decisions=together_runs("decisions.parquet", CAUSAL_ONLY_DATASETS),
+        wildcard_constraints:
+            routing=one_of(PARTIAL_ROUTINGS),
+        log:
+            "logs/{experiment}/route/{routing}.log",
+        benchmark:
+            "benchmarks/{experiment}/route/{routing}.tsv"
+        params:
+            out=together_runs("", CAUSAL_ONLY_DATASETS),
 
 
 use rule route as route_shard with:

@@ -23,7 +23,9 @@ log = logging.getLogger("prepare_dataset")
 
 
 def main(args: argparse.Namespace) -> None:
-    info = prepare_dataset(args.spec, args.model, args.out, window=args.window, seed=args.seed)
+    add_bos_token = {None: None, "true": True, "false": False}[args.add_bos_token]
+    info = prepare_dataset(args.spec, args.model, args.out, window=args.window, seed=args.seed,
+                           add_bos_token=add_bos_token)
     log.info("prepared %s", info)
 
 
@@ -33,5 +35,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True, help="model directory or hub id (its tokenizer is used)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--window", type=int, default=None, help="window length in tokens (default: model max)")
+    parser.add_argument("--add-bos-token", choices=["true", "false"], default=None,
+                        help="lm-eval HFLM's add_bos_token (config evaluation.add_bos_token; default: lm-eval's)")
     parser.add_argument("--seed", type=int, default=0)
     run(main, parser)

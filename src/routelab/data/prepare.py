@@ -10,7 +10,8 @@ Prepared dataset layout (``results/{experiment}/data/{dataset}/``):
   ``cloze_no_context``: a cloze document of one word, with no context before its last word).
 
 A document longer than the window is cut into several rolling windows, as lm-eval does; a one-token
-document is scored (its token predicted from the prefix token).
+document is scored (its token predicted from the prefix token: BOS, or EOS for a tokenizer without BOS).
+Text is tokenized as lm-eval's HFLM with the same ``add_bos_token`` (``evaluation.add_bos_token``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from typing import Any
 import pandas as pd
 
 from routelab.data.loading import DatasetError, load_documents
+from routelab.data.tasks import prepare_task
 from routelab.data.windows import (
     IGNORE,
     cloze_window,
     count_bytes,
     count_words,
     encode_pair,
+    encode_text,
+    prefix_token_id,
     rolling_windows,
     split_cloze,
 )
@@ -66,18 +70,30 @@ def document_table(texts: list[str], task: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def window_table(documents: pd.DataFrame, tokenizer, task: str, max_len: int) -> pd.DataFrame:
-    """Tokenize documents and cut them into scored windows (see :mod:`routelab.data.windows`)."""
-    prefix = tokenizer.eos_token_id
-    if prefix is None:
-        raise DatasetError("the tokenizer has no end-of-text token; rolling windows need one as the first context")
+def load_lm_eval_tokenizer(model: str | os.PathLike, add_bos_token: bool | None = None):
+    """``model``'s tokenizer as lm-eval's HFLM loads it: ``add_bos_token`` True/False makes the tokenizer
+    itself add (or not) its BOS token, as HFLM's ``AutoTokenizer.from_pretrained(..., add_bos_token=...)``."""
+    from routelab.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if add_bos_token is not None:
+        # transformers' fast tokenizers rebuild their post-processor on this, exactly as for the from_pretrained kwarg.
+        tokenizer.add_bos_token = add_bos_token
+    return tokenizer
+
+
+def window_table(documents: pd.DataFrame, tokenizer, task: str, max_len: int,
+                 add_bos_token: bool | None = None) -> pd.DataFrame:
+    """Tokenize documents as lm-eval's HFLM with ``add_bos_token`` and cut them into scored windows (see
+    :mod:`routelab.data.windows`)."""
+    prefix = prefix_token_id(tokenizer)
     rows = []
     for doc in documents.itertuples(index=False):
         if task == "cloze":
-            ctx, cont = encode_pair(tokenizer, doc.context, doc.target)
+            ctx, cont = encode_pair(tokenizer, doc.context, doc.target, add_bos_token)
             windows = [cloze_window(ctx, cont, max_len, prefix)]
         else:
-            windows = rolling_windows(tokenizer.encode(doc.text, add_special_tokens=False), prefix, max_len)
+            windows = rolling_windows(encode_text(tokenizer, doc.text, add_bos_token), prefix, max_len)
         for inputs, labels in windows:
             rows.append({"window_id": len(rows), "doc_id": doc.doc_id, "input_ids": inputs, "labels": labels})
     return pd.DataFrame(rows, columns=["window_id", "doc_id", "input_ids", "labels"])
@@ -94,15 +110,16 @@ def resolve_window(requested: int | None, model: str | os.PathLike) -> int:
 
 
 def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | os.PathLike,
-                    window: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Load the dataset ``spec`` describes, tokenize it with ``model``'s tokenizer, cut it into windows of
-    ``window`` tokens (default: the model's max positions) and write the layout above to ``out``;
-    returns ``info.json``'s content."""
-    from routelab.model.loading import load_tokenizer
-
+                    window: int | None = None, seed: int = 0, add_bos_token: bool | None = None) -> dict[str, Any]:
+    """Load the dataset ``spec`` describes, tokenize it with ``model``'s tokenizer as lm-eval's HFLM with
+    ``add_bos_token`` (None: lm-eval's default), cut it into windows of ``window`` tokens (default: the model's
+    max positions) and write the layout above to ``out``; returns ``info.json``'s content. An lm-eval task
+    (``source: lm_eval``) is prepared by :func:`routelab.data.tasks.prepare_task`."""
+    if spec["source"] == "lm_eval":
+        return prepare_task({**spec, "add_bos_token": add_bos_token}, out)
     spec = {**SPEC_DEFAULTS, **spec}
     task, n_eval, n_cal = spec["task"], spec["documents"], spec["calibration_documents"]
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_lm_eval_tokenizer(model, add_bos_token)
     window = resolve_window(window, model)
     texts, skipped = load_documents(spec, n_eval, start=0, seed=seed, split="eval")
     # Demo calibration text comes from its own random stream; real data uses the documents after the eval ones.
@@ -119,8 +136,9 @@ def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | o
     if sum(skipped.values()):
         log.warning("skipped documents: %s (counted in info.json)", dict(skipped))
     documents = document_table(texts, task)
-    windows = window_table(documents, tokenizer, task, window)
-    cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window)
+    windows = window_table(documents, tokenizer, task, window, add_bos_token)
+    cal_windows = window_table(document_table(calibration, "perplexity"), tokenizer, "perplexity", window,
+                               add_bos_token)
     out = Path(out)
     write_parquet(out / "documents.parquet", documents)
     write_parquet(out / "windows.parquet", windows)
@@ -130,6 +148,7 @@ def prepare_dataset(spec: dict[str, Any], model: str | os.PathLike, out: str | o
             "words": int(documents["words"].sum()), "bytes": int(documents["bytes"].sum()),
             "skipped": {reason: int(skipped[reason]) for reason in ("empty", "no_tokens", "cloze_no_context")},
             "calibration_documents": len(calibration), "calibration_windows": len(cal_windows),
-            "tokenizer": str(model), "seed": seed}
+            "tokenizer": str(model), "prefix_token_id": prefix_token_id(tokenizer), "add_bos_token": add_bos_token,
+            "seed": seed}
     write_json(out / "info.json", info)
     return info

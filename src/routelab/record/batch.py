@@ -80,7 +80,9 @@ class BatchContext:
         batch: the recorders sampling alike get the same tensors)."""
         if every not in self._samples:
             # the i-th real token is kept when (tokens_before + i) % every == 0: i = first, first + every, ...
-            index = torch.arange((-self.tokens_before) % every, self.real_tokens, every, device=self.device)
+            first = (-self.tokens_before) % every
+            # a small batch (a decode step) may hold no sampled token: the first lies beyond it
+            index = torch.arange(first, max(first, self.real_tokens), every, device=self.device)
             rows = index if self.all_real else self._real_flat_rows.index_select(0, index)
             self._samples[every] = SampledTokens(rows, index)
         return self._samples[every]

@@ -164,7 +164,7 @@ class ReportBuilder:
         files = ("rliable_intervals.png", "probability_of_improvement.png", "performance_profiles.png")
         if self.scores is None:
             return [self._skip(file, "no per-document scores in the aggregate (scores.parquet)") for file in files]
-        relative = stats.relative_document_scores(self.scores, self.baseline)
+        relative = stats.relative_document_scores(self.scores, self.baseline, self.metrics)
         matrices, _, self.documents = stats.score_matrices(relative)
         options = self._bootstrap_options()
         log.info("rliable interval estimates of %d routings (%d documents x %d datasets)", len(matrices),

@@ -42,16 +42,21 @@ def _accuracy(correct: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(correct, axis=axis)
 
 
-def metric_statistic(metric: str):
+def metric_statistic(metric: str, columns: Sequence[str] = ()):
     """``(score columns, vectorised statistic)`` that recomputes ``metric`` from per-document scores.
 
-    Known metrics: ``perplexity`` (token perplexity, ratio of sums) and ``acc`` (cloze accuracy).
+    Known metrics: ``perplexity`` (token perplexity, ratio of sums), ``acc`` (cloze accuracy, from
+    ``correct``), and any metric that is itself one of the scores' ``columns`` (an lm-eval task's
+    per-sample values, whose mean is lm-eval's score).
     """
     if metric == "perplexity":
         return ("loglik", "tokens"), _ratio_perplexity
+    if metric in columns:
+        return (metric,), _accuracy
     if metric == "acc":
         return ("correct",), _accuracy
-    raise ValueError(f"metric {metric!r} has no document-level bootstrap; valid: perplexity, acc")
+    raise ValueError(f"metric {metric!r} has no document-level bootstrap; valid: perplexity, acc, or a "
+                     "per-sample column of the scores")
 
 
 def bootstrap_ci(scores: pd.DataFrame, metric: str, repetitions: int = 2000, confidence: float = 0.95,
@@ -62,7 +67,7 @@ def bootstrap_ci(scores: pd.DataFrame, metric: str, repetitions: int = 2000, con
 
     ``scores``: one row per document with the columns :func:`metric_statistic` names.
     """
-    columns, statistic = metric_statistic(metric)
+    columns, statistic = metric_statistic(metric, [c for c in scores.columns if scores[c].notna().all()])
     missing = [c for c in columns if c not in scores.columns]
     if missing:
         raise ValueError(f"scores lacks column(s) {missing} needed for {metric}")
@@ -183,37 +188,62 @@ def _strength_text(result: Mapping[str, float | int | str]) -> str:
 
 # --------------------------------------------------------------------------- rliable
 
-def relative_document_scores(scores: pd.DataFrame, baseline: str) -> dict[str, pd.DataFrame]:
+def relative_document_scores(scores: pd.DataFrame, baseline: str,
+                             metric_by_dataset: Mapping[str, tuple[str, bool]] | None = None
+                             ) -> dict[str, pd.DataFrame]:
     """Per-document quality relative to the baseline routing on the same document:
     ``exp((LL_config − LL_baseline) / tokens)`` = the baseline's per-document perplexity divided by
     the config's (1 = as good as the baseline, above 1 = better). Cloze documents use the target
     log-likelihood the same way (their accuracy is 0/1 per document and has no ratio).
 
+    A dataset without log-likelihoods (an lm-eval task: per-sample metric values, whose lm-eval score is
+    their mean) takes its metric from ``metric_by_dataset`` and scores ``1 ± (x_config − x_baseline) /
+    mean(x_baseline)`` (+ when higher is better): their mean is the ratio of the config's score to the
+    baseline's (inverted for lower-is-better), as for perplexity. A baseline scoring 0 has no ratio: the
+    dataset is left out.
+
     Returns ``{dataset: DataFrame [documents, routings]}`` indexed by doc_id; documents without
     scored tokens or missing from a routing are dropped.
     """
-    _require(scores, ["routing", "dataset", "doc_id", "loglik", "tokens"], "scores")
+    _require(scores, ["routing", "dataset", "doc_id"], "scores")
     if baseline not in set(scores["routing"]):
         raise ValueError(f"baseline {baseline!r} has no per-document scores; routings with scores: "
                          f"{sorted(scores['routing'].unique())}")
     relative = {}
     for dataset, rows in scores.groupby("dataset", sort=True):
-        loglik = rows.pivot(index="doc_id", columns="routing", values="loglik")
-        tokens = rows.pivot(index="doc_id", columns="routing", values="tokens")
-        if baseline not in loglik.columns:
+        if baseline not in set(rows["routing"]):
             raise ValueError(f"baseline {baseline!r} has no scores on dataset {dataset!r}")
-        per_token = loglik.sub(loglik[baseline], axis=0).div(tokens[baseline], axis=0)
-        valid = (tokens[baseline] > 0) & per_token.notna().all(axis=1)
-        relative[dataset] = np.exp(per_token[valid]).sort_index()
+        if "loglik" in rows.columns and rows["loglik"].notna().all():
+            loglik = rows.pivot(index="doc_id", columns="routing", values="loglik")
+            tokens = rows.pivot(index="doc_id", columns="routing", values="tokens")
+            per_token = loglik.sub(loglik[baseline], axis=0).div(tokens[baseline], axis=0)
+            valid = (tokens[baseline] > 0) & per_token.notna().all(axis=1)
+            relative[dataset] = np.exp(per_token[valid]).sort_index()
+            continue
+        if metric_by_dataset is None or dataset not in metric_by_dataset:
+            raise ValueError(f"dataset {dataset!r} has no log-likelihoods; give its metric in metric_by_dataset")
+        metric, higher_is_better = metric_by_dataset[dataset]
+        _require(rows, [metric], f"scores of dataset {dataset!r}")
+        values = rows.pivot(index="doc_id", columns="routing", values=metric)
+        scale = values[baseline].mean()
+        if not scale:
+            continue
+        change = values.sub(values[baseline], axis=0) / scale
+        valid = change.notna().all(axis=1)
+        relative[dataset] = (1 + change[valid] if higher_is_better else 1 - change[valid]).sort_index()
     return relative
 
 
 def score_matrices(relative: Mapping[str, pd.DataFrame]) -> tuple[dict[str, np.ndarray], list[str], int]:
     """rliable score matrices ``{routing: [documents, datasets]}`` (documents first), the dataset
-    order of the columns and the number of documents per column (the smallest dataset's count)."""
+    order of the columns and the number of documents per column (the smallest dataset's count). The
+    datasets are those every routing config has scores on (all datasets if none is)."""
     if not relative:
         raise ValueError("relative is empty: no datasets")
-    datasets = sorted(relative)
+    # Every routing config on the same datasets: a dataset some config does not run (a teacher-forced rule
+    # skips generation tasks) is left out rather than the config.
+    everyone = set.union(*(set(frame.columns) for frame in relative.values()))
+    datasets = sorted(d for d in relative if set(relative[d].columns) == everyone) or sorted(relative)
     num_docs = min(len(relative[d]) for d in datasets)
     if num_docs == 0:
         raise ValueError("a dataset has no documents scored by every routing")

@@ -20,6 +20,10 @@ def metric_by_dataset(runs: pd.DataFrame) -> dict[str, tuple[str, bool]]:
         task_names = sorted(tasks.unique())
         if len(task_names) != 1:
             raise ValueError(f"dataset {dataset!r} has runs of several tasks {task_names}; expected one")
+        if task_names[0] == "lm_eval":  # the metric lm-eval lists first for the task, with its direction
+            rows = runs[runs["dataset"] == dataset]
+            metrics[dataset] = (rows["primary_metric"].iloc[0], bool(rows["primary_higher_is_better"].iloc[0]))
+            continue
         if task_names[0] not in PRIMARY_METRIC:
             raise ValueError(f"dataset {dataset!r} has task {task_names[0]!r}; known tasks are "
                              f"{sorted(PRIMARY_METRIC)}")

@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -201,6 +202,9 @@ def evaluate_in_chunks(job: RouteJob, model, shape: MoEShape, router: Router, pa
 
 
 def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
+    if info["task"] == "lm_eval":
+        _route_task(job, info, checkpoint)
+        return
     windows, documents = pd.read_parquet(job.data / "windows.parquet"), pd.read_parquet(job.data / "documents.parquet")
     shard = {"tokens_before": 0}
     if job.shard:
@@ -250,12 +254,92 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
              summary["ceiling_hit_rate"], summary["floor_hit_rate"])
 
 
-def system_record(job: RouteJob, model, windows: pd.DataFrame, seconds: float) -> dict[str, Any]:
+def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
+    """An lm-eval dataset: lm-eval's evaluator on the routed model, every forward it makes recorded (in one
+    piece: lm-eval's evaluation has no resumable chunks)."""
+    from routelab.data.prepare import load_lm_eval_tokenizer
+    from routelab.run.generation import ForwardLog, check_causal
+    from routelab.run.tasks import evaluate_task, sample_scores, task_metrics
+
+    if job.shard:
+        raise ValueError(f"--shard: {job.shard}: an lm-eval task ({info['lm_eval_task']}) runs in one job; "
+                         "remove `shards` from its dataset entry")
+    if info["generates"]:
+        check_causal(router_class(job.routing["method"]), f"lm-eval task {info['lm_eval_task']!r} (it generates)")
+    model = job.placement.load(job.model)
+    # as lm-eval loads it from a path: add_bos_token set on the tokenizer, not only on its encode calls
+    tokenizer = load_lm_eval_tokenizer(job.model, info["spec"]["add_bos_token"])
+    shape = moe_shape(model)
+    router = make_router(job, shape)
+    spec = job.routing
+    log.info("routing %s on lm-eval task %s: %s (batch size %d)", spec["name"], info["lm_eval_task"],
+             router.describe(), job.batch_size)
+    checkpoint.open()
+    documents = pd.read_parquet(job.data / "documents.parquet")
+    parts = checkpoint.dir / "lm_eval"
+    shutil.rmtree(parts, ignore_errors=True)  # an interrupted attempt's logs: lm-eval starts over
+    parts.mkdir()
+    recorders = make_recorders(job, shape, router, parts)
+    forwards = ForwardLog(Recording(*recorders))
+    with install_router(model, router, forwards.recording), Stopwatch() as clock:
+        results = evaluate_task(model, tokenizer, info["spec"], forwards, job.batch_size, job.seed, documents)
+    forwards.recording.close()
+    state = recorders[0].state()
+    out = job.out
+    concat_parquet([parts / "routing.parquet"], out / "routing.parquet")
+    concat_parquet([parts / "decisions.parquet"], out / "decisions.parquet")
+    write_parquet(out / "scores.parquet", sample_scores(results, documents))
+    params = {key: value for key, value in router.describe().items() if key != "method"}
+    head = {"routing": spec["name"], "dataset": job.data.name, "method": spec["method"], "params": params,
+            "num_layers": shape.num_layers, "num_experts": shape.num_experts, "model_top_k": shape.top_k,
+            "norm_topk_prob": shape.norm_topk_prob}
+    summary = run_summary(head, state, router.min_k, router.max_k, shape.expert_flops_per_selection)
+    lm_eval = task_metrics(results)
+    headline = headline_metrics(lm_eval, info["lm_eval_task"])
+    primary, higher_is_better = primary_metric(info, headline)
+    metrics = {"routing": spec["name"], "dataset": job.data.name, "task": "lm_eval",
+               "lm_eval_task": info["lm_eval_task"], "primary_metric": primary,
+               "primary_higher_is_better": higher_is_better, **headline, "lm_eval": lm_eval}
+    tokens = forwards.tokens["prefill"] + forwards.tokens["decode"]
+    system = {**system_record(job, model, None, clock.seconds, tokens), **forwards.throughput()}
+    provenance = provenance_record(job, info, model)
+    provenance["versions"]["lm_eval"] = __import__("lm_eval").__version__
+    write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
+                      k_hist=state["k_hist"])
+    log.info("metrics %s", {key: value for key, value in metrics.items() if key != "lm_eval"})
+
+
+def headline_metrics(lm_eval: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task's (or group's) own metrics from lm-eval's results, as flat numbers: ``acc`` for lm-eval's
+    ``"acc,none"`` (the unfiltered score), ``"exact_match,strict-match"`` keeps its filter; stderr
+    keys as ``acc_stderr``."""
+    reported = lm_eval.get("groups", {}).get(task) or lm_eval["results"][task]
+    out = {}
+    for key, value in reported.items():
+        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        metric, _, kind = key.partition(",")
+        out[metric if kind == "none" else key] = value
+    return out
+
+
+def primary_metric(info: dict[str, Any], headline: dict[str, Any]) -> tuple[str, bool]:
+    """The metric the report compares an lm-eval dataset on: the first metric of its (first) task that
+    lm-eval reported, and whether higher is better."""
+    for task in info["tasks"].values():
+        for metric, higher in task["higher_is_better"].items():
+            if metric in headline:
+                return metric, higher
+    raise ValueError(f"lm-eval reported none of the metrics of task {info['lm_eval_task']!r}: {sorted(headline)}")
+
+
+def system_record(job: RouteJob, model, windows: pd.DataFrame | None, seconds: float,
+                  tokens: int | None = None) -> dict[str, Any]:
     """``system.json``: compute time, throughput (every token the model processed, context included, not
     only scored ones), peak memory, device and experts kernel."""
     device = input_device(model)
     return {"routing": job.routing["name"], "dataset": job.data.name, "wall_time_s": seconds,
-            "tokens_per_s": int(windows["input_ids"].map(len).sum()) / seconds,
+            "tokens_per_s": (int(windows["input_ids"].map(len).sum()) if tokens is None else tokens) / seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             "device": str(device), "experts_implementation": model.config._experts_implementation}
