@@ -43,12 +43,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import math
 import os
 import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
+# the sibling script's OLMoE stack, BH setting and search (python puts benchmarks/ on sys.path)
+import routing_overhead as overhead
 import torch
 
 from routelab.model.families import find_moe_layers, moe_shape
@@ -57,13 +62,12 @@ from routelab.routing import TopKRouter, build_router
 from routelab.routing.nulls import fit_kde_null
 from routelab.run.calibration import ScoreCollector
 from routelab.run.generation import ForwardLog, generate_routed
-from routing_overhead import MODELS, SETTINGS, TOLERANCE, build, rotated, search, weight_bytes
 
 BATCHES = (1, 16)
-TUNE_BATCH = 16  # alpha is searched on this batch's decode steps
 REPEATS = {"demo": 10, "olmoe4": 5}
 CALIBRATION = {"demo": (8, 256), "olmoe4": (1, 512)}  # [sequences, tokens] of the calibration batch
 BANDWIDTH_BYTES = 2**30
+GEMV_BYTES = 2**28  # the matrix of the matrix-vector rate, in the model's dtype
 IDEAL_TARGET = 0.9  # measured / memory-bound ideal of batch-1 decode
 START = time.perf_counter()
 
@@ -144,28 +148,50 @@ def read_bandwidth(data: torch.Tensor, out: torch.Tensor) -> tuple[float, float]
     return size / min(sums), 2 * size / min(copies)
 
 
+def gemv_rate(matrix: torch.Tensor) -> float:
+    """Bytes of ``matrix`` ``[rows, 2048]`` per second that ``F.linear`` of one row over it reads (decode's
+    product: one token's activations times a weight matrix), best of 3."""
+    row = torch.ones(1, matrix.shape[1], dtype=matrix.dtype)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.nn.functional.linear(row, matrix)
+        times.append(time.perf_counter() - start)
+    return matrix.numel() * matrix.element_size() / min(times)
+
+
 def profile_decode(model, router, prompt, steps: int, top: int = 8):
     """``torch.profiler`` over ``steps`` decode steps of batch ``prompt.shape[0]`` after a native prefill of
     ``prompt``: ``(ms per step under the profiler, op events per step (ops and the ops they call), ms per step
     inside ops (self CPU time of all of them), [(op, self ms per step, calls per step)] of the ``top`` ops by
-    self CPU time)``; the rest of a step is Python (transformers' modules, routelab's router, hooks)."""
+    self CPU time, the same of the ``top`` ``aten::mm`` input shapes)``; the rest of a step is Python
+    (transformers' modules, routelab's router, hooks)."""
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(5)
-    tokens = torch.randint(2, model.config.get_text_config().vocab_size, (prompt.shape[0], steps), generator=generator)
-    with torch.inference_mode():
+    vocab = model.config.get_text_config().vocab_size
+    tokens = torch.randint(2, vocab, (prompt.shape[0], steps + 2), generator=generator)
+
+    def step(column: int) -> None:
+        model(input_ids=tokens[:, column:column + 1], past_key_values=cache, use_cache=True)
+
+    installed = install_router(model, router) if router is not None else contextlib.nullcontext()
+    with torch.inference_mode(), installed:
         cache = model(input_ids=prompt, use_cache=True).past_key_values
-        with install_router(model, router) if router is not None else contextlib.nullcontext(), \
-                profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(0), step(1)  # warm-up, not profiled
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
-            for step in range(steps):
-                model(input_ids=tokens[:, step:step + 1], past_key_values=cache, use_cache=True)
+            for column in range(2, steps + 2):
+                step(column)
             wall = time.perf_counter() - start
     averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     events = sum(e.count for e in averages) // steps
     in_ops = sum(e.self_cpu_time_total for e in averages) / 1000 / steps
     rows = [(e.key, e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in averages[:top]]
-    return 1000 * wall / steps, events, in_ops, rows
+    by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mm"),
+                      key=lambda e: e.self_cpu_time_total, reverse=True)
+    mm_rows = [(e.input_shapes, e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in by_shape[:top]]
+    return 1000 * wall / steps, events, in_ops, rows, mm_rows
 
 
 def truncated(model, layers: int):
@@ -186,28 +212,39 @@ def load(key: str, args):
 
         model = load_model(args.demo_model, device="cpu", experts_implementation="grouped_mm")
         return model, f"trained demo model {args.demo_model} (CPU, float32)"
-    return build(MODELS[key]), MODELS[key].title + ", bfloat16, random weights"
+    return overhead.build(overhead.MODELS[key]), overhead.MODELS[key].title + ", bfloat16, random weights"
 
 
-def bench(key: str, args, data: torch.Tensor, out: torch.Tensor) -> None:
-    load_before = os.getloadavg()
+@dataclass
+class Setup:
+    """One model's benchmark inputs: its shape, the prompts per batch and BH's router per batch (alpha
+    searched on that batch's decode; ``tuned[batch] = (alpha, mean k, generations)``)."""
+
+    model: object
+    title: str
+    num_layers: int
+    num_experts: int
+    k: int
+    prompts: dict
+    routers: dict
+    tuned: dict
+
+
+def prepare(key: str, args):
+    """Load ``key``'s model, fit BH's null on a calibration batch and search alpha per batch; None (with a
+    note printed) when the model is absent."""
     note(f"{key}: loading the model")
     model, title = load(key, args)
     if model is None:
         print(f"\n{title}")
-        return
+        return None
     shape = moe_shape(model)
     num_layers, num_experts, k = shape.num_layers, shape.num_experts, shape.top_k
-    config = model.config.get_text_config()
+    vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(1)
-
-    def random_tokens(*size):  # ids 0 and 1 are eos and pad in both models
-        return torch.randint(2, config.vocab_size, size, generator=generator)
-
-    prompts = {batch: random_tokens(batch, args.prompt) for batch in BATCHES}
-    calibration_inputs = random_tokens(*CALIBRATION[key])
-    new = args.new_tokens
-
+    # ids 0 and 1 are eos and pad in both models
+    prompts = {batch: torch.randint(2, vocab, (batch, args.prompt), generator=generator) for batch in BATCHES}
+    calibration_inputs = torch.randint(2, vocab, CALIBRATION[key], generator=generator)
     note(f"{key}: calibration scores and null")
     collector = ScoreCollector()
     collector.valid = torch.ones(calibration_inputs.numel(), dtype=torch.bool)
@@ -215,103 +252,173 @@ def bench(key: str, args, data: torch.Tensor, out: torch.Tensor) -> None:
         model(input_ids=calibration_inputs, logits_to_keep=1)
     collected = collector.result()
     null = fit_kde_null(collected.scores, num_experts)
-    setting = SETTINGS["bh"]
+    setting = overhead.SETTINGS["bh"]
     params = setting.half(k, num_layers)
+    # alpha below 1e-4 gives every token min_k on both models; starting there saves two generations a search
+    knob = dataclasses.replace(setting.knob, low=1e-4)
 
     def bh(alpha: float):
         return build_router({"method": "bh", **params, "alpha": alpha}, num_experts, k, null=null,
                             calibration=collected.probability_logits)
 
-    note(f"{key}: searching alpha for a decode mean k ~ {k / 2:g} (batch {TUNE_BATCH}, {new} new tokens)")
-    alpha, found, evaluations = search(
-        lambda value: decode_k(model, bh(value), prompts[TUNE_BATCH], new, num_experts, k).mean_k,
-        setting.knob, k / 2)
-    router = bh(alpha)
-    sides = {"native": None, "bh": router}
-
-    note(f"{key}: warm-up and the selections of every (batch, side)")
-    selections = {(batch, side): decode_k(model, r, prompts[batch], new, num_experts, k)
-                  for batch in BATCHES for side, r in sides.items()}
+    routers, tuned = {}, {}
     for batch in BATCHES:
-        for r in sides.values():
-            generate(model, r, prompts[batch], new)
+        note(f"{key}: searching alpha for a decode mean k ~ {k / 2:g} at batch {batch}")
 
-    repeats = args.repeats or REPEATS[key]
-    runs = {(batch, side): [] for batch in BATCHES for side in sides}
+        def mean_k(alpha: float, prompt=prompts[batch]) -> float:
+            return decode_k(model, bh(alpha), prompt, args.new_tokens, num_experts, k).mean_k
+
+        alpha, found, evaluations = overhead.search(mean_k, knob, k / 2)
+        routers[batch], tuned[batch] = bh(alpha), (alpha, found, evaluations)
+    return Setup(model, title, num_layers, num_experts, k, prompts, routers, tuned)
+
+
+def sides_of(setup: Setup, batch: int) -> dict:
+    return {"native": None, "bh": setup.routers[batch]}
+
+
+def time_generations(setup: Setup, args, repeats: int, data, out, matrix):
+    """Interleaved: per repetition each (batch, side) generates once, the sides in a rotating order, then
+    one bandwidth sample. Returns ``({(batch, side): [(throughput, wall)]}, [(read, copy, gemv) bytes/s])``."""
+    model = setup.model
+    for batch in BATCHES[:1]:  # warm-up; the routed paths were warmed by the searches
+        for router in sides_of(setup, batch).values():
+            generate(model, router, setup.prompts[batch], args.new_tokens)
+    runs = {(batch, side): [] for batch in BATCHES for side in sides_of(setup, batch)}
     bandwidth = []
     for rep in range(repeats):
-        note(f"{key}: repetition {rep + 1} of {repeats}")
+        note(f"repetition {rep + 1} of {repeats}")
         for batch in BATCHES:
-            for side in rotated(list(sides), rep):
-                forwards, wall = generate(model, sides[side], prompts[batch], new)
+            sides = sides_of(setup, batch)
+            for side in overhead.rotated(list(sides), rep):
+                forwards, wall = generate(model, sides[side], setup.prompts[batch], args.new_tokens)
                 runs[batch, side].append((forwards.throughput(), wall))
-        bandwidth.append(read_bandwidth(data, out))
-    load_after = os.getloadavg()
+        bandwidth.append((*read_bandwidth(data, out), gemv_rate(matrix)))
+    return runs, bandwidth
 
-    read_bw = statistics.median(b[0] for b in bandwidth)
-    copy_bw = statistics.median(b[1] for b in bandwidth)
-    print(f"\n{title}: {num_layers} layers x {num_experts} experts, top-{k}, hidden {config.hidden_size}, vocabulary "
-          f"{config.vocab_size}, {torch.get_num_threads()} threads, experts kernel "
+
+def bench(key: str, args, data: torch.Tensor, out: torch.Tensor) -> None:
+    load_before = os.getloadavg()
+    setup = prepare(key, args)
+    if setup is None:
+        return
+    model, k, new = setup.model, setup.k, args.new_tokens
+    dtype = next(model.parameters()).dtype
+    matrix = torch.ones(GEMV_BYTES // (2048 * dtype.itemsize), 2048, dtype=dtype)
+    note(f"{key}: the selections of every (batch, side)")
+    selections = {(batch, side): decode_k(model, router, setup.prompts[batch], new, setup.num_experts, k)
+                  for batch in BATCHES for side, router in sides_of(setup, batch).items()}
+    repeats = args.repeats or REPEATS[key]
+    runs, bandwidth = time_generations(setup, args, repeats, data, out, matrix)
+    del matrix
+    load_after = os.getloadavg()
+    read_bw, copy_bw, gemv_bw = (statistics.median(b[i] for b in bandwidth) for i in range(3))
+    config = model.config.get_text_config()
+    print(f"\n{setup.title}: {setup.num_layers} layers x {setup.num_experts} experts, top-{k}, hidden "
+          f"{config.hidden_size}, vocabulary {config.vocab_size}, {torch.get_num_threads()} threads, experts kernel "
           f"{model.config._experts_implementation}, {repeats} interleaved repeats")
     print(f"  load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; greedy, prompt "
           f"{args.prompt} random tokens, {new} new tokens per row (min_new_tokens = max_new_tokens)")
-    print(f"  bh: min_k 1, max_k {k}, alpha = {alpha:.4g} (searched on the batch-{TUNE_BATCH} decode: mean k "
-          f"{found:.2f}, {evaluations} generations; tolerance {TOLERANCE})")
+    for batch, (alpha, found, evaluations) in setup.tuned.items():
+        print(f"  bh at batch {batch}: min_k 1, max_k {k}, alpha = {alpha:.4g} (searched on this batch's decode: "
+              f"mean k {found:.2f}, {evaluations} generations; tolerance {overhead.TOLERANCE})")
     print(f"  bandwidth, measured between the generations (median of {repeats}): read {read_bw / 1e9:.2f} GB/s "
-          f"(torch.sum over {BANDWIDTH_BYTES // 2**20} MiB float32), copy {copy_bw / 1e9:.2f} GB/s (read + write)")
+          f"(torch.sum over {BANDWIDTH_BYTES // 2**20} MiB float32), copy {copy_bw / 1e9:.2f} GB/s (read + write); "
+          f"{str(dtype).removeprefix('torch.')} matrix-vector product {gemv_bw / 1e9:.2f} GB/s of matrix "
+          f"(F.linear of one row over a [{GEMV_BYTES // (2048 * dtype.itemsize)}, 2048] matrix, "
+          f"{GEMV_BYTES // 2**20} MiB)")
+    decode_rate = print_throughput(runs, selections, new)
+    print_ideal(setup, selections, decode_rate, read_bw, gemv_bw, args)
+    note(f"{key}: profiling {args.profile_steps} batch-1 decode steps per side")
+    profile_decode(model, None, setup.prompts[1], 1)  # the profiler's own start-up, discarded
+    print(f"\n  where a batch-1 decode step goes: torch.profiler over {args.profile_steps} steps after a "
+          f"{args.prompt}-token prefill (self CPU time, ms per step; the profiler adds its own cost)")
+    for side, router in sides_of(setup, 1).items():
+        print_profile(side, profile_decode(model, router, setup.prompts[1], args.profile_steps), dtype.itemsize)
+    print_parts(setup, args.profile_steps)
+    if key == "demo":
+        layers_vs_time(model, setup.prompts[1], new, max(5, repeats))
 
+
+def print_throughput(runs, selections, new: int) -> dict:
+    """The table of decode tokens/s per (batch, side); returns the medians."""
     print(f"\n  {'batch':>5s} {'side':6s} {'mean k':>6s} {'decode tok/s':>12s} {'ms/step':>8s} {'ratio':>6s} "
           f"{'prefill ms':>10s} {'outside fwd ms/step':>19s}")
     decode_rate = {}
-    for batch in BATCHES:
-        for side in sides:
-            samples = runs[batch, side]
-            rate = statistics.median(t["decode_tokens_per_s"] for t, _ in samples)
-            decode_rate[batch, side] = rate
-            prefill = statistics.median(t["prefill_seconds"] for t, _ in samples)
-            outside = statistics.median((wall - t["prefill_seconds"] - t["decode_seconds"]) / new
-                                        for t, wall in samples)
-            ratio = rate / decode_rate[batch, "native"]
-            print(f"  {batch:5d} {side:6s} {selections[batch, side].mean_k:6.2f} {rate:12.1f} "
-                  f"{1000 * batch / rate:8.2f} {ratio:6.3f} {1000 * prefill:10.2f} {1000 * outside:19.3f}")
-    print("  (ratio: BH decode tokens/s over native's, medians; ms/step = batch / tokens per s; outside fwd: "
-          "generate()'s own time per new token, outside the model's forwards)")
+    for (batch, side), samples in runs.items():
+        rate = statistics.median(t["decode_tokens_per_s"] for t, _ in samples)
+        decode_rate[batch, side] = rate
+        prefill = statistics.median(t["prefill_seconds"] for t, _ in samples)
+        outside = statistics.median((wall - t["prefill_seconds"] - t["decode_seconds"]) / new for t, wall in samples)
+        print(f"  {batch:5d} {side:6s} {selections[batch, side].mean_k:6.2f} {rate:12.1f} {1000 * batch / rate:8.2f} "
+              f"{rate / decode_rate[batch, 'native']:6.3f} {1000 * prefill:10.2f} {1000 * outside:19.3f}")
+    print("  (mean k over the decode steps; ratio: BH decode tokens/s over native's, medians; ms/step = batch / "
+          "tokens per s; outside fwd: generate()'s own time per new token, outside the model's forwards)")
+    return decode_rate
 
-    fixed, per_expert = weight_bytes(model, num_experts)
-    cache_bytes = cache_bytes_per_token(model, args.prompt + new // 2)
+
+def print_ideal(setup: Setup, selections, decode_rate, read_bw: float, gemv_bw: float, args) -> None:
+    """The memory-bound ideal of decode (weight bytes per step / read bandwidth) against the measured."""
+    model, layers = setup.model, setup.num_layers
+    fixed, per_expert = overhead.weight_bytes(model, setup.num_experts)
+    cache_bytes = cache_bytes_per_token(model, args.prompt + args.new_tokens // 2)
     print(f"\n  memory-bound ideal, batch 1: weight bytes per decoded token {fixed / 2**20:.1f} MiB fixed (attention, "
           f"gates, norms, LM head, one embedding row) + {per_expert / 2**20:.2f} MiB per selected expert and layer; "
           f"KV cache read per step at the middle position {cache_bytes / 2**20:.2f} MiB (not included)")
-    print(f"  {'side':6s} {'mean k':>6s} {'MiB/token':>9s} {'ideal tok/s':>11s} {'measured':>9s} {'meas/ideal':>10s}")
-    for side in sides:
+    print(f"  {'side':6s} {'mean k':>6s} {'MiB/token':>9s} {'ideal tok/s':>11s} {'measured':>9s} {'meas/ideal':>10s}"
+          f"   {'at the matrix-vector rate':s}")
+    for side in ("native", "bh"):
         mean = selections[1, side].mean_k
-        size = fixed + num_layers * mean * per_expert
-        ideal = read_bw / size
-        measured = decode_rate[1, side]
+        size = fixed + layers * mean * per_expert
+        ideal, measured = read_bw / size, decode_rate[1, side]
         verdict = "reaches" if measured / ideal >= IDEAL_TARGET else "below"
         print(f"  {side:6s} {mean:6.2f} {size / 2**20:9.1f} {ideal:11.1f} {measured:9.1f} {measured / ideal:10.3f}  "
-              f"{verdict} {IDEAL_TARGET}")
-    print(f"  batch {BATCHES[-1]}, from the distinct experts each decode step selects per layer (counted):")
-    for side in sides:
-        distinct = selections[BATCHES[-1], side].mean_distinct()
-        size = fixed + num_layers * distinct * per_expert
-        ideal = BATCHES[-1] * read_bw / size
-        measured = decode_rate[BATCHES[-1], side]
+              f"{verdict + ' ' + str(IDEAL_TARGET):13s} ideal {gemv_bw / size:.1f} tok/s, meas/that "
+              f"{measured / (gemv_bw / size):.3f}")
+    batch = BATCHES[-1]
+    print(f"  batch {batch}, from the distinct experts each decode step selects per layer (counted):")
+    for side in ("native", "bh"):
+        distinct = selections[batch, side].mean_distinct()
+        size = fixed + layers * distinct * per_expert
+        ideal, measured = batch * read_bw / size, decode_rate[batch, side]
         print(f"  {side:6s} {distinct:5.1f} experts/layer {size / 2**20:8.1f} MiB/step  ideal {ideal:8.1f} tok/s  "
               f"measured {measured:8.1f}  meas/ideal {measured / ideal:.3f}")
 
-    note(f"{key}: profiling {args.profile_steps} batch-1 decode steps per side")
-    print(f"\n  where a batch-1 decode step goes: torch.profiler over {args.profile_steps} steps after a "
-          f"{args.prompt}-token prefill (top ops by self CPU time, ms per step; the profiler adds its own cost)")
-    for side, r in sides.items():
-        wall, events, in_ops, rows = profile_decode(model, r, prompts[1], args.profile_steps)
-        print(f"  {side}: {wall:.2f} ms per step under the profiler; {events} op events per step (ops and the ops "
-              f"they call), {in_ops:.2f} ms inside ops ({100 * in_ops / wall:.0f} %), the other "
-              f"{wall - in_ops:.2f} ms Python (modules, router, hooks); top ops:")
-        for name, ms, calls in rows:
-            print(f"    {name:40s} {ms:8.3f} ms {100 * ms / wall:5.1f} %  {calls:4d} calls")
-    if key == "demo":
-        layers_vs_time(model, prompts[1], new, max(3, repeats // 2))
+
+def print_parts(setup: Setup, steps: int) -> None:
+    """Routers, experts and the rest of a batch-1 decode step, hook-timed (routing_overhead.py's
+    ``module_times``: 3 interleaved runs of ``steps`` steps from the prompt's cache, on fixed random tokens)."""
+    model = setup.model
+    with torch.inference_mode():
+        cache = model(input_ids=setup.prompts[1], use_cache=True).past_key_values
+    tokens = torch.randint(2, model.config.get_text_config().vocab_size, (1, steps),
+                           generator=torch.Generator().manual_seed(7))
+    variants = [overhead.Variant(side, None, side, router) for side, router in sides_of(setup, 1).items()]
+    parts = overhead.module_times(model, variants, lambda variant: overhead.decode_steps(model, cache, tokens), 3,
+                                  sync=lambda: None)
+    print(f"  hook-timed batch-1 decode, ms per step over {steps} steps (median of 3 runs; hooks add a little):")
+    for side, times in parts.items():
+        per_step = {name: value / steps for name, value in times.items()}
+        rest = per_step["forward"] - per_step["router"] - per_step["experts"]
+        print(f"    {side:6s} step {per_step['forward']:7.3f}: routers {per_step['router']:6.3f}, experts "
+              f"{per_step['experts']:7.3f} ({per_step['experts'] / setup.num_layers:.3f} per layer), the rest "
+              f"{rest:7.3f} (attention, norms, embedding, LM head, Python)")
+
+
+def print_profile(side: str, profiled, itemsize: int) -> None:
+    wall, events, in_ops, rows, mm_rows = profiled
+    print(f"  {side}: {wall:.2f} ms per step under the profiler; {events} op events per step (ops and the ops they "
+          f"call), {in_ops:.2f} ms inside ops ({100 * in_ops / wall:.0f} %), the other {wall - in_ops:.2f} ms Python "
+          "(modules, router, hooks); top ops:")
+    for name, ms, calls in rows:
+        print(f"    {name[:44]:44s} {ms:8.3f} ms {100 * ms / wall:5.1f} %  {calls:5d} calls")
+    print("    aten::mm by input shapes (GB/s: the second operand's bytes per second):")
+    for shapes, ms, calls in mm_rows:
+        weight = shapes[1] if len(shapes) > 1 and shapes[1] else [0]
+        size = calls * itemsize * math.prod(weight)
+        empty = shapes and shapes[0] and shapes[0][0] == 0
+        rate = "no rows (an expert no token chose)" if empty else f"{size / ms / 1e6:6.2f} GB/s" if ms > 0 else ""
+        print(f"      {str(shapes)[:44]:44s} {ms:8.3f} ms {100 * ms / wall:5.1f} %  {calls:5d} calls  {rate}")
 
 
 def cache_bytes_per_token(model, position: int) -> float:
@@ -322,31 +429,41 @@ def cache_bytes_per_token(model, position: int) -> float:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * position * size
 
 
-def layers_vs_time(model, prompt, new: int, repeats: int) -> None:
-    """Native batch-1 decode ms per step of the model cut to 1..L layers (interleaved), and the linear fit:
-    per-layer cost and the fixed cost per step (embeddings, final norm, LM head, the model's own overhead)."""
+def step_seconds(model, prompt: torch.Tensor, steps: int) -> list[float]:
+    """Wall seconds of each of ``steps`` native decode steps on fixed random tokens after a prefill of
+    ``prompt`` (the forward ``generate()`` makes per new token, without its own per-token work)."""
+    generator = torch.Generator().manual_seed(6)
+    tokens = torch.randint(2, model.config.get_text_config().vocab_size, (prompt.shape[0], steps), generator=generator)
+    seconds = []
+    with torch.inference_mode():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        for column in range(steps):
+            start = time.perf_counter()
+            model(input_ids=tokens[:, column:column + 1], past_key_values=cache, use_cache=True)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def layers_vs_time(model, prompt, steps: int, repeats: int) -> None:
+    """Native batch-1 decode ms per step of the model cut to 1..L layers (interleaved; the median over every
+    step but each run's first two), and the linear fit: the cost per layer and the fixed cost per step
+    (embedding, final norm, LM head, the model's own overhead)."""
     total = len(find_moe_layers(model))
     cuts = {n: truncated(model, n) for n in range(1, total + 1)}
-    for cut in cuts.values():
-        generate(cut, None, prompt, new)
     times = {n: [] for n in cuts}
     for rep in range(repeats):
-        for n in rotated(list(cuts), rep):
-            forwards, wall = generate(cuts[n], None, prompt, new)
-            times[n].append((forwards.seconds["decode"] / forwards.tokens["decode"],
-                             (wall - forwards.seconds["prefill"] - forwards.seconds["decode"]) / new))
-    step = {n: statistics.median(t for t, _ in samples) for n, samples in times.items()}
-    outside = statistics.median(o for samples in times.values() for _, o in samples)
-    xs, ys = list(step), [1000 * step[n] for n in step]
+        for n in overhead.rotated(list(cuts), rep):
+            times[n] += step_seconds(cuts[n], prompt, steps)[2:]
+    step = {n: 1000 * statistics.median(samples) for n, samples in times.items()}
+    xs, ys = list(step), list(step.values())
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     intercept = mean_y - slope * mean_x
-    print(f"\n  demo, native batch-1 decode vs layers (the model cut to its first n layers; {repeats} interleaved "
-          "repeats, median ms per step inside the forwards):")
-    print("    " + ", ".join(f"{n} layers {1000 * step[n]:.3f} ms" for n in step))
+    print(f"\n  demo, native batch-1 decode step vs layers (the model cut to its first n layers; {repeats} interleaved "
+          f"runs of {steps} steps, median ms per step):")
+    print("    " + ", ".join(f"{n} layers {step[n]:.3f} ms" for n in step))
     print(f"    linear fit: {slope:.3f} ms per layer + {intercept:.3f} ms per step without layers (embedding, final "
-          f"norm, LM head, the forward's own overhead); generate() outside the forwards: {1000 * outside:.3f} ms "
-          f"per new token")
+          "norm, LM head, the forward's own overhead)")
 
 
 def main() -> None:

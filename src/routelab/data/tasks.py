@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from routelab.download import RESOURCES
 
@@ -57,45 +58,17 @@ def task_data(cache: str | os.PathLike = TASK_CACHE, offline: bool = True) -> It
     import huggingface_hub.constants as hub
 
     cache = Path(cache).resolve()
-    settings = [(os.environ, "HF_DATASETS_CACHE", str(cache / "datasets")),
-                (os.environ, "HF_HUB_CACHE", str(cache / "hub")),
-                (datasets.config, "HF_DATASETS_CACHE", cache / "datasets"),
-                (hub, "HF_HUB_CACHE", str(cache / "hub"))]
+    env = {"HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HUB_CACHE": str(cache / "hub")}
+    constants = [(datasets.config, "HF_DATASETS_CACHE", cache / "datasets"), (hub, "HF_HUB_CACHE", str(cache / "hub"))]
     if offline:
-        settings += [(os.environ, "HF_DATASETS_OFFLINE", "1"), (os.environ, "HF_HUB_OFFLINE", "1"),
-                     (datasets.config, "HF_DATASETS_OFFLINE", True), (datasets.config, "HF_HUB_OFFLINE", True),
-                     (hub, "HF_HUB_OFFLINE", True)]
-    missing = object()
-    saved = [(target, key, _get(target, key, missing)) for target, key, _ in settings]
-    for target, key, value in settings:
-        _set(target, key, value)
-    try:
+        env |= {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        constants += [(datasets.config, "HF_DATASETS_OFFLINE", True), (datasets.config, "HF_HUB_OFFLINE", True),
+                      (hub, "HF_HUB_OFFLINE", True)]
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.dict(os.environ, env))
+        for module, name, value in constants:
+            patches.enter_context(mock.patch.object(module, name, value))
         yield cache
-    finally:
-        for target, key, value in reversed(saved):
-            if value is missing:
-                _delete(target, key)
-            else:
-                _set(target, key, value)
-
-
-def _get(target, key, default):
-    return target.get(key, default) if isinstance(target, dict) or target is os.environ else getattr(target, key,
-                                                                                                       default)
-
-
-def _set(target, key, value) -> None:
-    if target is os.environ:
-        target[key] = value
-    else:
-        setattr(target, key, value)
-
-
-def _delete(target, key) -> None:
-    if target is os.environ:
-        target.pop(key, None)
-    else:
-        delattr(target, key)
 
 
 def task_manager(spec: dict[str, Any]):

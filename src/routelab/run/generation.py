@@ -114,7 +114,7 @@ def token_positions(mask: torch.Tensor | None, sequences: int, length: int, cach
     return real, offsets.to(device="cpu", dtype=torch.int32)
 
 
-def check_causal(router: Router, what: str) -> None:
+def check_causal(router: Router | type[Router], what: str) -> None:
     """Refuse a teacher-forced rule (one that sees every token of a window at once) for ``what``."""
     if router.teacher_forced:
         raise RouterConfigError(

@@ -15,6 +15,9 @@ into) and writes into ``job.out``:
 - ``provenance.json``  routing spec, model, versions, seed, a hash of everything that determines the run;
 - ``tracking/``        the same as tracking files (:mod:`routelab.tracking`).
 
+A prepared lm-eval task (``source: lm_eval``) is run by lm-eval's evaluator instead
+(:mod:`routelab.run.tasks`): the same files, with lm-eval's metrics and per-sample scores (docs/tasks.md).
+
 With ``shard`` (``I-of-N``) it evaluates only that shard's documents and writes the shard's part
 (``routing.parquet``, ``decisions.parquet``, ``scores.parquet``, ``accumulators.npz``, ``part.json``)
 for the gather_shards job (:mod:`routelab.run.shards`). With ``checkpoint_every`` it saves completed
@@ -42,6 +45,7 @@ import torch
 
 import routelab
 from routelab.config import normalise_routing
+from routelab.data.prepare import load_lm_eval_tokenizer
 from routelab.io.files import atomic_path, read_json, write_json, write_parquet
 from routelab.io.parquet import concat_parquet
 from routelab.model.families import MoEShape, moe_shape
@@ -52,6 +56,7 @@ from routelab.routing import Router, build_router, router_class
 from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
 from routelab.run.calibration import load_softmax_logits
 from routelab.run.evaluate import Stopwatch, document_scores, score_windows
+from routelab.run.generation import ForwardLog, check_causal
 from routelab.run.records import run_metrics, run_summary, write_run_records
 from routelab.run.resume import (
     PREVIOUS_EXIT_ENV,
@@ -65,6 +70,7 @@ from routelab.run.resume import (
     save_chunk_state,
 )
 from routelab.run.shards import select_shard
+from routelab.run.tasks import evaluate_task, headline_metrics, primary_metric, sample_scores, task_metrics
 
 log = logging.getLogger("route")
 
@@ -257,10 +263,6 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
 def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
     """An lm-eval dataset: lm-eval's evaluator on the routed model, every forward it makes recorded (in one
     piece: lm-eval's evaluation has no resumable chunks)."""
-    from routelab.data.prepare import load_lm_eval_tokenizer
-    from routelab.run.generation import ForwardLog, check_causal
-    from routelab.run.tasks import evaluate_task, sample_scores, task_metrics
-
     if job.shard:
         raise ValueError(f"--shard: {job.shard}: an lm-eval task ({info['lm_eval_task']}) runs in one job; "
                          "remove `shards` from its dataset entry")
@@ -307,30 +309,6 @@ def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> 
     write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
                       k_hist=state["k_hist"])
     log.info("metrics %s", {key: value for key, value in metrics.items() if key != "lm_eval"})
-
-
-def headline_metrics(lm_eval: dict[str, Any], task: str) -> dict[str, Any]:
-    """The task's (or group's) own metrics from lm-eval's results, as flat numbers: ``acc`` for lm-eval's
-    ``"acc,none"`` (the unfiltered score), ``"exact_match,strict-match"`` keeps its filter; stderr
-    keys as ``acc_stderr``."""
-    reported = lm_eval.get("groups", {}).get(task) or lm_eval["results"][task]
-    out = {}
-    for key, value in reported.items():
-        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
-            continue
-        metric, _, kind = key.partition(",")
-        out[metric if kind == "none" else key] = value
-    return out
-
-
-def primary_metric(info: dict[str, Any], headline: dict[str, Any]) -> tuple[str, bool]:
-    """The metric the report compares an lm-eval dataset on: the first metric of its (first) task that
-    lm-eval reported, and whether higher is better."""
-    for task in info["tasks"].values():
-        for metric, higher in task["higher_is_better"].items():
-            if metric in headline:
-                return metric, higher
-    raise ValueError(f"lm-eval reported none of the metrics of task {info['lm_eval_task']!r}: {sorted(headline)}")
 
 
 def system_record(job: RouteJob, model, windows: pd.DataFrame | None, seconds: float,

@@ -105,8 +105,8 @@ def routed_lm_class() -> type:
 
         def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
             mask = generation_kwargs.get("attention_mask")
-            owners = [self._prompt_owner(row if mask is None else row[m.bool()])
-                      for row, m in zip(context, mask if mask is not None else context)]
+            prompts = list(context) if mask is None else [row[real.bool()] for row, real in zip(context, mask)]
+            owners = [self._prompt_owner(prompt) for prompt in prompts]
             self.forwards.rows([o[0] for o in owners], [o[1] for o in owners])
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
@@ -115,7 +115,9 @@ def routed_lm_class() -> type:
             if key in self._owners:
                 return self._owners[key]
             # a prompt lm-eval left-truncated to leave room for the generation: the request it ends
-            return next(owner for full, owner in self._owners.items() if full[-len(key):] == key)
+            ends = [owner for full, owner in self._owners.items() if full[-len(key):] == key]
+            assert ends, "a prompt of lm-eval's that is none of the requests'"
+            return ends[0]
 
     return RoutedLM
 
@@ -153,6 +155,30 @@ def task_metrics(results: dict[str, Any]) -> dict[str, Any]:
                                                                         "metric_list", "generation_kwargs")}
                       for name, config in out.get("configs", {}).items()}
     return _plain(out)
+
+
+def headline_metrics(lm_eval: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task's (or group's) own metrics from lm-eval's results, as flat numbers: ``acc`` for lm-eval's
+    ``"acc,none"`` (the unfiltered score), ``"exact_match,strict-match"`` keeps its filter; stderr
+    keys as ``acc_stderr``."""
+    reported = lm_eval.get("groups", {}).get(task) or lm_eval["results"][task]
+    out = {}
+    for key, value in reported.items():
+        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        metric, _, kind = key.partition(",")
+        out[metric if kind == "none" else key] = value
+    return out
+
+
+def primary_metric(info: dict[str, Any], headline: dict[str, Any]) -> tuple[str, bool]:
+    """The metric the report compares an lm-eval dataset on: the first metric of its (first) task that
+    lm-eval reported, and whether higher is better."""
+    for task in info["tasks"].values():
+        for metric, higher in task["higher_is_better"].items():
+            if metric in headline:
+                return metric, higher
+    raise ValueError(f"lm-eval reported none of the metrics of task {info['lm_eval_task']!r}: {sorted(headline)}")
 
 
 def _plain(value: Any) -> Any:
