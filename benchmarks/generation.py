@@ -12,8 +12,9 @@ the sides in a rotating order, and the script prints medians and the ratio BH / 
 
 BH is built as ``routing_overhead.py`` builds it (``build_router`` with a kde null and per-layer
 statistics fitted on the router scores of a separate random calibration batch), at ``min_k = 1``,
-``max_k = k``, with alpha bisected (log scale) so that the mean k over the decode steps of the batch-16
-generation is within 0.1 of k/2; the mean k reached in the timed decodes of each batch is printed.
+``max_k = k``, with alpha bisected (log scale) per batch so that the mean k over that batch's decode steps
+is within 0.1 of k/2 (one alpha does not fit both: greedy decoding from one random prompt repeats itself,
+so batch 1's mean k rests on few distinct tokens); the mean k each reached is printed.
 
 Models: ``demo``, the trained demo model (``--demo-model``, default ``results/demo/model``; skipped with a
 note if absent), float32; ``olmoe4``, routing_overhead.py's OLMoE-1B-7B-shaped stack on the CPU (4 of its 16
@@ -23,16 +24,19 @@ Both use the ``grouped_mm`` experts kernel.
 Also printed:
 
 - the machine's read bandwidth, measured in the same run (once per repetition, between the generations):
-  ``torch.sum`` over a 1 GiB float32 tensor (bytes read / seconds; a copy's read + write bandwidth beside it);
+  ``torch.sum`` over a 1 GiB float32 tensor (bytes read / seconds; a copy's read + write bandwidth beside it),
+  and the rate at which ``F.linear`` of one row reads a 256 MiB matrix of the model's dtype (decode's product);
 - per model, the memory-bound ideal of batch-1 decode: the weight bytes read per decoded token (attention,
   router gates and the selected experts' gate_up and down matrices in every layer, norms, the LM head and
   one embedding row; the KV cache is printed apart, not included) over that bandwidth, at native k and at
-  BH's mean k, with measured / ideal; at batch 16 the same from the distinct experts each decode step
-  selects per layer (counted);
-- where a decode step's time goes: ``torch.profiler`` over ``--profile-steps`` batch-1 decode steps of
-  each side (the top ops by self CPU time, per step), and for the demo model the native decode time per
-  step against the number of layers (the model cut to its first n layers), to separate the per-layer cost
-  from the per-step fixed cost, and the time ``generate()`` spends outside the forwards per step.
+  BH's mean k, with measured / ideal (target >= 0.9) and measured / the ideal at the matrix-vector rate; at
+  batch 16 the same from the distinct experts each decode step selects per layer (counted);
+- ``generate()``'s own time per new token, outside the model's forwards;
+- where a batch-1 decode step's time goes: ``torch.profiler`` over ``--profile-steps`` steps of each side
+  (the top ops by self CPU time, the ``aten::mm`` calls by input shape with the bytes per second they read,
+  the time outside ops), the routers, experts and the rest hook-timed, and for the demo model the native
+  time per step against the number of layers (the model cut to its first n layers), which separates the
+  per-layer cost from the per-step fixed cost.
 
     python benchmarks/generation.py [--models demo,olmoe4] [--repeats N] [--new-tokens 32] [--prompt 16]
                                     [--demo-model results/demo/model] [--threads N] [--profile-steps 8]
@@ -109,7 +113,7 @@ class DecodeK:
         return sum(self.distinct) / len(self.distinct)
 
 
-def generate(model, router, prompt: torch.Tensor, new_tokens: int, recording=None) -> tuple[ForwardLog, float]:
+def generate(model, router, prompt: torch.Tensor, new_tokens: int) -> tuple[ForwardLog, float]:
     """One greedy generation of exactly ``new_tokens`` per row: its :class:`ForwardLog` and the wall seconds
     of the whole ``generate()`` call. ``router`` None: the native model, timed by the same hooks."""
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -120,7 +124,7 @@ def generate(model, router, prompt: torch.Tensor, new_tokens: int, recording=Non
         with torch.inference_mode(), forwards.attach(model):
             model.generate(input_ids=prompt, **kwargs)
     else:
-        _, forwards = generate_routed(model, router, prompt, recording=recording, **kwargs)
+        _, forwards = generate_routed(model, router, prompt, **kwargs)
     return forwards, time.perf_counter() - start
 
 
