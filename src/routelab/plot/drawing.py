@@ -473,7 +473,10 @@ def routing_sequence(weights: Any, tokens: Sequence[str], layers: Sequence[int] 
     heights = [max(r.size, 1) for r in rows]
     fig = Figure(figsize=(2.5 + 0.2 * shown_tokens, 1.2 + sum(0.16 * h + 0.35 for h in heights)),
                  layout="constrained")
-    axes = fig.subplots(num_layers, 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    # Not sharex: shared axes build a tick object per token on every panel, most of the figure's time.
+    axes = fig.subplots(num_layers, 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax in axes[:-1]:
+        ax.set_xticks([])
     image = None
     for ax, layer_w, used, layer in zip(axes, w, rows, layers):
         ax.set_ylabel(f"layer {layer}\nexpert", fontsize=8)
