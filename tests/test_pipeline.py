@@ -55,19 +55,23 @@ def planned_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    # A checkout of the workflow, as a user has it: the pipeline runs from the repository root.
-    workdir = tmp_path_factory.mktemp("pipeline")
+def run_pipeline(workdir: Path, config: Path) -> Path:
+    """Run the pipeline with ``config`` in a checkout of the workflow at ``workdir``, as a user has it (the
+    pipeline runs from the repository root); fail the test if it fails."""
     shutil.copy(REPO / "Snakefile", workdir)
     for folder in ("workflow", "config", "profiles", "envs"):
         shutil.copytree(REPO / folder, workdir / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(CONFIG, workdir / "config.yaml")
+    shutil.copy(config, workdir / "config.yaml")
     result = snakemake(workdir)
     if result.returncode != 0:
         pytest.fail(f"pipeline failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     workdir.joinpath("first_run.log").write_text(result.stdout + result.stderr)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return run_pipeline(tmp_path_factory.mktemp("pipeline"), CONFIG)
 
 
 def test_pipeline_writes_the_artifact_tree(workdir):

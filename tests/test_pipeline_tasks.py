@@ -5,13 +5,12 @@ on its own metric."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_pipeline import REPO, snakemake
+from tests.test_pipeline import REPO, run_pipeline, snakemake
 
 pytestmark = pytest.mark.pipeline
 
@@ -22,15 +21,7 @@ RUNS = {"topk4": ["grammar", "choice", "brackets"], "topp": ["grammar", "choice"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline_tasks")
-    shutil.copy(REPO / "Snakefile", workdir)
-    for folder in ("workflow", "config", "profiles", "envs"):
-        shutil.copytree(REPO / folder, workdir / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(CONFIG, workdir / "config.yaml")
-    result = snakemake(workdir)
-    if result.returncode != 0:
-        pytest.fail(f"pipeline failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
-    return workdir
+    return run_pipeline(tmp_path_factory.mktemp("pipeline_tasks"), CONFIG)
 
 
 def run_dir(workdir, routing, dataset):

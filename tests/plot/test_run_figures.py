@@ -23,7 +23,8 @@ TOKENS = [
 
 
 def routing_rows():
-    return [{"window_id": window, "doc_id": window, "position": position, "token_id": token, "layer": layer,
+    return [{"window_id": window, "doc_id": window, "position": position, "token_id": token, "phase": "prefill",
+             "layer": layer,
              "k": len(experts), "experts": experts, "weights": weights}
             for window, position, token, layers in TOKENS for layer, (experts, weights) in enumerate(layers)]
 
@@ -35,7 +36,8 @@ def decision_rows(method: str):
             logits = np.linspace(-1, 1, EXPERTS) + layer
             pvalues = np.linspace(0.01, 0.9, EXPERTS)[::-1].copy()
             row = {"window_id": window, "doc_id": window, "position": position, "token_id": token,
-                   "layer": layer, "k": len(experts), "logit_mean": logits.mean(), "logit_std": logits.std(),
+                   "phase": "prefill", "layer": layer, "k": len(experts), "logit_mean": logits.mean(),
+                   "logit_std": logits.std(),
                    "logit_min": logits.min(), "logit_max": logits.max(), "logits": logits.tolist(),
                    "pvalues": None, "sorted_pvalues": None, "bh_thresholds": None, "passing_rank": None,
                    "selected": experts, "selected_weights": weights}

@@ -18,28 +18,24 @@ from routelab.run.generation import ForwardLog
 from routelab.run.tasks import evaluate_task, sample_scores, task_metrics
 from tests.support.models import TINY_OLMOE, load_tiny, seed_everything
 
-CHOICE_TASK = """
+TASK = """
 task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
-output_type: multiple_choice
 test_split: test
 doc_to_text: context
+"""
+CHOICE_TASK = TASK + """
+output_type: multiple_choice
 doc_to_choice: choices
 doc_to_target: gold
 metric_list:
   - {{metric: acc, aggregation: mean, higher_is_better: true}}
   - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
 """
-GENERATE_TASK = """
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
+GENERATE_TASK = TASK + """
 output_type: generate_until
-test_split: test
-doc_to_text: context
 doc_to_target: target
 generation_kwargs: {{until: [" ."], max_gen_toks: 5, do_sample: false}}
 metric_list:

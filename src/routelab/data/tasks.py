@@ -99,24 +99,13 @@ def load_tasks(spec: dict[str, Any], manager=None) -> dict[str, Any]:
     """``{task name: lm-eval Task}`` of every task ``spec``'s task or group runs, their data loaded from
     the local copies (inside :func:`task_data`); a task whose data is not there raises :class:`TaskError`
     naming it and how to fetch it."""
-    from lm_eval.tasks import get_task_dict
-
     manager = manager or task_manager(spec)
     try:
-        tree = get_task_dict([spec["task"]], manager)
+        return dict(manager.load([spec["task"]])["tasks"])
     except Exception as exc:  # datasets / the hub raise many types; all mean "could not read the data"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TaskError(f"task: the data of lm-eval task {spec['task']!r} is not available offline ({first_line}); "
                         f"{HOW_TO_FETCH_TASK}") from None
-    return dict(_leaves(tree))
-
-
-def _leaves(tree: dict) -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value)
-        else:
-            yield getattr(key, "group_name", key), value
 
 
 def task_documents(tasks: dict[str, Any], limit: int | float | None) -> list[dict[str, Any]]:
