@@ -224,3 +224,23 @@ def test_fast_aggregates_equal_rliables(shape):
     assert stats.aggregate_scores(scores) == pytest.approx(expected)
     taus = np.array([0.5, 0.9, 1.0, float(scores.ravel()[0]), 1.3])  # one tau equal to a score: strict >
     assert stats.score_distribution(scores, taus) == pytest.approx(rliable_library.score_distributions(scores, taus))
+
+
+def test_task_scores_relative_to_the_baseline_average_to_the_ratio_of_task_scores():
+    # an lm-eval task: per-sample accuracy, no log-likelihoods; hand-worked: baseline 3/4, config 2/4
+    scores = pd.DataFrame({"routing": ["base"] * 4 + ["cfg"] * 4, "dataset": "task", "doc_id": [0, 1, 2, 3] * 2,
+                           "acc": [1, 1, 1, 0, 1, 0, 1, 0]})
+    relative = stats.relative_document_scores(scores, "base", {"task": ("acc", True)})["task"]
+    assert relative["cfg"].tolist() == pytest.approx([1, 1 - 4 / 3, 1, 1])
+    assert relative["cfg"].mean() == pytest.approx(0.5 / 0.75)
+    lower = stats.relative_document_scores(scores, "base", {"task": ("acc", False)})["task"]
+    assert lower["cfg"].mean() == pytest.approx(2 - 0.5 / 0.75)
+    estimate, low, high = stats.bootstrap_ci(scores[scores["routing"] == "cfg"], "acc", repetitions=200)
+    assert estimate == 0.5 and 0 <= low <= estimate <= high <= 1
+
+
+def test_rliable_matrices_keep_every_config_and_leave_out_a_dataset_one_skipped():
+    both = pd.DataFrame({"a": [1.0, 1.0], "b": [0.9, 1.1]})
+    relative = {"text": both, "generation": pd.DataFrame({"a": [1.0, 1.0]})}  # b skipped the generation task
+    matrices, datasets, docs = stats.score_matrices(relative)
+    assert datasets == ["text"] and sorted(matrices) == ["a", "b"] and docs == 2
