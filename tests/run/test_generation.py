@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routelab.record import Recording, RoutingRecorder
-from routelab.routing import build_router
+from routelab.routing import ROUTERS, build_router
 from routelab.routing.contract import RouterConfigError
 from routelab.routing.nulls import GaussianNull
 from routelab.run.generation import ForwardLog, generate_routed, token_positions
@@ -25,11 +25,20 @@ def prompts():
 
 
 def causal_routers():
+    """One router of every causal rule (every registered rule but the teacher-forced ones)."""
     null = GaussianNull(num_experts=8)
     return {"topk": build_router({"method": "topk", "k": 2}, 8, 2),
             "bh": build_router({"method": "bh", "alpha": 0.5, "min_k": 1, "max_k": 4}, 8, 2, null),
             "topp": build_router({"method": "topp", "p": 0.5, "min_k": 1, "max_k": 4}, 8, 2),
-            "entropy": build_router({"method": "entropy", "thresholds": [1.5, 1.8], "ks": [1, 2, 4]}, 8, 2)}
+            "entropy": build_router({"method": "entropy", "thresholds": [1.5, 1.8], "ks": [1, 2, 4]}, 8, 2),
+            "hc": build_router({"method": "hc", "min_k": 1, "max_k": 4}, 8, 2, null),
+            "minp": build_router({"method": "minp", "m": 0.5, "max_k": 4}, 8, 2),
+            "ratio": build_router({"method": "ratio", "beta": 0.5, "max_k": 4}, 8, 2),
+            "layerk": build_router({"method": "layerk", "ks": [1, 3], "max_k": 4}, 8, 2)}
+
+
+def test_the_causal_routers_cover_every_rule_that_can_generate():
+    assert set(causal_routers()) == {name for name, cls in ROUTERS.items() if not cls.teacher_forced}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,8 +55,8 @@ def test_model_topk_generates_the_native_tokens(tiny_olmoe_dir, kernel, dtype):
     assert forwards.tokens == {"prefill": int(mask.sum()), "decode": 2 * (NEW_TOKENS - 1)}
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("rule", ["bh", "topp", "entropy"])
+@pytest.mark.parametrize(("kernel", "rule"), [(kernel, "bh") for kernel in KERNELS] + [
+    ("grouped_mm", rule) for rule in ("topp", "entropy", "hc", "minp", "ratio", "layerk")])
 def test_variable_k_rules_generate_deterministically_on_every_kernel(tiny_olmoe_dir, kernel, rule):
     router = causal_routers()[rule]
     ids, mask = prompts()
@@ -66,7 +75,7 @@ def routing_rows(path):
     return table
 
 
-@pytest.mark.parametrize("rule", ["topk", "bh", "topp", "entropy"])
+@pytest.mark.parametrize("rule", ["topk", "bh", "topp", "entropy", "hc", "minp", "ratio", "layerk"])
 def test_decode_steps_route_as_teacher_forced_scoring_of_the_generated_sequence(tiny_olmoe_dir, tmp_path, rule):
     """With the KV cache, a decode step's token sees the same hidden states as in one forward over the
     whole sequence: a causal rule must choose the same experts for it."""
