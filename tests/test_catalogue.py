@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import yaml
+
 from routelab.catalogue import CAPTIONS, REPORT_FIGURES, RUN_FIGURES, caption_text
 from tests.support import REPO
 
@@ -42,9 +44,10 @@ def test_plot_and_report_rules_output_exactly_the_catalogued_figures():
 
     per_run = sorted([*(f.file for f in RUN_FIGURES), "index.json"])
     plotted = outputs("plot_run", "plots/topk8/")  # one job per routing config: every dataset's run
-    for dataset in ("arithmetic", "grammar", "code", "cloze"):
+    datasets = list(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"])
+    for dataset in datasets:
         files = [path.rsplit("/", 1)[1] for path in plotted if path.startswith(f"results/demo/plots/topk8/{dataset}/")]
         assert sorted(files) == per_run, dataset
-    assert len(plotted) == 4 * len(per_run)
+    assert len(plotted) == len(datasets) * len(per_run)
     report_figures = [path.rsplit("/", 1)[1] for path in outputs("report", "report.html") if path.endswith(".png")]
     assert sorted(report_figures) == sorted(f.file for f in REPORT_FIGURES)

@@ -473,3 +473,20 @@ def test_layerk_needs_ks_or_budget_and_one_k_per_demo_layer(tmp_path, config):
 def test_new_rules_bad_values_name_key_value_and_range(tmp_path, config, entry, key, valid):
     config["routing"].append({"name": "bad", **entry})
     assert_names(config_error(tmp_path, config), f"routing[{LAST}].{key}", valid)
+
+
+def test_lm_eval_task_yamls_say_whether_a_task_generates_and_needs_a_download(tmp_path):
+    from routelab.config import task_data_is_local, task_generates
+
+    (tmp_path / "base.yaml").write_text("output_type: generate_until\ndataset_path: gsm8k\n")
+    (tmp_path / "mine.yaml").write_text("task: mine\ninclude: base.yaml\n")
+    (tmp_path / "local.yaml").write_text("task: local\noutput_type: multiple_choice\n"
+                                         "custom_dataset: !function utils.build\n")
+    (tmp_path / "files.yaml").write_text("task: files\ndataset_path: json\n")
+    spec = {"source": "lm_eval", "include_path": str(tmp_path)}
+    assert task_generates({**spec, "task": "mine"}) and not task_data_is_local({**spec, "task": "mine"})
+    assert not task_generates({**spec, "task": "local"}) and task_data_is_local({**spec, "task": "local"})
+    assert task_data_is_local({**spec, "task": "files"})
+    assert not task_generates({"source": "lm_eval", "task": "gsm8k"})  # lm-eval's own: unknown here
+    assert task_generates({"source": "lm_eval", "task": "gsm8k", "generates": True})
+    assert not task_data_is_local({"source": "lm_eval", "task": "arc_easy"})

@@ -266,27 +266,41 @@ class _TaskYamlLoader(yaml.SafeLoader):
 _TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def task_generates(ds: dict, base_dir: str | os.PathLike = ".") -> bool:
-    """Whether an lm-eval dataset's task generates text (``output_type: generate_until``), so that a
-    teacher-forced routing rule cannot run it: the entry's ``generates`` when given, else the output type of
-    its task YAML in ``include_path`` (following ``include:``), else False (lm-eval's own tasks: the route
-    job finds out and refuses such a pair, naming ``generates``)."""
-    if ds.get("generates") is not None:
-        return bool(ds["generates"])
+def task_yaml(ds: dict, base_dir: str | os.PathLike = ".") -> dict | None:
+    """The task YAML of an lm-eval dataset's task in its ``include_path`` (keys of ``include:`` files
+    below its own), None when the task is not there (one of lm-eval's own)."""
     if ds["source"] != "lm_eval" or ds.get("include_path") is None:
-        return False
+        return None
     for path in sorted((Path(base_dir) / ds["include_path"]).rglob("*.yaml")):
         task = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
         if isinstance(task, dict) and task.get("task") == ds["task"]:
-            return _output_type(task, path) == "generate_until"
-    return False
+            while task.get("include"):
+                path = path.parent / task.pop("include")
+                task = {**(yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}), **task}
+            return task
+    return None
 
 
-def _output_type(task: dict, path: Path) -> str | None:
-    while "output_type" not in task and task.get("include"):
-        path = path.parent / task["include"]
-        task = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
-    return task.get("output_type")
+def task_generates(ds: dict, base_dir: str | os.PathLike = ".") -> bool:
+    """Whether an lm-eval dataset's task generates text (``output_type: generate_until``), so that a
+    teacher-forced routing rule cannot run it: the entry's ``generates`` when given, else the output type of
+    its task YAML in ``include_path``, else False (lm-eval's own tasks: the route job finds out and refuses
+    such a pair, naming ``generates``)."""
+    if ds.get("generates") is not None:
+        return bool(ds["generates"])
+    task = task_yaml(ds, base_dir)
+    return task is not None and task.get("output_type") == "generate_until"
+
+
+# datasets builders that read local files (an lm-eval task YAML's dataset_path)
+LOCAL_DATASET_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def task_data_is_local(ds: dict, base_dir: str | os.PathLike = ".") -> bool:
+    """Whether an lm-eval task builds its documents without the hub (``custom_dataset``, as the demo's, or a
+    local file builder), so ``snakemake download`` has nothing to fetch for it."""
+    task = task_yaml(ds, base_dir)
+    return task is not None and ("custom_dataset" in task or task.get("dataset_path") in LOCAL_DATASET_BUILDERS)
 
 
 def routed_datasets(config: dict, runs: dict[str, dict], base_dir: str | os.PathLike = ".") -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ from routelab.config import (
     calibrated_nulls,
     check_config,
     routed_datasets,
+    task_data_is_local,
     uses_calibration,
     validate_schema,
 )
@@ -67,8 +68,10 @@ def as_json(value):
 HUB_MODEL = not IS_DEMO and is_hub_model(config["model"]["id"])
 MODEL_RESOURCE = str(resource_model_dir(config["model"]["id"])) if HUB_MODEL else None
 HUB_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "hub"]
-# lm-eval tasks: their data goes into lm-eval's cache under resources/lm_eval/, which the route jobs read offline
-TASK_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "lm_eval"]
+# lm-eval tasks whose data is on the hub: it goes into lm-eval's cache under resources/lm_eval/, which the
+# route jobs read offline (a task that builds its documents locally, as the demo's, needs no download)
+TASK_DATASETS = [name for name in DATASETS if config["datasets"][name]["source"] == "lm_eval"
+                 and not task_data_is_local(config["datasets"][name], workflow.basedir)]
 
 
 def model_dir(wildcards):
