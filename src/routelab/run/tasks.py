@@ -22,10 +22,6 @@ from routelab.run.generation import ForwardLog
 
 log = logging.getLogger(__name__)
 
-# Request types whose forwards routelab can name (lm-eval's rolling loglikelihood cuts documents into
-# windows inside one call, and routelab's own perplexity datasets score those, equal to lm-eval's).
-SUPPORTED_REQUESTS = ("loglikelihood", "generate_until")
-
 
 @functools.cache
 def routed_lm_class() -> type:
