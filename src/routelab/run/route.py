@@ -232,10 +232,7 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
     window_scores = pd.concat([pd.read_parquet(c.path / "window_scores.parquet") for c in chunks], ignore_index=True)
     scores = document_scores(window_scores, documents)
     system = system_record(job, model, windows, seconds)
-    params = {key: value for key, value in router.describe().items() if key != "method"}
-    head = {"routing": spec["name"], "dataset": job.data.name, "method": spec["method"], "params": params,
-            "num_layers": shape.num_layers, "num_experts": shape.num_experts, "model_top_k": shape.top_k,
-            "norm_topk_prob": shape.norm_topk_prob}
+    head = summary_head(job, router, shape)
     provenance = provenance_record(job, info, model, [(c.start, c.end, chunk_batch_size(c)) for c in chunks])
     out = job.out
     concat_parquet([c.path / "routing.parquet" for c in chunks], out / "routing.parquet")
@@ -291,10 +288,7 @@ def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> 
     concat_parquet([parts / "routing.parquet"], out / "routing.parquet")
     concat_parquet([parts / "decisions.parquet"], out / "decisions.parquet")
     write_parquet(out / "scores.parquet", sample_scores(results, documents))
-    params = {key: value for key, value in router.describe().items() if key != "method"}
-    head = {"routing": spec["name"], "dataset": job.data.name, "method": spec["method"], "params": params,
-            "num_layers": shape.num_layers, "num_experts": shape.num_experts, "model_top_k": shape.top_k,
-            "norm_topk_prob": shape.norm_topk_prob}
+    head = summary_head(job, router, shape)
     summary = run_summary(head, state, router.min_k, router.max_k, shape.expert_flops_per_selection)
     lm_eval = task_metrics(results)
     headline = headline_metrics(lm_eval, info["lm_eval_task"])
@@ -309,6 +303,15 @@ def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> 
     write_run_records(out, summary=summary, provenance=provenance, system=system, metrics=metrics,
                       k_hist=state["k_hist"])
     log.info("metrics %s", {key: value for key, value in metrics.items() if key != "lm_eval"})
+
+
+def summary_head(job: RouteJob, router: Router, shape: MoEShape) -> dict[str, Any]:
+    """What summary.json (and a shard's part.json) says of the run before its statistics: the routing
+    config and its resolved parameters, the dataset, the model's MoE shape."""
+    params = {key: value for key, value in router.describe().items() if key != "method"}
+    return {"routing": job.routing["name"], "dataset": job.data.name, "method": job.routing["method"],
+            "params": params, "num_layers": shape.num_layers, "num_experts": shape.num_experts,
+            "model_top_k": shape.top_k, "norm_topk_prob": shape.norm_topk_prob}
 
 
 def system_record(job: RouteJob, model, windows: pd.DataFrame | None, seconds: float,
