@@ -22,7 +22,7 @@ from routelab.config import ConfigError, load_config, routing_configs, routing_m
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "config.yaml"
 
-SHIPPED_RUNS = ["topk8", "topk4", "topp0.4", "hc_k16", "minp0.2", "ratio_median", "entropy", "layerk_b24", "seqtopk8",
+SHIPPED_RUNS = ["topk8", "topk4", "topk8_skip1", "topp0.4", "hc_k16", "minp0.2", "ratio_median", "entropy", "layerk_b24", "seqtopk8",
                 "bh_a0.2_k16", "bh_a0.5_k16"]
 LAST = len(SHIPPED_RUNS) - 2  # the index of an entry appended to the shipped routing list (the grid adds 2)
 
@@ -82,7 +82,7 @@ def test_grid_is_the_cartesian_product_of_its_list_values(tmp_path, config):
         for max_k in (8, 16):
             run = runs[f"bh_a{alpha}_k{max_k}"]
             assert (run["method"], run["alpha"], run["max_k"], run["min_k"]) == ("bh", alpha, max_k, 1)
-    assert runs["topk4"] == {"name": "topk4", "method": "topk", "k": 4, "weights": "model"}
+    assert runs["topk4"] == {"name": "topk4", "method": "topk", "k": 4, "skip_top": 0, "weights": "model"}
 
 
 def test_defaults_are_filled_from_the_schema(tmp_path, config):
@@ -92,7 +92,8 @@ def test_defaults_are_filled_from_the_schema(tmp_path, config):
     loaded = load(tmp_path, config)
     assert loaded["seed"] == 0
     assert loaded["evaluation"] == {"window": None, "add_bos_token": None, "batch_size": 16,
-                                    "checkpoint_every": 100, "decision_sample_every": 100, "route_jobs": "per_run"}
+                                    "checkpoint_every": 100, "decision_sample_every": 100, "explorer_documents": 3,
+                                    "route_jobs": "per_run"}
     assert loaded["datasets"]["arithmetic"]["shards"] == 1
     assert loaded["calibration"] == {"grid_size": 2048, "max_logits_per_layer": 1000000}
     assert loaded["model"]["dtype"] == "float32" and loaded["model"]["device"] == "auto"
@@ -235,10 +236,10 @@ def test_unknown_top_level_key(tmp_path, config):
 def test_unknown_key_in_routing_entry(tmp_path, config):
     config["routing"][1]["beta"] = 0.1  # routing[1] is a topk config
     assert_names(config_error(tmp_path, config), "routing[1].beta", "0.1", "not a parameter of method 'topk'",
-                 "valid: k, weights")
+                 "valid: k, skip_top, weights")
     config["routing"][1].pop("beta")
-    config["routing"][2]["beta"] = 0.1  # a topp config: its own parameters are named
-    assert_names(config_error(tmp_path, config), "routing[2].beta", "method 'topp'", "min_k", "max_k", "p")
+    config["routing"][3]["beta"] = 0.1  # a topp config: its own parameters are named
+    assert_names(config_error(tmp_path, config), "routing[3].beta", "method 'topp'", "min_k", "max_k", "p")
 
 
 def test_duplicate_routing_names(tmp_path, config):
@@ -275,7 +276,7 @@ def test_report_baseline_naming_a_missing_config(tmp_path, config):
 
 def test_bh_parameter_on_a_topk_entry(tmp_path, config):
     config["routing"][1]["alpha"] = 0.1
-    assert_names(config_error(tmp_path, config), "routing[1].alpha", "'topk'", "valid: k, weights")
+    assert_names(config_error(tmp_path, config), "routing[1].alpha", "'topk'", "valid: k, skip_top, weights")
 
 
 def test_experiment_name_with_a_slash(tmp_path, config):

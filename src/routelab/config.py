@@ -141,20 +141,42 @@ def _range_text(schema: dict) -> str:
     return " and ".join(t for t in (low, high) if t)
 
 
+@functools.cache
+def _schema_validator(schema: Path):
+    """A JSON-schema validator for ``schema`` that fills defaults in place, the schema and the files its
+    ``$ref``s name parsed once (with libyaml where present): ``snakemake.utils.validate`` re-parses a
+    referenced file for every reference it resolves, seconds per config with the routing schema."""
+    from jsonschema import Draft202012Validator, validators
+    from referencing import Registry, Resource
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    resources = {path.resolve().as_uri(): Resource.from_contents(yaml.load(path.read_text(), Loader=loader))
+                 for path in sorted(schema.parent.glob("*.schema.yaml"))}
+    registry = Registry().with_resources(resources.items())
+    root = resources[schema.as_uri()].contents
+    check_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, subschema):
+        # as snakemake.utils.validate does (the jsonschema FAQ's recipe): a default is set before checking
+        if isinstance(instance, dict):
+            for name, spec in properties.items():
+                if "default" in spec:
+                    instance.setdefault(name, spec["default"])
+        yield from check_properties(validator, properties, instance, subschema)
+
+    filling = validators.extend(Draft202012Validator, {"properties": properties_with_defaults})
+    return filling({**root, "$id": schema.as_uri()}, registry=registry)
+
+
 def validate_schema(config: dict, schema: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
-    """Validate against the JSON schema with ``snakemake.utils.validate``, filling defaults in place."""
+    """Validate against the JSON schema, filling defaults in place (the semantics of
+    ``snakemake.utils.validate``); the first error as a one-line :class:`ConfigError`."""
     import jsonschema
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
 
     try:
-        validate(config, schema=str(Path(schema).resolve()))
-    except WorkflowError as exc:
-        # snakemake raises its WorkflowError inside `except ValidationError`, so the original is the context.
-        cause = exc.__cause__ or exc.__context__
-        if not isinstance(cause, jsonschema.ValidationError):
-            raise
-        raise ConfigError(f"invalid config: {describe_schema_error(cause)}") from None
+        _schema_validator(Path(schema).resolve()).validate(config)
+    except jsonschema.ValidationError as exc:
+        raise ConfigError(f"invalid config: {describe_schema_error(exc)}") from None
     return config
 
 
@@ -449,12 +471,14 @@ def load_config(path: str | os.PathLike, schema: str | os.PathLike = DEFAULT_SCH
 
 
 def baseline_name(config: dict) -> str:
-    """The routing config the report compares against: ``report.baseline`` or the first top-k config."""
+    """The routing config the report compares against: ``report.baseline`` or the first top-k config
+    (not an ablation that skips the best experts)."""
     runs = routing_configs(config)
     chosen = config.get("report", {}).get("baseline")
     if chosen:
         return chosen
-    return next((name for name, spec in runs.items() if spec["method"] == "topk"), next(iter(runs)))
+    return next((name for name, spec in runs.items() if spec["method"] == "topk" and not spec.get("skip_top")),
+                next(iter(runs)))
 
 
 def section_defaults(section: str, schema: str | os.PathLike = DEFAULT_SCHEMA) -> dict[str, Any]:

@@ -203,3 +203,30 @@ def test_deferred_nonfinite_check_names_the_first_bad_layer_and_resets():
     check.check()  # the failed forward's counts are gone
     check.add(0, good)
     check.check()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_skip_top_moe_output_is_native_top_k_without_its_best_expert(tiny_olmoe_dir, kernel):
+    """The drop-top-1 ablation, checked against the native gate's own top-k with its first expert removed
+    and the experts written out by hand."""
+    model = load_tiny(tiny_olmoe_dir, kernel)
+    blocks = {}
+
+    def keep(index):
+        def hook(module, args, output):
+            blocks[index] = (args[0].detach(), output.detach())
+        return hook
+
+    handles = [layer.mlp.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        routed_logits(model, TopKRouter(8, k=2, skip_top=1), batch(seed=3))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, (hidden, output) in blocks.items():
+        mlp = model.model.layers[layer].mlp
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        probs = torch.softmax(F.linear(flat, mlp.gate.weight).float(), dim=-1)
+        native_weights, native_index = torch.topk(probs, 2, dim=-1)  # the tiny model's own top-2
+        expected = reference_moe_output(mlp.experts, hidden, native_index[:, 1:], native_weights[:, 1:])
+        torch.testing.assert_close(output.reshape(expected.shape).double(), expected, atol=1e-5, rtol=1e-4)

@@ -300,3 +300,24 @@ def test_bh_with_fixed_k_breaks_ties_like_the_variable_k_order():
     variable = BHRouter(10, normal_null(10), alpha=1.0, min_k=3, max_k=10)(logits)
     np.testing.assert_array_equal(fixed.indices.numpy(), variable.indices[:, :3].numpy())
     np.testing.assert_array_equal(fixed.indices.numpy(), np.argsort(-logits.numpy(), axis=-1, kind="stable")[:, :3])
+
+
+def test_topk_skip_top_drops_the_best_experts_and_keeps_their_neighbours_weights():
+    # logits of 4 experts; probabilities softmax([2, 0, 1, -1]) = [0.6439, 0.0871, 0.2369, 0.0321]
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    probs = np.exp([2.0, 0.0, 1.0, -1.0]) / np.exp([2.0, 0.0, 1.0, -1.0]).sum()
+    selection = TopKRouter(4, k=3, skip_top=1)(logits)
+    # the top-3 are experts 0, 2, 1; without the best one: 2 then 1, with their own probabilities
+    assert selection.indices.tolist() == [[2, 1]]
+    assert selection.k.tolist() == [2]
+    np.testing.assert_allclose(selection.weights.numpy(), [[probs[2], probs[1]]], rtol=1e-6)
+    renormalised = TopKRouter(4, k=3, skip_top=1, weights="renormalize")(logits)
+    np.testing.assert_allclose(renormalised.weights.numpy(), [[probs[2], probs[1]]] / (probs[2] + probs[1]),
+                               rtol=1e-6)
+    assert TopKRouter(4, k=3, skip_top=1).describe() == {"method": "topk", "k": 3, "skip_top": 1, "weights": "model"}
+
+
+@pytest.mark.parametrize("skip_top", [3, 4, -1, True])
+def test_topk_skip_top_out_of_range_is_refused_naming_it(skip_top):
+    with pytest.raises(ValueError, match=r"skip_top: .* valid: 0 <= skip_top < k = 3"):
+        TopKRouter(4, k=3, skip_top=skip_top)
