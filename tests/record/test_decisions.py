@@ -167,6 +167,27 @@ def test_every_n_1_keeps_all_real_tokens(model_and_null, tmp_path):
     assert list(zip(df["window_id"], df["position"], df["token_id"]))[::NUM_LAYERS] == tokens
 
 
+def test_documents_sampler_keeps_every_real_token_of_those_documents(model_and_null, tmp_path):
+    """The explorer's log: every real token of the chosen documents, none of the others, with the same
+    detail as every-n-th sampling (here checked row for row against a sampler that keeps every token)."""
+    model, null = model_and_null
+    batches = make_batches()
+    router = BHRouter(NUM_EXPERTS, null, alpha=ALPHA, min_k=MIN_K, max_k=MAX_K)
+    chosen = DecisionSampler(tmp_path / "explorer.parquet", NUM_EXPERTS, 0, alpha=ALPHA, documents=[1, 0])
+    every = DecisionSampler(tmp_path / "all.parquet", NUM_EXPERTS, every_n=1, alpha=ALPHA)
+    route(model, router, FanOut(chosen, every), batches)
+    df = pd.read_parquet(tmp_path / "explorer.parquet")
+    expected_tokens = [(w, p, t) for b in batches for r, c in b["attention_mask"].nonzero().tolist()
+                       if int(b["doc_ids"][r]) in (0, 1)
+                       for w, p, t in [(int(b["window_ids"][r]), int(c), int(b["input_ids"][r, c]))]]
+    assert 0 < len(expected_tokens) < len(real_tokens(batches)), "the batches must hold other documents too"
+    assert set(df["doc_id"]) == {0, 1}
+    assert list(zip(df["window_id"], df["position"], df["token_id"]))[::NUM_LAYERS] == expected_tokens
+    reference = pd.read_parquet(tmp_path / "all.parquet")
+    reference = reference[reference["doc_id"].isin([0, 1])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(df, reference)
+
+
 def test_every_n_0_writes_an_empty_file_with_the_schema(model_and_null, tmp_path):
     model, _ = model_and_null
     sampler = DecisionSampler(tmp_path / "d.parquet", NUM_EXPERTS, every_n=0, alpha=ALPHA)

@@ -32,7 +32,7 @@ def fault(monkeypatch, kind: str, after_batches: int, min_batch_size: int = 1) -
 
 
 def assert_identical(a: dict, b: dict) -> None:
-    for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
+    for name in ("routing.parquet", "decisions.parquet", "explorer.parquet", "scores.parquet"):
         assert a[name].equals(b[name]), name
     for name in ("metrics.json", "summary.json"):
         assert a[name] == b[name], name

@@ -131,6 +131,7 @@ def test_sharded_run_matches_the_unsharded_run(setup):
     # Some decisions vary (else equal k would prove little) and every shard contributed rows.
     assert whole["summary.json"]["experts_min"] < whole["summary.json"]["experts_max"]
     assert len(whole["decisions.parquet"]) > 0
+    assert set(whole["explorer.parquet"].column("doc_id").to_pylist()) == {0, 1}  # explorer_documents=2
     provenance = gathered["provenance.json"]
     assert [s["shard"] for s in provenance["shards"]] == ["1-of-3", "2-of-3", "3-of-3"]
     assert provenance["config_hash"] == whole["provenance.json"]["config_hash"]

@@ -65,7 +65,7 @@ def route_args(model_dir: Path, data_dir: Path, out: Path, routing: dict = BH, *
                 calibration_logits=None,
                 out=[str(out)], batch_size=4, checkpoint_every=0, shard=None, attempt=1, dtype="float32",
                 device="cpu", experts_implementation=None, device_map=None, max_memory=None, offload_folder=None,
-                gpus=1, sample_every=5, seed=0, threads=None)
+                gpus=1, sample_every=5, explorer_documents=2, seed=0, threads=None)
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -73,7 +73,7 @@ def route_args(model_dir: Path, data_dir: Path, out: Path, routing: dict = BH, *
 def read_run(run_dir: Path) -> dict:
     """Every output of a run: Parquet files as Arrow tables, JSON files as dicts."""
     files = {}
-    for name in ("routing.parquet", "decisions.parquet", "scores.parquet"):
+    for name in ("routing.parquet", "decisions.parquet", "explorer.parquet", "scores.parquet"):
         files[name] = pq.read_table(run_dir / name)
     for name in ("metrics.json", "summary.json", "system.json", "provenance.json"):
         files[name] = json.loads((run_dir / name).read_text())
@@ -85,11 +85,13 @@ def read_run(run_dir: Path) -> dict:
 EXACT = {"routing.parquet": ["window_id", "doc_id", "position", "token_id", "layer", "k", "experts"],
          "decisions.parquet": ["window_id", "doc_id", "position", "token_id", "layer", "k", "bh_thresholds",
                                "passing_rank", "selected"]}
+EXACT["explorer.parquet"] = EXACT["decisions.parquet"]  # the same detail, for the explorer's documents
 
 
 FLOAT = {"routing.parquet": ["weights"],
          "decisions.parquet": ["logit_mean", "logit_std", "logit_min", "logit_max", "logits", "pvalues",
                                "sorted_pvalues", "selected_weights"]}
+FLOAT["explorer.parquet"] = FLOAT["decisions.parquet"]
 
 
 # Summary entries that are counts (or exact functions of counts); the rest are means of float sums.

@@ -150,7 +150,7 @@ def shard_parts(wildcards):
     return [f"{d}/{name}" for d in shard_dirs(wildcards) for name in SHARD_FILES]
 
 
-SHARD_FILES = ("routing.parquet", "decisions.parquet", "scores.parquet", "accumulators.npz", "part.json")
+SHARD_FILES = ("routing.parquet", "decisions.parquet", "explorer.parquet", "scores.parquet", "accumulators.npz", "part.json")
 
 
 def route_batch_size(wildcards):

@@ -27,6 +27,7 @@ rule route:
         provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
         system="results/{experiment}/runs/{routing}/{dataset}/system.json",
         decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
+        explorer="results/{experiment}/runs/{routing}/{dataset}/explorer.parquet",
     wildcard_constraints:
         dataset=one_of(ROUTED_ALONE),
     log:
@@ -39,6 +40,7 @@ rule route:
         null=null_arg,
         calibration=calibration_arg,
         sample_every=config["evaluation"]["decision_sample_every"],
+        explorer_documents=config["evaluation"]["explorer_documents"],
         options=model_options(),
         seed=config["seed"],
         shard="",
@@ -59,7 +61,8 @@ rule route:
         " {params.calibration}"
         " --data {params.data}"
         " --batch-size {resources.batch_size} --checkpoint-every {resources.checkpoint_every}"
-        " --attempt {resources.attempt} --sample-every {params.sample_every} {params.options}"
+        " --attempt {resources.attempt} --sample-every {params.sample_every}"
+        " --explorer-documents {params.explorer_documents} {params.options}"
         " --seed {params.seed} --threads {threads} {params.shard} --out {params.out}"
 
 
@@ -81,6 +84,7 @@ if ROUTED_TOGETHER and FULL_ROUTINGS:
             provenance=together_runs("provenance.json"),
             system=together_runs("system.json"),
             decisions=together_runs("decisions.parquet"),
+            explorer=together_runs("explorer.parquet"),
         wildcard_constraints:
             routing=one_of(FULL_ROUTINGS),
         log:
@@ -110,6 +114,7 @@ if together_data("info.json", CAUSAL_ONLY_DATASETS) and PARTIAL_ROUTINGS:
             provenance=together_runs("provenance.json", CAUSAL_ONLY_DATASETS),
             system=together_runs("system.json", CAUSAL_ONLY_DATASETS),
             decisions=together_runs("decisions.parquet", CAUSAL_ONLY_DATASETS),
+            explorer=together_runs("explorer.parquet", CAUSAL_ONLY_DATASETS),
         wildcard_constraints:
             routing=one_of(PARTIAL_ROUTINGS),
         log:
@@ -124,6 +129,7 @@ use rule route as route_shard with:
     output:
         routing=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/routing.parquet"),
         decisions=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/decisions.parquet"),
+        explorer=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/explorer.parquet"),
         scores=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/scores.parquet"),
         state=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/accumulators.npz"),
         part=temp("results/{experiment}/shards/{routing}/{dataset}/{shard}/part.json"),
@@ -151,6 +157,7 @@ rule gather_shards:
         provenance="results/{experiment}/runs/{routing}/{dataset}/provenance.json",
         system="results/{experiment}/runs/{routing}/{dataset}/system.json",
         decisions="results/{experiment}/runs/{routing}/{dataset}/decisions.parquet",
+        explorer="results/{experiment}/runs/{routing}/{dataset}/explorer.parquet",
     wildcard_constraints:
         dataset=one_of(SHARDED),
     log:

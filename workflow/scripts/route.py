@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Stage route: run the model with its router replaced on one dataset; evaluate and record routing.
 
-Writes metrics.json, summary.json, routing.parquet, decisions.parquet, scores.parquet, system.json,
-provenance.json and tracking/ into --out (one run = one routing config x one dataset); with --shard,
+Writes metrics.json, summary.json, routing.parquet, decisions.parquet, explorer.parquet, scores.parquet,
+system.json, provenance.json and tracking/ into --out (one run = one routing config x one dataset); with --shard,
 that shard's part for gather_shards.py. Several --data directories with as many --out directories run
 one routing config on each dataset in turn, in one process (config `evaluation.route_jobs:
 per_routing`), with the same results as one process per run. See routelab.run.route and
@@ -58,6 +58,9 @@ if __name__ == "__main__":
     add_model_options(parser)
     parser.add_argument("--sample-every", type=int, default=100,
                         help="full routing detail for every n-th token into decisions.parquet (0 = none)")
+    parser.add_argument("--explorer-documents", type=int, default=3,
+                        help="full routing detail for every token of documents 0..N-1 into explorer.parquet, the "
+                             "report's token explorer (0 = none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     run(main, parser)

@@ -26,9 +26,14 @@ PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 WINDOW_FIELDS = 4
 
 
+# What a sampling recorder keeps: every n-th real token of the run (an int), or every real token of some
+# documents (a sorted tuple of document ids: the report's explorer).
+Sample = int | tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class SampledTokens:
-    """Every n-th real token of a batch: ``rows`` of the flat ``[batch * seq]`` layout and ``index``,
+    """The sampled real tokens of a batch (:data:`Sample`): ``rows`` of the flat ``[batch * seq]`` layout and ``index``,
     their positions among the batch's real tokens (both 1-D int64)."""
 
     rows: torch.Tensor
@@ -75,19 +80,33 @@ class BatchContext:
         token (the recorders then skip the row gather, a copy)."""
         return None if self.all_real else self._real_flat_rows
 
-    def sample(self, every: int) -> SampledTokens:
-        """The real tokens whose run ordinal ``tokens_before + i`` is a multiple of ``every`` (kept for the
-        batch: the recorders sampling alike get the same tensors)."""
+    def sample(self, every: Sample) -> SampledTokens:
+        """The real tokens whose run ordinal ``tokens_before + i`` is a multiple of ``every``, or, for a tuple
+        of document ids, every real token of those documents (kept for the batch: the recorders sampling
+        alike get the same tensors)."""
         if every not in self._samples:
-            # the i-th real token is kept when (tokens_before + i) % every == 0: i = first, first + every, ...
-            first = (-self.tokens_before) % every
-            # a small batch (a decode step) may hold no sampled token: the first lies beyond it
-            index = torch.arange(first, max(first, self.real_tokens), every, device=self.device)
-            rows = index if self.all_real else self._real_flat_rows.index_select(0, index)
-            self._samples[every] = SampledTokens(rows, index)
+            self._samples[every] = (self._documents_tokens(every) if isinstance(every, tuple)
+                                    else self._every_nth(every))
         return self._samples[every]
 
-    def sampled_pvalues(self, every: int, layers: Sequence[int], selections: Sequence[Selection],
+    def _every_nth(self, every: int) -> SampledTokens:
+        # the i-th real token is kept when (tokens_before + i) % every == 0: i = first, first + every, ...
+        first = (-self.tokens_before) % every
+        # a small batch (a decode step) may hold no sampled token: the first lies beyond it
+        index = torch.arange(first, max(first, self.real_tokens), every, device=self.device)
+        rows = index if self.all_real else self._real_flat_rows.index_select(0, index)
+        return SampledTokens(rows, index)
+
+    def _documents_tokens(self, documents: tuple[int, ...]) -> SampledTokens:
+        wanted = torch.isin(self.doc_ids.cpu(), torch.tensor(documents, dtype=self.doc_ids.dtype))  # [batch]
+        if not wanted.any():  # most batches: decided on the host, nothing to do on the device
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return SampledTokens(empty, empty)
+        in_documents = wanted.to(self.device).repeat_interleave(self.seq)  # [batch * seq]
+        index = in_documents.index_select(0, self._real_flat_rows).nonzero().squeeze(1)
+        return SampledTokens(self._real_flat_rows.index_select(0, index), index)
+
+    def sampled_pvalues(self, every: Sample, layers: Sequence[int], selections: Sequence[Selection],
                         device: torch.device) -> torch.Tensor | None:
         """``[len(layers), sampled tokens, E]``: the p-values of :meth:`sample` ``(every)`` in each of
         ``layers`` (whose ``selections`` these are), None if a layer has none. Each layer's are computed

@@ -26,6 +26,7 @@ output exists whether or not sampling is switched on.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from numbers import Integral
 from typing import Any
 
@@ -38,6 +39,7 @@ from routelab.io.parquet import BatchedParquetWriter
 from routelab.record.batch import (
     PHASE_TYPE,
     BatchContext,
+    Sample,
     on_device,
     pack_token_meta,
     phase_array,
@@ -65,7 +67,8 @@ _DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "
 
 
 class DecisionSampler:
-    """Writes the full routing detail of every ``every_n``-th real token to Parquet at ``path``.
+    """Writes the full routing detail of every ``every_n``-th real token to Parquet at ``path`` (or, with
+    ``documents``, of every real token of those documents).
 
     ``alpha`` (the BH level, in (0, 1]: the router's ``bh_level``) adds ``bh_thresholds`` and
     ``passing_rank``; None for routers that are not BH. A :class:`~routelab.record.batch.Recorder`: a
@@ -73,10 +76,12 @@ class DecisionSampler:
     """
 
     def __init__(self, path: str | os.PathLike, num_experts: int, every_n: int, alpha: float | None = None,
-                 row_group_size: int = 1 << 16):
+                 row_group_size: int = 1 << 16, documents: Sequence[int] | None = None):
         if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n < 0:
             raise ValueError(f"every_n: {every_n!r} is not valid; need an integer >= 0 (0 disables sampling)")
         self.num_experts, self.every_n = num_experts, int(every_n)
+        # documents given: every token of those documents instead of every n-th token (the report's explorer)
+        self._sample: Sample = self.every_n if documents is None else tuple(sorted({int(d) for d in documents}))
         self.alpha = None if alpha is None else ALPHA.check(alpha)
         self._writer = BatchedParquetWriter(path, SCHEMA, row_group_size, use_dictionary=_DICTIONARY_COLUMNS)
         self._arena = BufferArena(chunk_bytes=2 << 20)  # host memory of the batches waiting for their row group
@@ -86,7 +91,7 @@ class DecisionSampler:
     def begin_batch(self, batch: BatchContext) -> None:
         """The batch the next :meth:`record` calls belong to; its sample is every ``every_n``-th real token."""
         self._layers = {}
-        self._batch = None if self.every_n == 0 else batch
+        self._batch = None if self._sample in (0, ()) else batch
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
         """Called from the patched router for every layer of every forward pass: gathers the sampled
@@ -94,7 +99,7 @@ class DecisionSampler:
         all layers."""
         if self._batch is None:
             return
-        kept = on_device(self._batch.sample(self.every_n).rows, router_logits.device)
+        kept = on_device(self._batch.sample(self._sample).rows, router_logits.device)
         self._layers[layer] = (router_logits.index_select(0, kept), selection.indices.index_select(0, kept),
                                selection.weights.index_select(0, kept), selection)
 
@@ -103,15 +108,15 @@ class DecisionSampler:
         derives the statistics and builds the rows when the row group is written)."""
         batch, self._batch = self._batch, None
         layers_seen, self._layers = self._layers, {}
-        if batch is None or not layers_seen or batch.sample(self.every_n).rows.numel() == 0:
+        if batch is None or not layers_seen or batch.sample(self._sample).rows.numel() == 0:
             return
         layers = sorted(layers_seen)
         logits, indices, weights, selections = zip(*(layers_seen[i] for i in layers))
         device = selections[0].k.device
-        sample = batch.sample(self.every_n)
+        sample = batch.sample(self._sample)
         kept = on_device(sample.rows, device)
         # only the sampled rows' p-values are computed (routers compute them lazily), once for all recorders
-        pvalues = batch.sampled_pvalues(self.every_n, layers, selections, device)  # [layers, tokens, E]
+        pvalues = batch.sampled_pvalues(self._sample, layers, selections, device)  # [layers, tokens, E]
         meta = pack_token_meta(batch, sample.rows, device)
         parts = {"meta": meta, "logits": torch.stack(logits, dim=1), "weights": torch.stack(weights, dim=1)}
         if pvalues is not None:

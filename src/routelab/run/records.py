@@ -48,7 +48,10 @@ def run_metrics(routing: str, dataset: str, task: str, scores: pd.DataFrame) -> 
     return {"routing": routing, "dataset": dataset, "task": task, **quality_metrics(scores, task)}
 
 
-RUN_LOGS = ("metrics.json", "summary.json", "routing.parquet", "decisions.parquet", "scores.parquet")
+# The recorders' logs of a run (each part of a chunked or sharded run writes them; the run's are their
+# concatenation in order): every decision, every n-th token's detail, the explorer's documents' detail.
+ROUTING_LOGS = ("routing.parquet", "decisions.parquet", "explorer.parquet")
+RUN_LOGS = ("metrics.json", "summary.json", *ROUTING_LOGS, "scores.parquet")
 
 
 def write_run_records(out: str | os.PathLike, *, summary: dict[str, Any], provenance: dict[str, Any],
@@ -94,8 +97,8 @@ def gather_shards(part_dirs: Sequence[str | os.PathLike], data: str | os.PathLik
     check_parts(parts, info["windows"])
     first, head = parts[0], parts[0]["summary_head"]
     out = Path(out)
-    concat_parquet([d / "routing.parquet" for d in dirs], out / "routing.parquet")
-    concat_parquet([d / "decisions.parquet" for d in dirs], out / "decisions.parquet")
+    for name in ROUTING_LOGS:
+        concat_parquet([d / name for d in dirs], out / name)
     scores = pd.concat([pd.read_parquet(d / "scores.parquet") for d in dirs], ignore_index=True)
     write_parquet(out / "scores.parquet", scores)
     state = merge_states([_load_state(d / "accumulators.npz") for d in dirs])

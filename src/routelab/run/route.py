@@ -9,6 +9,8 @@ into) and writes into ``job.out``:
 - ``routing.parquet``  every (token, layer) decision: k, expert ids, weights;
 - ``decisions.parquet`` full detail for every n-th token (all logits and p-values, BH thresholds and
                        passing rank);
+- ``explorer.parquet`` the same detail for every token of the first ``explorer_documents`` documents
+                       (the report's token explorer);
 - ``scores.parquet``   per-document log-likelihood, token / word / byte counts, correctness;
 - ``system.json``      wall time, tokens/s, peak memory (process RSS, CUDA), device and experts kernel
                        (kept apart so metrics.json and summary.json are identical across reruns);
@@ -19,7 +21,7 @@ A prepared lm-eval task (``source: lm_eval``) is run by lm-eval's evaluator inst
 (:mod:`routelab.run.tasks`): the same files, with lm-eval's metrics and per-sample scores (docs/tasks.md).
 
 With ``shard`` (``I-of-N``) it evaluates only that shard's documents and writes the shard's part
-(``routing.parquet``, ``decisions.parquet``, ``scores.parquet``, ``accumulators.npz``, ``part.json``)
+(the three logs, ``scores.parquet``, ``accumulators.npz``, ``part.json``)
 for the gather_shards job (:mod:`routelab.run.shards`). With ``checkpoint_every`` it saves completed
 work every that many batches and a rerun resumes from it; an out-of-memory error exits for a retry
 with a smaller batch, any other error makes retries fail at once (:mod:`routelab.run.resume`).
@@ -57,7 +59,7 @@ from routelab.routing.nulls import NULL_KINDS, fit_null, load_null
 from routelab.run.calibration import load_softmax_logits
 from routelab.run.evaluate import Stopwatch, document_scores, score_windows
 from routelab.run.generation import ForwardLog, check_causal
-from routelab.run.records import run_metrics, run_summary, write_run_records
+from routelab.run.records import ROUTING_LOGS, run_metrics, run_summary, write_run_records
 from routelab.run.resume import (
     PREVIOUS_EXIT_ENV,
     Checkpoint,
@@ -83,7 +85,8 @@ class RouteJob:
     collect_router_logits, for rules set up from the calibration split (``Router.uses_calibration``);
     ``batch_size``: windows per forward pass; ``checkpoint_every``:
     batches per saved chunk (0: one chunk); ``attempt``: Snakemake's attempt number; ``sample_every``:
-    every n-th real token's detail goes to decisions.parquet (0: none); ``placement``: how the model
+    every n-th real token's detail goes to decisions.parquet (0: none); ``explorer_documents``: every token's
+    detail of documents 0 .. n-1 goes to explorer.parquet, the report's token explorer; ``placement``: how the model
     is loaded and placed (checked when it is made, before any work); ``threads``: torch's CPU
     threads (None: torch's default)."""
 
@@ -99,12 +102,14 @@ class RouteJob:
     attempt: int = 1
     placement: ModelPlacement = field(default_factory=ModelPlacement)
     sample_every: int = 100
+    explorer_documents: int = 3
     seed: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:
         for option, value, least in (("batch_size", self.batch_size, 1), ("checkpoint_every", self.checkpoint_every, 0),
-                                     ("attempt", self.attempt, 1), ("sample_every", self.sample_every, 0)):
+                                     ("attempt", self.attempt, 1), ("sample_every", self.sample_every, 0),
+                                     ("explorer_documents", self.explorer_documents, 0)):
             if value < least:
                 raise ValueError(f"{option}: {value} is not valid; need an integer >= {least}")
         routing = normalise_routing(self.routing, "--routing")
@@ -142,7 +147,8 @@ def checkpoint_key(job: RouteJob) -> dict[str, Any]:
             "calibration_logits": fingerprint(job.calibration_logits),
             "windows": fingerprint(job.data / "windows.parquet"),
             "documents": fingerprint(job.data / "documents.parquet"),
-            "seed": job.seed, "sample_every": job.sample_every, "shard": job.shard, "routelab": routelab.__version__}
+            "seed": job.seed, "sample_every": job.sample_every, "explorer_documents": job.explorer_documents,
+            "shard": job.shard, "routelab": routelab.__version__}
 
 
 def make_router(job: RouteJob, shape: MoEShape) -> Router:
@@ -167,12 +173,14 @@ def make_router(job: RouteJob, shape: MoEShape) -> Router:
 
 
 def make_recorders(job: RouteJob, shape: MoEShape, router: Router, chunk_dir: Path) -> list:
-    """The recorders of one chunk, the routing log (with the running counts) first: it and the sampled
-    detail log, whose tokens its p-value moments are over."""
+    """The recorders of one chunk, the routing log (with the running counts) first: it, the sampled
+    detail log (whose tokens its p-value moments are over) and the explorer's documents' detail."""
     return [RoutingRecorder(shape.num_layers, shape.num_experts, router.min_k, router.max_k,
                             path=chunk_dir / "routing.parquet", pvalue_every=job.sample_every),
             DecisionSampler(chunk_dir / "decisions.parquet", shape.num_experts, job.sample_every,
-                            alpha=router.bh_level)]
+                            alpha=router.bh_level),
+            DecisionSampler(chunk_dir / "explorer.parquet", shape.num_experts, 0, alpha=router.bh_level,
+                            documents=range(job.explorer_documents))]
 
 
 def evaluate_in_chunks(job: RouteJob, model, shape: MoEShape, router: Router, pad_token_id: int,
@@ -235,8 +243,8 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
     head = summary_head(job, router, shape)
     provenance = provenance_record(job, info, model, [(c.start, c.end, chunk_batch_size(c)) for c in chunks])
     out = job.out
-    concat_parquet([c.path / "routing.parquet" for c in chunks], out / "routing.parquet")
-    concat_parquet([c.path / "decisions.parquet" for c in chunks], out / "decisions.parquet")
+    for name in ROUTING_LOGS:
+        concat_parquet([c.path / name for c in chunks], out / name)
     write_parquet(out / "scores.parquet", scores)
     if job.shard:
         # A shard's part of the run; the gather_shards job merges the parts into the run's files.
@@ -285,8 +293,8 @@ def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> 
     forwards.recording.close()
     state = recorders[0].state()
     out = job.out
-    concat_parquet([parts / "routing.parquet"], out / "routing.parquet")
-    concat_parquet([parts / "decisions.parquet"], out / "decisions.parquet")
+    for name in ROUTING_LOGS:
+        concat_parquet([parts / name], out / name)
     write_parquet(out / "scores.parquet", sample_scores(results, documents))
     head = summary_head(job, router, shape)
     summary = run_summary(head, state, router.min_k, router.max_k, shape.expert_flops_per_selection)
