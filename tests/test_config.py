@@ -22,7 +22,8 @@ from routelab.config import ConfigError, load_config, routing_configs, routing_m
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "config.yaml"
 
-SHIPPED_RUNS = ["topk8", "topk4", "topk8_skip1", "topp0.4", "hc_k16", "minp0.2", "ratio_median", "entropy", "layerk_b24", "seqtopk8",
+SHIPPED_RUNS = ["topk8", "topk4", "topk8_skip1", "topp0.4", "hc_k16", "minp0.2", "ratio_median", "entropy",
+                "layerk_b24", "seqtopk8",
                 "bh_a0.2_k16", "bh_a0.5_k16"]
 LAST = len(SHIPPED_RUNS) - 2  # the index of an entry appended to the shipped routing list (the grid adds 2)
 

@@ -78,9 +78,23 @@ REPORT_FIGURES: tuple[Figure, ...] = (
            "probability of improvement"),
     Figure("performance_profiles.png", "Performance profiles", "performance profiles"),
     Figure("efficiency.png", "Efficiency: compute, memory, time and quality", "efficiency"),
+    Figure("router_diagnostics.png", "Router entropy and top-1 margin by layer", "router diagnostics"),
     Figure("domain_specialisation.png", "Domain specialisation of experts", "domain specialisation"),
     Figure("coactivation.png", "Expert co-activation", "co-activation"),
+    Figure("vocabulary_specialisation.png", "Vocabulary specialisation of experts", "vocabulary specialisation"),
+    Figure("cross_layer_predictability.png", "Cross-layer predictability of the top-1 expert", "cross-layer"),
+    Figure("temporal_locality.png", "Temporal locality: consecutive tokens sharing experts", "temporal locality"),
+    Figure("baseline_agreement.png", "Agreement with the baseline's experts", "baseline agreement"),
+    Figure("k_by_position.png", "Adaptive k by position in the sequence", "k by position"),
+    Figure("k_by_frequency.png", "Adaptive k by token frequency", "k by token frequency"),
 )
 
 RUN_FIGURE = {figure.file: figure for figure in RUN_FIGURES}
 REPORT_FIGURE = {figure.file: figure for figure in REPORT_FIGURES}
+
+# The aggregate stage's analysis tables beyond the run, layer, score and count tables, each
+# aggregate/{name}.parquet (the aggregate rule's outputs; the report reads every one it finds).
+ANALYSIS_TABLES: tuple[str, ...] = (
+    "vocabulary", "vocabulary_top_tokens", "cross_layer", "locality", "baseline_agreement", "k_by_position",
+    "k_by_frequency", "router_diagnostics", "explorer",
+)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from routelab.catalogue import ANALYSIS_TABLES, REPORT_FIGURES
 from routelab.report.aggregate import (
     collect_runs,
 )
@@ -113,13 +114,12 @@ def test_write_report_writes_tables_statistics_figures_and_html(tmp_path):
 
     text = report.read_text()
     assert "exp &lt;1&gt;" in text and "exp <1>" not in text
-    anchors = ["methods", "comparison", "experts-vs-alpha", "quality-vs-experts", "quality-vs-flops",
-               "expert-bubbles", "entropy-vs-quality", "rliable-intervals", "probability-of-improvement",
-               "performance-profiles", "efficiency", "domain-specialisation", "coactivation", "per-run-figures"]
+    anchors = ["methods", "comparison", *(figure.anchor for figure in REPORT_FIGURES), "per-run-figures"]
+    assert {"router-diagnostics", "vocabulary-specialisation", "baseline-agreement", "k-by-frequency"} <= set(anchors)
     for anchor in anchors:
         assert f'href="#{anchor}"' in text and f'id="{anchor}"' in text, anchor
     images = re.findall(r'<img src="([^"]+)"', text)
-    assert len(images) == 11 and text.count("<figcaption>") == 11
+    assert len(images) == len(REPORT_FIGURES) and text.count("<figcaption>") == len(REPORT_FIGURES)
     for image in images:
         assert not os.path.isabs(image) and (out_dir / image).read_bytes()[:4] == b"\x89PNG"
     assert "Skipped" not in text
@@ -151,14 +151,19 @@ def test_report_rejects_unknown_baseline(tmp_path):
 def test_stage_scripts_chain_from_run_dirs_to_report(tmp_path):
     exp = tmp_path / "results" / "exp"
     run_dirs = write_runs(exp)
-    run_script("aggregate.py", "--runs", *run_dirs, "--layer", "0", "--out-dir", exp / "aggregate")
-    run_script("aggregate.py", "--runs", *run_dirs, "--layer", "None", "--out-dir", exp / "aggregate-middle")
+    run_script("aggregate.py", "--runs", *run_dirs, "--baseline", "topk8", "--layer", "0",
+               "--out-dir", exp / "aggregate")
+    run_script("aggregate.py", "--runs", *run_dirs, "--baseline", "topk8", "--layer", "None",
+               "--out-dir", exp / "aggregate-middle")
     assert (pd.read_parquet(exp / "aggregate-middle" / "coactivation.parquet")["layer"] == 1).all()
     assert len(pd.read_parquet(exp / "aggregate" / "runs.parquet")) == 6
     assert len(pd.read_csv(exp / "aggregate" / "layers.csv")) == 12
     assert len(pd.read_parquet(exp / "aggregate" / "scores.parquet")) == 72
     assert len(pd.read_parquet(exp / "aggregate" / "expert_counts.parquet")) == 48
     assert (pd.read_parquet(exp / "aggregate" / "coactivation.parquet")["layer"] == 0).all()
+    for name in ANALYSIS_TABLES:  # every run's layers; the explorer: 2 documents x 3 tokens x 2 layers per run
+        assert len(pd.read_parquet(exp / "aggregate" / f"{name}.parquet")) > 0, name
+    assert len(pd.read_parquet(exp / "aggregate" / "explorer.parquet")) == 6 * 2 * 3 * 2
     result = run_script("report.py", "--runs", exp / "aggregate" / "runs.parquet", "--plots-root",
                         exp / "plots", "--experiment", "exp", "--baseline", "topk8", "--repetitions", "100",
                         "--confidence", "0.9", "--seed", "3", "--layer", "None", "--out-dir", exp / "report")
@@ -193,7 +198,8 @@ def test_config_schema_fills_report_defaults_and_rejects_a_missing_layer(tmp_pat
     from routelab.config import ConfigError, load_config, section_defaults
 
     assert section_defaults("report") == {"baseline": None, "bootstrap_repetitions": 2000, "confidence": 0.95,
-                                          "seed": 0, "layer": None}
+                                          "seed": 0, "layer": None, "tolerances": [0.005, 0.01, 0.02, 0.05],
+                                          "explorer_tokens": 128}
     repo = REPO
     config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
     config["report"]["layer"] = 9

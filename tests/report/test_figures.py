@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.text import Text
 from scipy import stats as scipy_stats
 
 from routelab.report.figures import (
@@ -21,6 +22,9 @@ from routelab.report.figures import (
     interval_estimates_plot,
     performance_profile_plot,
     quality_vs_experts,
+    router_diagnostics,
+    routing_style,
+    specialisation_order,
 )
 
 
@@ -137,7 +141,9 @@ def test_expert_bubble_heatmap_sizes_bubbles_by_relative_share():
     assert np.asarray(bubbles.get_offsets()).tolist() == [[0, 0], [1, 0], [0, 1], [1, 1]]
     assert bubbles.get_sizes() == pytest.approx(100 * np.array([1 / 3, 1, 2 / 3, 2 / 3]))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
-    assert [t.get_text() for t in ax.texts] == ["H = 0.810", "H = 1.000"]
+    right = fig.axes[-1]  # the entropies are the right-hand axis' labels, row by row
+    assert [t.get_text() for t in right.get_yticklabels()] == ["H = 0.810", "H = 1.000"]
+    assert right.get_ylim() == ax.get_ylim()
 
 
 @pytest.mark.parametrize("weights, configs, entropy, name", [
@@ -156,7 +162,7 @@ def test_entropy_vs_quality_reports_scipys_correlations():
                           "perplexity": [5.0, 4.8, 4.9, 4.1, 4.0]})
     ax = entropy_vs_quality(table, {"wiki": ("perplexity", False)}).axes[0]
     assert np.asarray(ax.collections[0].get_offsets()).tolist() == table[["entropy", "perplexity"]].values.tolist()
-    text = [t.get_text() for t in ax.texts if "Pearson" in t.get_text()][0]
+    text = ax.get_xlabel()  # the statistics sit under the axis label, clear of the points
     pearson = scipy_stats.pearsonr(table["entropy"], table["perplexity"])
     spearman = scipy_stats.spearmanr(table["entropy"], table["perplexity"])
     assert f"Pearson r = {pearson.statistic:.2f} (p = {pearson.pvalue:.2g})" in text
@@ -221,16 +227,97 @@ def test_efficiency_parallel_coordinates_scale_each_axis_to_its_range():
         efficiency_parallel_coordinates(table, [("speed", "speed")])
 
 
-def test_domain_specialisation_draws_each_datasets_share_per_layer():
-    table = pd.DataFrame({"dataset": ["code"] * 4 + ["wiki"] * 4, "layer": [0, 0, 1, 1] * 2,
-                          "expert": [0, 1] * 4, "share": [80.0, 20.0, 50.0, 50.0, 10.0, 90.0, 40.0, 60.0]})
-    fig = domain_specialisation(table, uniform=50.0, layers=[1])
-    (ax,) = fig.axes
-    code, wiki, uniform = ax.lines
-    assert list(code.get_ydata()) == [50.0, 50.0] and list(wiki.get_ydata()) == [40.0, 60.0]
-    assert list(uniform.get_ydata()) == [50.0, 50.0] and ax.get_title() == "layer 1"
+def test_specialisation_order_groups_experts_by_peak_dataset_most_specialised_first():
+    # ratio to uniform, rows = datasets (code, wiki), columns = experts 0..3
+    ratio = np.array([[1.0, 3.0, 0.5, 2.0],
+                      [1.0, 1.0, 1.5, 0.0]])
+    order, peak = specialisation_order(ratio)
+    # peaks: 0 -> code (tie, first row), 1 -> code, 2 -> wiki, 3 -> code
+    # specialisation max / mean: e0 1, e1 3 / 2 = 1.5, e2 1.5 / 1 = 1.5, e3 2 / 1 = 2
+    assert peak.tolist() == [0, 0, 1, 0]
+    assert order.tolist() == [3, 1, 0, 2]
+
+
+def share_table(datasets, num_experts, layers=(0,), seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset in datasets:
+        for layer in layers:
+            share = rng.gamma(2.0, size=num_experts)
+            rows.append(pd.DataFrame({"dataset": dataset, "layer": layer, "expert": np.arange(num_experts),
+                                      "share": 800.0 * share / share.sum()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_domain_specialisation_draws_a_dataset_by_expert_heatmap_in_specialisation_order():
+    # experts 0..3; code uses expert 2 four times evenly, wiki expert 0 twice
+    table = pd.DataFrame({"dataset": ["code"] * 4 + ["wiki"] * 4, "layer": 1, "expert": [0, 1, 2, 3] * 2,
+                          "share": [25.0, 25.0, 100.0, 50.0, 50.0, 25.0, 25.0, 25.0]})
+    fig = domain_specialisation(table, uniform=25.0)
+    ax = fig.axes[0]
+    # ratios: code [1, 1, 4, 2], wiki [2, 1, 1, 1] -> code's group: 2 (4 / 2.5), 3 (2 / 1.5), 1 (1 / 1);
+    # wiki's: 0
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "3", "1", "0"]
+    assert np.asarray(ax.images[0].get_array()) == pytest.approx(np.array([[4, 2, 1, 1], [1, 1, 1, 2]]))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["code", "wiki"] and ax.get_title() == "layer 1"
+    (boundary,) = [line for line in ax.lines]
+    assert boundary.get_xdata()[0] == 2.5  # between code's group and wiki's
     with pytest.raises(ValueError, match="layers"):
         domain_specialisation(table, layers=[3])
+
+
+def test_domain_specialisation_without_uniform_uses_each_datasets_mean_share():
+    table = pd.DataFrame({"dataset": "code", "layer": 0, "expert": [0, 1], "share": [30.0, 10.0]})
+    image = domain_specialisation(table).axes[0].images[0]
+    assert np.asarray(image.get_array()).tolist() == [[1.5, 0.5]]
+
+
+def test_domain_specialisation_at_256_experts_has_no_expert_ticks_and_a_colour_bar():
+    datasets = ["arithmetic", "code", "cloze", "grammar", "wiki", "bracket_choice", "close_brackets"]
+    fig = domain_specialisation(share_table(datasets, 256, layers=(0, 8)), uniform=100 * 8 / 256)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 2 and all(len(ax.get_xticks()) == 0 for ax in heatmaps)
+    assert len(fig.axes) == 3  # the colour bar
+    assert no_overlapping_labels(fig)
+
+
+def diagnostic_quantiles(routings, layers, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for routing in routings:
+        for layer in layers:
+            for statistic in ("router_entropy_norm", "top1_margin"):
+                values = np.sort(rng.random(5))
+                rows += [{"routing": routing, "layer": layer, "statistic": statistic, "quantile": q, "value": v}
+                         for q, v in zip((0.05, 0.25, 0.5, 0.75, 0.95), values)]
+    return pd.DataFrame(rows)
+
+
+def test_router_diagnostics_draws_each_routings_quantile_bars_per_layer_and_statistic():
+    quantiles = pd.DataFrame({"routing": "topk8", "layer": 0, "statistic": "top1_margin",
+                              "quantile": [0.05, 0.25, 0.5, 0.75, 0.95], "value": [0.0, 0.1, 0.2, 0.3, 0.6]})
+    quantiles = pd.concat([quantiles, quantiles.assign(statistic="router_entropy_norm", value=[0.5, 0.6, 0.7,
+                                                                                              0.8, 0.9])])
+    fig = router_diagnostics(quantiles, baseline="topk8")
+    entropy, margin = fig.axes
+    thin, thick = (np.asarray(c.get_segments()) for c in margin.collections[:2])
+    assert thin.tolist() == [[[0.0, 0], [0.6, 0]]] and thick.tolist() == [[[0.1, 0], [0.3, 0]]]
+    assert np.asarray(margin.collections[2].get_offsets()).tolist() == [[0.2, 0]]
+    assert [line.get_xdata()[0] for line in entropy.lines] == [0.7]  # the baseline's median
+    assert [t.get_text() for t in entropy.get_yticklabels()] == ["topk8"]
+    with pytest.raises(ValueError, match="quantile"):
+        router_diagnostics(quantiles[quantiles["quantile"] != 0.95])
+    with pytest.raises(ValueError, match="layers"):
+        router_diagnostics(quantiles, layers=[4])
+
+
+def test_router_diagnostics_with_20_configs_and_6_layers_keeps_its_labels_apart():
+    routings = [f"config_{i:02d}" for i in range(20)]
+    fig = router_diagnostics(diagnostic_quantiles(routings, range(16)), baseline="config_03",
+                             layers=[0, 3, 6, 9, 12, 15])
+    assert len(fig.axes) == 12
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == routings
+    assert no_overlapping_labels(fig)
 
 
 def test_coactivation_rate_is_the_share_of_an_experts_tokens_shared_with_another():
@@ -255,3 +342,58 @@ def test_coactivation_heatmap_draws_one_panel_per_config():
     assert fig.get_suptitle() == "expert co-activation in layer 2"
     with pytest.raises(ValueError, match="counts is empty"):
         coactivation_heatmap({})
+
+
+def no_overlapping_labels(fig) -> bool:
+    """True when no two texts of one panel (point labels, tick labels, axis labels, title) and no two
+    figure-level texts overlap on the drawn figure."""
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else None
+    if renderer is None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        texts = [*ax.texts, *ax.get_xticklabels(), *ax.get_yticklabels(), ax.xaxis.label, ax.yaxis.label, ax.title]
+        # Text's own extent: an annotation's would include its leader line
+        boxes = [Text.get_window_extent(t, renderer) for t in texts if t.get_visible() and t.get_text()]
+        for i, first in enumerate(boxes):
+            for second in boxes[i + 1:]:
+                if first.overlaps(second) and first.intersection(first, second).width > 0.5 \
+                        and first.intersection(first, second).height > 0.5:
+                    return False
+    return True
+
+
+def crowded_quality_table(configs: int = 20) -> pd.DataFrame:
+    """Many configs on one dataset, several tied on quality and cost (as accuracies on few documents are)."""
+    rng = np.random.default_rng(1)
+    experts = np.round(rng.uniform(1, 16, configs), 1)
+    experts[:4] = 8.0
+    acc = np.round(rng.uniform(0.4, 0.5, configs), 2)
+    acc[:6] = 0.45
+    return pd.DataFrame({"routing": [f"routing_config_{i}" for i in range(configs)], "dataset": "cloze",
+                         "method": [f"m{i % 7}" for i in range(configs)], "experts_mean": experts, "acc": acc})
+
+
+def test_quality_vs_experts_labels_20_crowded_configs_without_overlaps():
+    table = crowded_quality_table()
+    fig = quality_vs_experts(table, {"cloze": ("acc", True)}, baseline="routing_config_0")
+    ax = fig.axes[0]
+    named = sorted(name for t in ax.texts for name in t.get_text().replace(",\n", ", ").split(", "))
+    assert named == sorted(table["routing"])  # every config named once; tied points share a label
+    assert any(", " in t.get_text() for t in ax.texts)  # the four at (8, 0.45) share one
+    assert no_overlapping_labels(fig)
+
+
+def test_no_overlapping_labels_detects_an_overlap():
+    from matplotlib.figure import Figure
+    fig = Figure()
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, "first label")
+    ax.text(0.52, 0.5, "second label")
+    assert not no_overlapping_labels(fig)
+
+
+def test_routing_styles_stay_distinct_for_40_configs():
+    styles = {(routing_style(i)["color"], routing_style(i)["linestyle"]) for i in range(40)}
+    assert len(styles) == 40

@@ -15,6 +15,8 @@ from routelab.report.aggregate import (
     collect_runs,
     collect_scores,
 )
+from routelab.report.diagnostics import collect_router_diagnostics
+from routelab.report.routing_analyses import collect_routing_analyses
 
 TOPK = ("topk8", "topk", {"k": 8, "weights": "model"}, 8, 8)
 
@@ -87,10 +89,17 @@ def document_scores(index: int, num_docs: int = 12) -> pd.DataFrame:
                          "words": tokens, "bytes": 3 * tokens})
 
 
+def sampled_logits(index: int) -> pd.DataFrame:
+    """The columns of decisions.parquet the router diagnostics read: 3 sampled tokens x 2 layers, 4 experts."""
+    rows = [{"window_id": 0, "doc_id": 0, "position": token, "token_id": 5 + token, "layer": layer,
+             "logits": [float(token + layer), 0.5 * index, 0.0, -1.0]} for token in range(3) for layer in range(2)]
+    return pd.DataFrame(rows)
+
+
 def write_runs(root: Path, routings=(TOPK, BH, BH_LOOSE),
                datasets=(("wiki", "perplexity"), ("lambada", "cloze"))) -> list[Path]:
     """Run directories root/runs/{routing}/{dataset} with summary.json, metrics.json, system.json,
-    scores.parquet and routing.parquet."""
+    scores.parquet, routing.parquet and (the router logits of) decisions.parquet."""
     run_dirs = []
     for index, (routing, method, params, min_k, max_k) in enumerate(routings):
         for dataset, task in datasets:
@@ -102,14 +111,18 @@ def write_runs(root: Path, routings=(TOPK, BH, BH_LOOSE),
                                                  "peak_cuda_mb": None, "device": "cpu"})
             write_parquet(run_dir / "scores.parquet", document_scores(index))
             write_parquet(run_dir / "routing.parquet", routing_log(method, [0, 1]))
+            write_parquet(run_dir / "decisions.parquet", sampled_logits(index))
             run_dirs.append(run_dir)
     return run_dirs[::-1]  # not in sorted order
 
 
 def aggregate(root: Path) -> dict[str, pd.DataFrame]:
     run_dirs = write_runs(root)
+    analyses = {**collect_routing_analyses(run_dirs, "topk8"),
+                "router_diagnostics": collect_router_diagnostics(run_dirs)}
     return {"runs": collect_runs(run_dirs), "scores": collect_scores(run_dirs),
-            "expert_counts": collect_expert_counts(run_dirs), "coactivation": collect_coactivation(run_dirs)}
+            "expert_counts": collect_expert_counts(run_dirs), "coactivation": collect_coactivation(run_dirs),
+            "analyses": analyses}
 
 
 def write_plot_index(plots_root: Path) -> None:
@@ -123,3 +136,47 @@ def write_plot_index(plots_root: Path) -> None:
     globbed.mkdir(parents=True)
     for name in ("zz_extra.png", "expert_heatmap.png"):
         (globbed / name).write_bytes(b"\x89PNG")
+
+
+# The explorer's test data: every document reads "<script>alert(1)</script>" (token ids 5, 6, 7 of
+# routing_log), so the page must show it as text.
+TOKEN_TEXT = {5: "<script>", 6: "alert(1)", 7: "</script>"}
+
+
+def fake_decode(ids) -> list[str]:
+    """A decoder in the shape of :func:`routelab.report.tokens.load_decoder`'s: one string per id."""
+    return [TOKEN_TEXT.get(int(i), f"<{int(i)}>") for i in ids]
+
+
+# p-values by expert index of routing_log's BH tokens, layer 1 (layer 0: 0.01 at the chosen expert, 0.5
+# elsewhere). At alpha 0.05 (thresholds 0.0125, 0.025, 0.0375, 0.05) they pass ranks 2, 1 and 1: the
+# experts routing_log selects.
+LAYER1_PVALUES = ([0.001, 0.02, 0.5, 0.9], [0.3, 0.004, 0.6, 0.2], [0.7, 0.8, 0.9, 0.01])
+LAYER1_PASSING = (2, 1, 1)
+
+
+def explorer_log(alpha: float, doc_ids: list[int], positions=(0, 1, 2)) -> pa.Table:
+    """An explorer.parquet (decisions.parquet's schema) of routing_log's BH tokens at ``positions``."""
+    from routelab.record.decisions import SCHEMA, bh_thresholds
+
+    rows = []
+    for doc in doc_ids:
+        for position in positions:
+            for layer in (0, 1):
+                if layer == 0:
+                    pvalues, rank = [0.01 if e == position % 4 else 0.5 for e in range(4)], 1
+                else:
+                    pvalues, rank = LAYER1_PVALUES[position], LAYER1_PASSING[position]
+                rows.append({"window_id": doc, "doc_id": doc, "position": position, "token_id": 5 + position,
+                             "phase": "prefill", "layer": layer, "k": 1, "logits": [0.0] * 4, "pvalues": pvalues,
+                             "sorted_pvalues": sorted(pvalues), "bh_thresholds": bh_thresholds(4, alpha).tolist(),
+                             "passing_rank": rank, "selected": [0], "selected_weights": [1.0]})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def write_explorer_logs(run_dirs: list[Path]) -> None:
+    """explorer.parquet beside routing.parquet in every BH run (the others have no p-values)."""
+    for run_dir in run_dirs:
+        summary = pd.read_json(run_dir / "summary.json", typ="series")
+        if summary["method"] == "bh":
+            write_parquet(run_dir / "explorer.parquet", explorer_log(summary["params"]["alpha"], [0, 1]))

@@ -1,7 +1,8 @@
 rule aggregate:
     input:
-        # everything the aggregate reads from each run; routing.parquet for one layer's co-activation
+        # everything the aggregate reads from each run, and the tokenizer that decodes token ids
         aggregate_inputs,
+        model_dir,
     output:
         runs="results/{experiment}/aggregate/runs.parquet",
         table=report(
@@ -13,14 +14,22 @@ rule aggregate:
         scores="results/{experiment}/aggregate/scores.parquet",
         expert_counts="results/{experiment}/aggregate/expert_counts.parquet",
         coactivation="results/{experiment}/aggregate/coactivation.parquet",
+        analyses=expand("results/{{experiment}}/aggregate/{table}.parquet", table=ANALYSIS_TABLES),
     log:
         "logs/{experiment}/aggregate.log",
     params:
         runs=run_dirs,
         layer=config["report"]["layer"],
-    threads: 1
+        baseline=BASELINE,
+        tokenizer=model_ref,
+        explorer_documents=config["evaluation"]["explorer_documents"],
+        explorer_tokens=config["report"]["explorer_tokens"],
+    # the routing analyses read the datasets' logs in parallel
+    threads: 2
     conda:
         "../../envs/routelab.yaml"
     shell:
         "python workflow/scripts/aggregate.py --runs {params.runs} --layer {params.layer}"
+        " --baseline {params.baseline} --tokenizer {params.tokenizer:q} --workers {threads}"
+        " --explorer-documents {params.explorer_documents} --explorer-tokens {params.explorer_tokens}"
         " --out-dir results/{wildcards.experiment}/aggregate > {log} 2>&1"

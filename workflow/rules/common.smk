@@ -7,7 +7,7 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from routelab.catalogue import REPORT_FIGURES, RUN_FIGURES
+from routelab.catalogue import ANALYSIS_TABLES, REPORT_FIGURES, RUN_FIGURES
 from routelab.config import (
     DEMO_MODEL_ID,
     ConfigError,
@@ -226,8 +226,9 @@ def run_summaries(wildcards):
 
 
 def aggregate_inputs(wildcards):
-    """Everything the aggregate reads from each run; routing.parquet for one layer's co-activation."""
-    return run_files(wildcards, ("summary.json", "metrics.json", "system.json", "scores.parquet", "routing.parquet"))
+    """Everything the aggregate reads from each run."""
+    return run_files(wildcards, ("summary.json", "metrics.json", "system.json", "scores.parquet", "routing.parquet",
+                                 "decisions.parquet", "explorer.parquet"))
 
 
 def config_runs(wildcards):

@@ -4,8 +4,11 @@ rule report:
         scores="results/{experiment}/aggregate/scores.parquet",
         expert_counts="results/{experiment}/aggregate/expert_counts.parquet",
         coactivation="results/{experiment}/aggregate/coactivation.parquet",
+        analyses=expand("results/{{experiment}}/aggregate/{table}.parquet", table=ANALYSIS_TABLES),
         plots=run_plots,
     output:
+        findings_md="results/{experiment}/report/findings.md",
+        findings_json="results/{experiment}/report/findings.json",
         csv="results/{experiment}/report/comparison.csv",
         markdown="results/{experiment}/report/comparison.md",
         latex=report(
@@ -17,6 +20,8 @@ rule report:
         rliable="results/{experiment}/report/rliable_intervals.csv",
         **report_figure_outputs(),
         html="results/{experiment}/report/report.html",
+        # the token explorer's data, one script per run, loaded by report.html on demand
+        explorer=directory("results/{experiment}/report/explorer"),
     log:
         "logs/{experiment}/report.log",
     params:
@@ -25,6 +30,7 @@ rule report:
         confidence=config["report"]["confidence"],
         seed=config["report"]["seed"],
         layer=config["report"]["layer"],
+        tolerances=config["report"]["tolerances"],  # a list: the shell gets it space-separated
     threads: 1
     conda:
         "../../envs/routelab.yaml"
@@ -32,4 +38,5 @@ rule report:
         "python workflow/scripts/report.py --runs {input.runs} --plots-root results/{wildcards.experiment}/plots"
         " --experiment {wildcards.experiment} --baseline {params.baseline} --repetitions {params.repetitions}"
         " --confidence {params.confidence} --seed {params.seed} --layer {params.layer}"
+        " --tolerances {params.tolerances}"
         " --out-dir results/{wildcards.experiment}/report > {log} 2>&1"

@@ -2,7 +2,7 @@
 """Build the cross-run comparison report.
 
 Reads the aggregate tables (runs.parquet and, beside it, scores.parquet, expert_counts.parquet and
-coactivation.parquet when present); writes into REPORT_DIR comparison.csv, comparison.md,
+coactivation.parquet when present); writes into REPORT_DIR findings.md, findings.json, comparison.csv, comparison.md,
 comparison.tex, the statistics as CSV, figures/*.png and report.html, which shows the figures beside
 it and links the per-run figures under PLOTS_ROOT relative to itself. Prints the absolute path of
 report.html.
@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer", type=layer_option, default=defaults["layer"],
                         help="layer of the expert-activation figures; 'None' (the default) = the "
                              "co-activation table's")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=defaults["tolerances"],
+                        help="relative quality losses the findings test, e.g. 0.01 for 1 %% (default %(default)s)")
     parser.add_argument("--out-dir", required=True, type=Path, help="directory the report goes to")
     return parser.parse_args()
 
@@ -57,10 +59,12 @@ def main() -> None:
     start = time.perf_counter()
     runs = pd.read_parquet(args.runs)
     tables = {name: read_optional(args.runs.parent / f"{name}.parquet") for name in AGGREGATE_TABLES}
+    analyses = {path.stem: pd.read_parquet(path) for path in sorted(args.runs.parent.glob("*.parquet"))
+                if path.stem not in {"runs", *AGGREGATE_TABLES}}
     options = ReportOptions(repetitions=args.repetitions, confidence=args.confidence, seed=args.seed,
-                            layer=args.layer)
+                            layer=args.layer, tolerances=tuple(args.tolerances))
     report = write_report(runs, args.out_dir, args.experiment, args.baseline, args.plots_root, options=options,
-                          **tables)
+                          analyses=analyses, **tables)
     log.info("wrote report of %d runs to %s in %.1f s", len(runs), args.out_dir, time.perf_counter() - start)
     print(report.resolve())
 

@@ -3,10 +3,10 @@
 Input is the aggregate stage's tidy tables (:mod:`routelab.report.aggregate`): the run table, and
 optionally the per-document scores, the per-(run, layer, expert) counts and the co-activation of one
 layer; a section whose table is missing says so instead of drawing. :func:`write_report` writes into
-``out_dir``: ``comparison.{csv,md,tex}`` (:mod:`.tables`), the statistics behind the figures as CSV
-(``quality_ci.csv``, ``entropy_correlation.csv``, ``rliable_intervals.csv``, ``improvement.csv``,
-``performance_profiles.csv``), ``figures/*.png`` (:mod:`.figures`, listed in
-:data:`routelab.catalogue.REPORT_FIGURES`) and ``report.html`` (:mod:`.page`).
+``out_dir``: ``findings.{md,json}`` (:mod:`.findings`), ``comparison.{csv,md,tex}`` (:mod:`.tables`), the
+statistics behind the figures as CSV (``quality_ci.csv``, ``entropy_correlation.csv``,
+``rliable_intervals.csv``, ``improvement.csv``, ``performance_profiles.csv``), ``figures/*.png``
+(:mod:`.figures`, listed in :data:`routelab.catalogue.REPORT_FIGURES`) and ``report.html`` (:mod:`.page`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +24,14 @@ import pandas as pd
 from routelab.catalogue import REPORT_FIGURE
 from routelab.io.files import write_text
 from routelab.plot.drawing import message_figure
+from routelab.report import analysis_figures as af
 from routelab.report import figures as cp
 from routelab.report import statistics as stats
 from routelab.report.aggregate import default_layer
-from routelab.report.page import Section, html_table, per_run_links, render_html
+from routelab.report.diagnostics import pooled_quantiles
+from routelab.report.explorer import write_explorer_files
+from routelab.report.findings import findings, findings_html, findings_json, findings_markdown
+from routelab.report.page import Section, html_table, interactive_data, per_run_links, render_html
 from routelab.report.tables import (
     baseline_experts,
     comparison_table,
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 NO_BH_RUNS = "no BH runs in this experiment"
 NO_EXPERT_COUNTS = "no expert counts in the aggregate (expert_counts.parquet)"
 MAX_SPECIALISATION_LAYERS = 4
+MAX_DIAGNOSTIC_LAYERS = 6  # panel columns of the router-diagnostics figure
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,17 @@ class ReportOptions:
     confidence: float = 0.95
     seed: int = 0
     layer: int | None = None  # layer of the expert-activation figures; None = the middle layer
+    tolerances: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)  # relative quality losses of the findings
 
     def __post_init__(self) -> None:
         if self.repetitions < 1:
             raise ValueError(f"repetitions must be >= 1, got {self.repetitions}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
+        bad = [t for t in self.tolerances if not 0 < t < 1]
+        if not self.tolerances or bad:
+            raise ValueError(f"report.tolerances must be relative quality losses in (0, 1), e.g. 0.01 for 1 %; "
+                             f"got {list(self.tolerances)}")
 
 
 METHODS_TEXT = (
@@ -89,9 +99,11 @@ class ReportBuilder:
 
     def __init__(self, runs: pd.DataFrame, baseline: str, out_dir: Path, options: ReportOptions,
                  scores: pd.DataFrame | None, expert_counts: pd.DataFrame | None,
-                 coactivation: pd.DataFrame | None) -> None:
+                 coactivation: pd.DataFrame | None, analyses: Mapping[str, pd.DataFrame] | None = None) -> None:
         self.runs, self.baseline, self.out_dir, self.options = runs, baseline, out_dir, options
         self.scores, self.expert_counts, self.coactivation = scores, expert_counts, coactivation
+        # the aggregate's analysis tables by name (its other .parquet files' stems); a missing one skips its section
+        self.analyses: dict[str, pd.DataFrame] = dict(analyses or {})
         self.figures_dir = out_dir / "figures"
         self.metrics = metric_by_dataset(runs)
         self.layer = analysis_layer(runs, options, coactivation)
@@ -197,6 +209,19 @@ class ReportBuilder:
         cp.efficiency_parallel_coordinates(table, axes, baseline=self.baseline, path=self._path(file))
         return Section(REPORT_FIGURE[file], True)
 
+    def router_diagnostics(self) -> Section:
+        file = "router_diagnostics.png"
+        table = self.analyses.get("router_diagnostics")
+        if table is None or table.empty:
+            return self._skip(file, "no sampled router decisions in the aggregate (router_diagnostics.parquet)")
+        quantiles = pooled_quantiles(table, cp.DIAGNOSTIC_QUANTILES)
+        self._write_csv("router_diagnostics.csv", quantiles)
+        num_layers = int(table["layer"].max()) + 1
+        spaced = np.linspace(0, num_layers - 1, min(num_layers, MAX_DIAGNOSTIC_LAYERS)).round().astype(int)
+        layers = sorted({*spaced.tolist(), self.layer} & set(table["layer"].unique().tolist()))
+        cp.router_diagnostics(quantiles, baseline=self.baseline, layers=layers, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
     def domain_specialisation(self) -> Section:
         file = "domain_specialisation.png"
         if self.expert_counts is None:
@@ -228,6 +253,59 @@ class ReportBuilder:
         cp.coactivation_heatmap(matrices, layer=layer, path=self._path(file))
         return Section(REPORT_FIGURE[file], True)
 
+    def _analysis(self, name: str) -> pd.DataFrame | None:
+        table = self.analyses.get(name)
+        return None if table is None or table.empty else table
+
+    def vocabulary_figure(self) -> Section:
+        file = "vocabulary_specialisation.png"
+        vocabulary = self._analysis("vocabulary")
+        if vocabulary is None:
+            return self._skip(file, "no vocabulary table in the aggregate (vocabulary.parquet)")
+        af.vocabulary_specialisation(vocabulary, path=self._path(file))
+        top = self._analysis("vocabulary_top_tokens")
+        table = af.top_tokens_table(top, self.baseline, self.layer) if top is not None else None
+        table_html = html_table(table, index=False) if table is not None and not table.empty else ""
+        return Section(REPORT_FIGURE[file], True, table_html=table_html)
+
+    def cross_layer_figure(self) -> Section:
+        file = "cross_layer_predictability.png"
+        table = self._analysis("cross_layer")
+        if table is None:
+            return self._skip(file, "no cross-layer table in the aggregate (cross_layer.parquet; one MoE layer?)")
+        af.cross_layer_predictability(table, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def locality_figure(self) -> Section:
+        file = "temporal_locality.png"
+        table = self._analysis("locality")
+        if table is None:
+            return self._skip(file, "no locality table in the aggregate (locality.parquet)")
+        af.temporal_locality(table, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def baseline_agreement_figure(self) -> Section:
+        file = "baseline_agreement.png"
+        table = self._analysis("baseline_agreement")
+        if table is None or (table["routing"] != self.baseline).sum() == 0:
+            return self._skip(file, f"no config other than {self.baseline} has a baseline_agreement table")
+        af.baseline_agreement(table, self.baseline, path=self._path(file))
+        return Section(REPORT_FIGURE[file], True)
+
+    def adaptive_k_figures(self) -> list[Section]:
+        sections = []
+        for file, name, draw in (("k_by_position.png", "k_by_position", af.k_by_position),
+                                 ("k_by_frequency.png", "k_by_frequency", af.k_by_frequency)):
+            table = self._analysis(name)
+            if table is None:
+                sections.append(self._skip(file, f"no {name} table in the aggregate ({name}.parquet)"))
+            elif not af.adaptive_routings(table):
+                sections.append(self._skip(file, "no routing config's number of experts varies"))
+            else:
+                draw(table, path=self._path(file))
+                sections.append(Section(REPORT_FIGURE[file], True))
+        return sections
+
     def sections(self) -> list[Section]:
         steps: list[Callable[[], Section | list[Section]]] = [
             self.experts_vs_alpha,
@@ -235,7 +313,9 @@ class ReportBuilder:
             lambda: self.quality_vs("quality_vs_flops.png", "active_expert_flops_per_token",
                                     "active expert FLOPs per token"),
             self.expert_bubbles, self.entropy_vs_quality, self.rliable, self.efficiency,
-            self.domain_specialisation, self.coactivation_figure,
+            self.router_diagnostics, self.domain_specialisation, self.coactivation_figure,
+            self.vocabulary_figure, self.cross_layer_figure, self.locality_figure, self.baseline_agreement_figure,
+            self.adaptive_k_figures,
         ]
         sections = []
         for step in steps:
@@ -250,7 +330,7 @@ class ReportBuilder:
 def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, experiment: str, baseline: str,
                  plots_root: str | os.PathLike, scores: pd.DataFrame | None = None,
                  expert_counts: pd.DataFrame | None = None, coactivation: pd.DataFrame | None = None,
-                 options: ReportOptions | None = None) -> Path:
+                 options: ReportOptions | None = None, analyses: Mapping[str, pd.DataFrame] | None = None) -> Path:
     """Write the comparison tables, statistics, figures and report.html into ``out_dir`` (each file
     atomically); returns the path of report.html. ``scores`` / ``expert_counts`` /
     ``coactivation`` are the aggregate stage's tables; without one, its sections say so."""
@@ -259,8 +339,12 @@ def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, experiment: str
     if runs.empty:
         raise ValueError("runs is empty: nothing to compare")
     baseline_experts(runs, baseline)  # an unknown baseline fails before anything is written
-    builder = ReportBuilder(runs, baseline, out_dir, options, scores, expert_counts, coactivation)
+    builder = ReportBuilder(runs, baseline, out_dir, options, scores, expert_counts, coactivation, analyses)
     intervals = builder.quality_intervals()
+    found = findings(runs, scores, baseline, builder.metrics, options.tolerances, intervals,
+                     **builder._bootstrap_options())
+    write_text(out_dir / "findings.md", findings_markdown(found))
+    write_text(out_dir / "findings.json", findings_json(found))
     comparison = comparison_table(runs, intervals)
     display = display_table(comparison, builder.metrics)
     write_text(out_dir / "comparison.csv", comparison.to_csv(index=False))
@@ -272,6 +356,9 @@ def write_report(runs: pd.DataFrame, out_dir: str | os.PathLike, experiment: str
                                   seed=options.seed, documents=builder.documents or "all")
     links = per_run_links(runs, plots_root, out_dir)
     report = out_dir / "report.html"
+    # the explorer's runs, one script each beside the page (aggregate/explorer.parquet, when present)
+    explorer = write_explorer_files(builder.analyses.get("explorer"), out_dir)
+    interactive = interactive_data(comparison, runs, builder.metrics, baseline, explorer)
     write_text(report, render_html(display, experiment, baseline, sections, links, methods, out_dir,
-                                   builder.figures_dir))
+                                   builder.figures_dir, findings_html=findings_html(found), interactive=interactive))
     return report

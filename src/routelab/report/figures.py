@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -73,6 +75,15 @@ def _label_alphas(ax: Any, alphas: pd.Series, max_labels: int = 8) -> None:
         ax.minorticks_off()
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def routing_style(index: int) -> dict[str, Any]:
+    """Colour and line style of the ``index``-th routing line: 20 colours, then the next line style,
+    so 80 configs stay apart (10 colours alone repeat from the eleventh)."""
+    return {"color": colormaps["tab20"](index % 20), "linestyle": LINE_STYLES[(index // 20) % len(LINE_STYLES)]}
+
+
 def _better(higher_is_better: bool) -> str:
     return "higher is better" if higher_is_better else "lower is better"
 
@@ -118,6 +129,110 @@ def experts_vs_alpha(table: pd.DataFrame, baseline_experts: float | Mapping[str,
 
 # --------------------------------------------------------------------------- item 12
 
+MERGE_PIXELS = 6.0  # points closer than this on screen share one label: their labels could never sit apart
+
+
+def _name_lines(names: Sequence[str], per_line: int = 2) -> str:
+    """``names`` joined by commas, ``per_line`` to a line, so a shared label stays narrow."""
+    lines = [", ".join(names[i:i + per_line]) for i in range(0, len(names), per_line)]
+    return ",\n".join(lines)
+
+
+def _merged_labels(ax: Any, x: np.ndarray, y: np.ndarray,
+                   labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Points that (nearly) coincide on screen get one label listing them, placed at the first of them
+    (several configs often tie on a metric)."""
+    screen = ax.transData.transform(np.column_stack([x, y]))
+    group = np.full(len(x), -1)
+    for i in range(len(x)):
+        if group[i] < 0:
+            near = (group < 0) & (np.hypot(*(screen - screen[i]).T) < MERGE_PIXELS)
+            group[near] = i
+    firsts = np.unique(group)
+    names = [_name_lines(sorted(str(labels[j]) for j in np.flatnonzero(group == i))) for i in firsts]
+    return x[firsts], y[firsts], names
+
+
+LABEL_RADII = (3, 10, 18, 28, 40, 55, 75, 100, 130, 170, 220)  # pixels from a point to its label, tried in turn
+LABEL_DIRECTIONS = tuple(np.deg2rad(np.arange(0, 360, 22.5)))  # right first, then anticlockwise
+MARKER_PIXELS = 7.0  # half the side of the box a point's marker keeps free of labels
+
+
+def _overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Area shared by ``box`` ``[x0, y0, x1, y1]`` and each of ``boxes`` ``[n, 4]``."""
+    if not len(boxes):
+        return np.zeros(0)
+    width = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
+    height = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
+    return np.clip(width, 0, None) * np.clip(height, 0, None)
+
+
+def _place_label(point: np.ndarray, size: np.ndarray, frame: np.ndarray, taken: np.ndarray) -> tuple[np.ndarray, float]:
+    """The centre (pixels) of a ``size`` ``[w, h]`` label for ``point``: the nearest of the candidate
+    places around it that lies inside ``frame`` and overlaps none of the ``taken`` boxes; if none is
+    free, the candidate overlapping least. Returns ``(centre, radius)``."""
+    best, best_cost = None, np.inf
+    for radius in LABEL_RADII:
+        for angle in LABEL_DIRECTIONS:
+            direction = np.array([np.cos(angle), np.sin(angle)])
+            centre = point + direction * (radius + size / 2)
+            box = np.concatenate([centre - size / 2, centre + size / 2])
+            outside = (np.clip(frame[:2] - box[:2], 0, None).sum() + np.clip(box[2:] - frame[2:], 0, None).sum())
+            cost = _overlap(box, taken).sum() + 1e3 * outside
+            if cost == 0:
+                return centre, radius
+            if cost < best_cost:
+                best, best_cost = (centre, radius), cost
+    return best
+
+
+def label_points(axes_points: Sequence[tuple[Any, np.ndarray, np.ndarray, Sequence[str]]],
+                 fontsize: float = 7) -> None:
+    """Name the points of each panel, ``[(ax, x, y, labels)]``, with no label overlapping another label
+    or a point: each label takes the nearest free place around its point (right first, then round it,
+    farther out in steps, a thin leader line once it is away from the point). Points that coincide on
+    screen share one label listing them. Call it last: it measures the laid-out figure and then fixes
+    the layout."""
+    if not axes_points:
+        return
+    figure = axes_points[0][0].get_figure(root=True)
+    renderer = (figure.canvas if hasattr(figure.canvas, "get_renderer") else FigureCanvasAgg(figure)).get_renderer()
+    figure.draw_without_rendering()  # the constrained layout fixes every panel's size ...
+    figure.set_layout_engine("none")  # ... and keeps it, so the labels stay where they are put
+    points_per_pixel = 72.0 / figure.dpi
+    for ax, x, y, labels in axes_points:
+        x, y, labels = _merged_labels(ax, np.asarray(x, float), np.asarray(y, float), labels)
+        screen = ax.transData.transform(np.column_stack([x, y])) if len(x) else np.zeros((0, 2))
+        frame = np.asarray(ax.get_window_extent(renderer).extents)
+        taken = [np.concatenate([p - MARKER_PIXELS, p + MARKER_PIXELS]) for p in screen]
+        # texts already in the panel (a statistics box) stay clear too
+        taken += [np.asarray(text.get_window_extent(renderer).padded(4).extents) for text in ax.texts]
+        for i in np.lexsort((screen[:, 1], screen[:, 0])) if len(x) else []:
+            probe = ax.text(0, 0, labels[i], fontsize=fontsize)
+            extent = probe.get_window_extent(renderer)
+            probe.remove()
+            size = np.array([extent.width, extent.height]) + 2.0  # a pixel of air round each label
+            centre, radius = _place_label(screen[i], size, frame, np.array(taken))
+            leader = {"arrowstyle": "-", "color": "0.55", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3}
+            ax.annotate(labels[i], (x[i], y[i]), fontsize=fontsize, ha="center", va="center",
+                        xytext=tuple((centre - screen[i]) * points_per_pixel), textcoords="offset points",
+                        arrowprops=leader if radius > LABEL_RADII[1] else None, zorder=4,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.3})
+            taken.append(np.concatenate([centre - size / 2, centre + size / 2]))
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Any]) -> None:
+    """One legend for all panels, below them (the panels share their colours), so it covers no point."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        columns = max(1, min(len(entries), int(fig.get_figwidth() // 1.5)))  # ~1.5 inches an entry
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncols=columns,
+                   frameon=False, fontsize=8)
+
+
 def quality_vs_experts(table: pd.DataFrame, metric_by_dataset: Mapping[str, tuple[str, bool]],
                        baseline: str | None = None, path: str | os.PathLike | None = None,
                        x: str = "experts_mean", x_label: str = "experts per token and layer (mean)",
@@ -142,14 +257,13 @@ def quality_vs_experts(table: pd.DataFrame, metric_by_dataset: Mapping[str, tupl
         _require_columns(intervals, ["routing", "dataset", "low", "high"], "intervals")
     colours = {method: f"C{i}" for i, method in enumerate(sorted(table["method"].unique()))}
     fig, axes = _panel_grid(len(datasets))
+    labelled = []  # the routing names go on once every panel is drawn and the layout is fixed
     for ax, dataset in zip(axes, datasets):
         column, higher_is_better = metric_by_dataset[dataset]
         rows = table[(table["dataset"] == dataset) & table[column].notna() & table[x].notna()]
         for method, points in rows.groupby("method", sort=True):
             ax.scatter(points[x], points[column], color=colours[method], label=method, zorder=2)
-        for point in rows.itertuples(index=False):
-            ax.annotate(point.routing, (getattr(point, x), getattr(point, column)), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+        labelled.append((ax, rows[x].to_numpy(float), rows[column].to_numpy(float), rows["routing"].tolist()))
         if intervals is not None:
             bounds = rows[["routing", x, column]].merge(
                 intervals[intervals["dataset"] == dataset][["routing", "low", "high"]], on="routing")
@@ -168,7 +282,8 @@ def quality_vs_experts(table: pd.DataFrame, metric_by_dataset: Mapping[str, tupl
         ax.set_title(dataset)
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{column} ({_better(higher_is_better)})")
-        ax.legend(frameon=False, fontsize=8)
+    _figure_legend(fig, axes)
+    label_points(labelled)
     save_figure(fig, path)
     return fig
 
@@ -208,12 +323,14 @@ def expert_bubble_heatmap(weights: Any, configs: Sequence[str], entropy: Any = N
     fig.colorbar(bubbles, ax=ax, label="relative weight (share / largest share)", shrink=0.8)
     ax.set_yticks(np.arange(num_configs), list(configs))
     ax.set_ylim(num_configs - 0.5, -0.5)
-    ax.set_xlim(-1, num_experts + (6 if entropy is not None else 0))
+    ax.set_xlim(-1, num_experts)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("expert")
     if entropy is not None:
-        for row, value in enumerate(entropy):
-            ax.text(num_experts + 0.5, row, f"H = {value:.3f}", va="center", fontsize=8)
+        # as the right-hand axis' tick labels, so the layout keeps them clear of the bubbles at any width
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        right.set_yticks(np.arange(num_configs), [f"H = {value:.3f}" for value in entropy], fontsize=8)
     if title:
         ax.set_title(title)
     save_figure(fig, path)
@@ -234,21 +351,21 @@ def entropy_vs_quality(table: pd.DataFrame, metric_by_dataset: Mapping[str, tupl
     if missing:
         raise ValueError(f"metric_by_dataset has no entry for dataset(s) {missing}")
     fig, axes = _panel_grid(len(datasets))
+    labelled = []  # the routing names go on once every panel is drawn and the layout is fixed
     for ax, dataset in zip(axes, datasets):
         column, higher_is_better = metric_by_dataset[dataset]
         _require_columns(table, [column])
         rows = table[(table["dataset"] == dataset) & table[column].notna()]
         ax.scatter(rows["entropy"], rows[column], color="C0", zorder=2)
-        for point in rows.itertuples(index=False):
-            ax.annotate(point.routing, (point.entropy, getattr(point, column)), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        result = correlation(rows["entropy"], rows[column])
-        ax.text(0.02, 0.02, _correlation_text(result), transform=ax.transAxes, fontsize=7.5,
-                va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+        labelled.append((ax, rows["entropy"].to_numpy(float), rows[column].to_numpy(float), rows["routing"].tolist()))
         ax.margins(x=0.15, y=0.15)
         ax.set_title(dataset)
-        ax.set_xlabel("normalised expert-usage entropy (1 = all experts equally)")
         ax.set_ylabel(f"{column} ({_better(higher_is_better)})")
+        result = correlation(rows["entropy"], rows[column])
+        # the statistics go under the axis label, where they cover no point
+        ax.set_xlabel("normalised expert-usage entropy (1 = all experts equally)\n\n" + _correlation_text(result),
+                      fontsize=8)
+    label_points(labelled)
     save_figure(fig, path)
     return fig
 
@@ -330,14 +447,16 @@ def performance_profile_plot(table: pd.DataFrame, baseline: str | None = None,
     ax = fig.subplots()
     for i, (routing, rows) in enumerate(table.groupby("routing", sort=True)):
         rows = rows.sort_values("tau")
-        style = {"color": "black", "linestyle": "--"} if routing == baseline else {"color": f"C{i % 10}"}
+        style = {"color": "black", "linestyle": "--"} if routing == baseline else routing_style(i)
         ax.plot(rows["tau"], rows["fraction"], label=routing, **style)
         ax.fill_between(rows["tau"], rows["low"], rows["high"], alpha=0.15, color=style["color"])
     ax.axvline(1.0, color="0.5", linestyle=":", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("score relative to baseline (τ)")
     ax.set_ylabel("fraction of documents with score > τ")
-    ax.legend(frameon=False, fontsize=7, ncols=2 if table["routing"].nunique() > 8 else 1)
+    # beside the axes: with 20+ configs a legend inside covers the curves
+    ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncols=max(1, math.ceil(table["routing"].nunique() / 25)))
     save_figure(fig, path)
     return fig
 
@@ -367,7 +486,7 @@ def efficiency_parallel_coordinates(table: pd.DataFrame, axes: Sequence[tuple[st
     x = np.arange(len(axes))
     for i, (routing, row) in enumerate(zip(table["routing"], scaled)):
         style = ({"color": "black", "linestyle": "--", "linewidth": 2} if routing == baseline
-                 else {"color": f"C{i % 10}", "linewidth": 1.4})
+                 else {**routing_style(i), "linewidth": 1.4})
         ax.plot(x, row, marker="o", label=routing, **style)
     for position in x:
         ax.axvline(position, color="0.6", linewidth=0.8)
@@ -377,23 +496,101 @@ def efficiency_parallel_coordinates(table: pd.DataFrame, axes: Sequence[tuple[st
     ax.set_xticks(x, [label for _, label in axes])
     ax.set_yticks([])
     ax.set_ylim(-0.15, 1.15)
-    ax.set_xlim(-0.3, len(axes) - 0.7)
-    ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlim(-0.5, len(axes) - 0.5)  # room for the outer axes' labels, which are wider than a gap
+    ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncols=max(1, math.ceil(len(table) / 25)))
     save_figure(fig, path)
     return fig
 
 
 # --------------------------------------------------------------------------- item 17
 
+DIAGNOSTIC_PANELS = (("router_entropy_norm", "router entropy / log E"),
+                     ("top1_margin", "top-1 − top-2 probability"))
+DIAGNOSTIC_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def router_diagnostics(quantiles: pd.DataFrame, baseline: str | None = None, layers: Sequence[int] | None = None,
+                       path: str | os.PathLike | None = None) -> Figure:
+    """Distributions of the router's normalised entropy and top-1 / top-2 probability margin: a row of
+    panels per statistic, a column per layer, a row per routing in each panel with its 5–95 % range (thin
+    bar), interquartile range (thick bar) and median (tick); the baseline in red, its median dotted
+    across the panel.
+
+    ``quantiles``: ``routing, layer, statistic, quantile, value`` with the quantiles of
+    :data:`DIAGNOSTIC_QUANTILES` (:func:`routelab.report.diagnostics.pooled_quantiles`).
+    ``layers``: the layers to draw (default all).
+    """
+    _require_columns(quantiles, ["routing", "layer", "statistic", "quantile", "value"], "quantiles")
+    available = sorted(quantiles["layer"].unique())
+    layers = available if layers is None else list(layers)
+    unknown = [layer for layer in layers if layer not in available]
+    if not layers or unknown:
+        raise ValueError(f"layers {unknown or layers} not in the table; available: {available}")
+    routings = sorted(quantiles["routing"].unique())
+    wide = quantiles.pivot_table(index=["statistic", "layer", "routing"], columns="quantile", values="value")
+    missing = [q for q in DIAGNOSTIC_QUANTILES if not np.isclose(wide.columns, q).any()]
+    if missing:
+        raise ValueError(f"quantiles lacks the quantile(s) {missing}; it has {sorted(wide.columns)}")
+    wide.columns = [min(DIAGNOSTIC_QUANTILES, key=lambda q, c=c: abs(q - c)) for c in wide.columns]
+    fig = Figure(figsize=(1.6 + 2.4 * len(layers), len(DIAGNOSTIC_PANELS) * (1.0 + 0.22 * len(routings))),
+                 layout="constrained")
+    grid = fig.subplots(len(DIAGNOSTIC_PANELS), len(layers), squeeze=False, sharey=True, sharex="row")
+    y = np.arange(len(routings))
+    colours = ["C3" if routing == baseline else "C0" for routing in routings]
+    for (statistic, label), row in zip(DIAGNOSTIC_PANELS, grid):
+        for ax, layer in zip(row, layers):
+            try:
+                values = wide.loc[(statistic, layer)].reindex(routings)
+            except KeyError:
+                values = pd.DataFrame(np.nan, index=routings, columns=list(DIAGNOSTIC_QUANTILES))
+            ax.hlines(y, values[0.05], values[0.95], colors=colours, linewidth=1.2)
+            ax.hlines(y, values[0.25], values[0.75], colors=colours, linewidth=5, alpha=0.5)
+            ax.scatter(values[0.5], y, color=colours, marker="|", s=90, zorder=3)
+            if baseline in values.index and np.isfinite(values.loc[baseline, 0.5]):
+                ax.axvline(values.loc[baseline, 0.5], color="C3", linestyle=":", linewidth=1)
+            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        row[0].set_yticks(y, routings)
+        row[0].set_ylim(len(routings) - 0.5, -0.5)
+    save_figure(fig, path)
+    return fig
+
+
+def specialisation_order(ratio: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Column order of a ``[datasets, experts]`` heatmap of each expert's share relative to uniform:
+    experts grouped by their peak dataset (the row where their ratio is largest), groups in row order,
+    and within a group the most specialised first. Specialisation = the peak ratio over the expert's
+    mean ratio across datasets (1: every dataset uses it alike, whatever its load); ties by expert id.
+
+    Returns ``(order [experts], peak [experts])``: expert ids left to right and each one's peak row.
+    """
+    ratio = as_array(ratio, "ratio", ndim=2)
+    peak = np.argmax(ratio, axis=0)
+    mean = ratio.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        specialisation = np.where(mean > 0, ratio.max(axis=0) / mean, 0.0)
+    experts = np.arange(ratio.shape[1])
+    order = np.lexsort((experts, -specialisation, peak))  # last key sorts first
+    return order, peak
+
+
+SPECIALISATION_RANGE = 8.0  # colour scale 1/8 .. 8 times uniform; beyond it the end colours
+EXPERT_TICKS_UP_TO = 64  # above this many experts the columns get no per-expert tick labels
+
+
 def domain_specialisation(table: pd.DataFrame, uniform: float | None = None, layers: Sequence[int] | None = None,
                           title: str | None = None, path: str | os.PathLike | None = None) -> Figure:
-    """Share of each dataset's tokens routed to each expert, one panel per layer, one line per
-    dataset (OLMoE paper style): an expert far above the others for one dataset only is
-    specialised in that domain. A dashed line marks ``uniform`` (e.g. k / experts: every expert
-    equally loaded).
+    """Domain specialisation as heatmaps, one per layer: row = dataset, column = expert, colour = the
+    share of the dataset's tokens routed to the expert relative to uniform (log scale, 1 = even spread,
+    red above, blue below). Experts are ordered per layer by :func:`specialisation_order` (grouped by
+    peak dataset, thin lines between the groups), so specialised experts form a block diagonal.
 
     ``table``: ``dataset, layer, expert, share`` (share in % of the dataset's tokens).
-    ``layers``: the layers to draw (default all).
+    ``uniform``: the even share in % (e.g. 100 k / experts); None = each (dataset, layer)'s mean share
+    over the experts. ``layers``: the layers to draw (default all).
     """
     _require_columns(table, ["dataset", "layer", "expert", "share"])
     available = sorted(table["layer"].unique())
@@ -402,19 +599,39 @@ def domain_specialisation(table: pd.DataFrame, uniform: float | None = None, lay
     if not layers or unknown:
         raise ValueError(f"layers {unknown or layers} not in the table; available: {available}")
     datasets = sorted(table["dataset"].unique())
-    fig, panels = _panel_grid(len(layers), size=(6.0, 3.2), columns=2)
+    num_experts = int(table["expert"].max()) + 1
+    norm = LogNorm(vmin=1 / SPECIALISATION_RANGE, vmax=SPECIALISATION_RANGE)
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")  # grey: an expert with no row for the dataset
+    fig = Figure(figsize=(min(3.0 + 0.13 * num_experts, 16.0), 0.6 + len(layers) * (0.9 + 0.26 * len(datasets))),
+                 layout="constrained")
+    panels = fig.subplots(len(layers), 1, squeeze=False).ravel()
+    image = None
     for ax, layer in zip(panels, layers):
-        for i, dataset in enumerate(datasets):
-            rows = table[(table["layer"] == layer) & (table["dataset"] == dataset)].sort_values("expert")
-            ax.plot(rows["expert"], rows["share"], marker=".", markersize=4, linewidth=1,
-                    color=f"C{i % 10}", label=dataset)
-        if uniform is not None:
-            ax.axhline(uniform, color="0.4", linestyle="--", linewidth=1, label="uniform")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"layer {layer}")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("% of the dataset's tokens")
-        ax.legend(frameon=False, fontsize=7)
+        rows = table[table["layer"] == layer]
+        share = rows.pivot_table(index="dataset", columns="expert", values="share", aggfunc="sum")
+        share = share.reindex(index=datasets, columns=range(num_experts)).to_numpy(dtype=float)
+        reference = np.nanmean(share, axis=1, keepdims=True) if uniform is None else uniform
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = share / reference
+        order, peak = specialisation_order(np.nan_to_num(ratio))
+        # a never-chosen expert (ratio 0) takes the lowest colour rather than the "missing" grey
+        shown = np.clip(ratio[:, order], norm.vmin, None)
+        image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        for boundary in np.flatnonzero(np.diff(peak[order])):
+            ax.axvline(boundary + 0.5, color="black", linewidth=0.8)
+        ax.set_yticks(np.arange(len(datasets)), datasets)
+        if num_experts <= EXPERT_TICKS_UP_TO:
+            ax.set_xticks(np.arange(num_experts), [str(e) for e in order], fontsize=5.5, rotation=90)
+            ax.set_xlabel("expert (ordered by peak dataset, then specialisation)")
+        else:
+            ax.set_xticks([])
+            ax.set_xlabel(f"{num_experts} experts (ordered by peak dataset, then specialisation)")
+        ax.set_title(f"layer {layer}", fontsize=10)
+    colorbar = fig.colorbar(image, ax=list(panels), label="share of the dataset's tokens / uniform", shrink=0.9,
+                            extend="both")
+    ticks = [2.0 ** i for i in range(-3, 4)]
+    colorbar.set_ticks(ticks, labels=[f"{v:g}" if v >= 1 else f"1/{1 / v:g}" for v in ticks])
+    colorbar.minorticks_off()
     if title:
         fig.suptitle(title)
     save_figure(fig, path)

@@ -1,5 +1,9 @@
 """The report page: report.html, with the comparison table, one section per figure (its caption from
-the figure catalogue) and links to every run's figures, all by relative paths."""
+the figure catalogue) and links to every run's figures, all by relative paths.
+
+The page is self-contained and works offline: its CSS and JavaScript (``assets/report.{css,js}``) are
+inlined, its data is embedded JSON (:func:`interactive_data`, :func:`embed_json`), and the token
+explorer's per-run data lies beside it in ``explorer/<n>.js`` (:mod:`routelab.report.explorer`)."""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import html
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from routelab.catalogue import RUN_FIGURES, Figure
@@ -48,24 +55,55 @@ def per_run_links(runs: pd.DataFrame, plots_root: str | os.PathLike,
     return links
 
 
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1280px;
-       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { margin-bottom: 0.2em; }
-.meta { color: #555; margin-top: 0; }
-nav { background: #f6f6f6; padding: 0.6em 1.2em; border-radius: 6px; }
-.table-wrap { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
-tbody tr:hover { background: #fafafa; }
-th { background: #f0f0f0; }
-td:first-child, th:first-child { text-align: left; }
-table.comparison td:nth-child(-n+5), table.comparison th:nth-child(-n+5) { text-align: left; }
-figure { margin: 1em 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption, .caption { color: #444; font-size: 0.92em; max-width: 900px; }
-section { margin-top: 2em; }
-"""
+def asset(name: str) -> str:
+    """The text of ``assets/<name>`` (the page's CSS and JavaScript, shipped as package data)."""
+    text = resources.files("routelab.report").joinpath("assets", name).read_text(encoding="utf-8")
+    assert "</script" not in text.lower() and "</style" not in text.lower(), f"{name} would end its element early"
+    return text
+
+
+def embed_json(data: Any) -> str:
+    """``data`` as JSON that is safe inside ``<script type="application/json">``: every ``<``, ``>`` and
+    ``&`` is a ``\\u`` escape, so no ``</script>`` or ``<!--`` in the data can end or change the element."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _finite(value: Any) -> float | None:
+    number = pd.to_numeric(value, errors="coerce")
+    return float(number) if pd.notna(number) and np.isfinite(number) else None
+
+
+def plot_points(comparison: pd.DataFrame, runs: pd.DataFrame, metric_by_dataset: dict[str, tuple[str, bool]],
+                baseline: str) -> list[dict]:
+    """The quality-vs-cost plot's points, one per run: ``routing, dataset, method, params, metric,
+    higher, quality, low, high`` (the CI, None without one), ``experts_mean``, ``flops`` (active expert
+    FLOPs per token), ``flops_vs_baseline`` (over the baseline's on the same dataset) and ``baseline``."""
+    flops = runs.set_index(["routing", "dataset"])["active_expert_flops_per_token"] \
+        if "active_expert_flops_per_token" in runs.columns else pd.Series(dtype=float)
+    points = []
+    for row in comparison.itertuples(index=False):
+        metric, higher = metric_by_dataset[row.dataset]
+        cost = _finite(flops.get((row.routing, row.dataset)))
+        base = _finite(flops.get((baseline, row.dataset)))
+        points.append({
+            "routing": row.routing, "dataset": row.dataset, "method": row.method, "params": row.params,
+            "metric": metric, "higher": bool(higher), "quality": _finite(getattr(row, metric)),
+            "low": _finite(getattr(row, f"{metric}_ci_low", None)),
+            "high": _finite(getattr(row, f"{metric}_ci_high", None)),
+            "experts_mean": _finite(row.experts_mean), "flops": cost,
+            "flops_vs_baseline": cost / base if cost is not None and base else None,
+            "baseline": row.routing == baseline})
+    return points
+
+
+def interactive_data(comparison: pd.DataFrame, runs: pd.DataFrame, metric_by_dataset: dict[str, tuple[str, bool]],
+                     baseline: str, explorer: list[dict] | None = None) -> dict:
+    """What the page's script reads: the baseline, the plot's points (:func:`plot_points`) and the
+    explorer's run index (:func:`routelab.report.explorer.write_explorer_files`)."""
+    return {"baseline": baseline, "explorer": list(explorer or []),
+            "plot": {"x_label": "active expert FLOPs per token",
+                     "points": plot_points(comparison, runs, metric_by_dataset, baseline)}}
 
 
 def html_table(table: pd.DataFrame, index: bool = True, classes: str | None = None) -> str:
@@ -97,33 +135,87 @@ def _per_run_html(links: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
             f"</tr></thead><tbody>{rows}</tbody></table></div></section>")
 
 
+COMPARISON_CAPTION = (
+    "One row per (routing, dataset) run. quality [CI]: the dataset's primary metric (↑ higher is better, ↓ lower "
+    "is better) with its bootstrap confidence interval over documents; experts: mean ± std of experts selected "
+    "per token and layer; ceiling % / floor %: share of decisions that selected max_k / min_k experts; FLOPs vs "
+    "top-k: active expert FLOPs relative to the model's own top-k; tokens/s: evaluation throughput; memory: peak "
+    "GPU memory, or process memory on CPU. Click a column's header to sort by it (numbers by value; quality and "
+    "experts by their first number), type in the box to keep the rows containing every word. The same table "
+    "is in comparison.csv (all numbers), comparison.md and comparison.tex (booktabs).")
+
+PLOT_CAPTION = (
+    "Each run's quality against its active expert FLOPs per token (the cost of the experts it ran), one "
+    "dataset at a time; the vertical bars are the bootstrap CIs, the baseline is ringed in black. Hover a "
+    "point (or focus it with Tab) for its routing, parameters, quality with CI, mean experts and FLOPs "
+    "relative to the baseline.")
+
+EXPLORER_CAPTION = (
+    "A few documents of every run (the same documents in every run, so runs can be compared token by "
+    "token), their text with each token shaded by the experts it used. Hover a token for its experts and "
+    "weights in every layer; click it to keep it while reading the table. For rules with p-values, the "
+    "chosen layer's sorted p-values are drawn against the Benjamini–Hochberg line i·α/N with the selected "
+    "experts filled; click a layer's row to choose it. Each run's data is a script in explorer/ beside this "
+    "page, loaded when the run is chosen.")
+
+
+def _comparison_html(display: pd.DataFrame) -> str:
+    controls = ('<div class="controls"><label>Filter <input type="search" id="table-filter" '
+                'placeholder="routing, method, parameter…"></label><label>Dataset <select id="table-dataset">'
+                '<option value="">all</option></select></label><span id="table-count"></span></div>')
+    return (f'<section><h2 id="comparison">Comparison table</h2><p class="caption">{html.escape(COMPARISON_CAPTION)}'
+            '</p><p><a href="comparison.csv">comparison.csv</a> · <a href="comparison.md">comparison.md</a> · '
+            f'<a href="comparison.tex">comparison.tex</a></p>{controls}'
+            f'{html_table(display, index=False, classes="comparison")}</section>')
+
+
+def _plot_html() -> str:
+    return ('<section><h2 id="quality-vs-cost">Quality vs cost (interactive)</h2>'
+            f'<p class="caption">{html.escape(PLOT_CAPTION)}</p><div class="controls"><label>Dataset '
+            '<select id="plot-dataset"></select></label></div><div class="plot-wrap"><div id="cost-plot"></div>'
+            '<div class="tooltip" id="plot-tooltip" role="tooltip" hidden></div></div></section>')
+
+
+def _explorer_html(has_runs: bool) -> str:
+    title = '<h2 id="explorer">Token-level routing explorer</h2>'
+    if not has_runs:
+        return (f'<section>{title}<p class="caption">No explorer data in the aggregate (explorer.parquet): '
+                "the aggregate stage writes it from each run's first documents.</p></section>")
+    return (f'<section>{title}<p class="caption">{html.escape(EXPLORER_CAPTION)}</p><div id="explorer-app">'
+            '<div class="controls"><label>Run <select id="explorer-run"></select></label><label>Document '
+            '<select id="explorer-doc"></select></label><label>Shade by <select id="explorer-shade"></select></label>'
+            '<span id="explorer-status"></span></div><p class="caption" id="explorer-legend"></p>'
+            '<div class="explorer-text" id="explorer-text"></div><div class="explorer-detail" id="explorer-detail">'
+            "</div></div></section>")
+
+
 def render_html(display: pd.DataFrame, experiment: str, baseline: str, sections: list[Section],
                 links: list[tuple[str, str, list[tuple[str, str]]]], methods: str, report_dir: Path,
-                figures_dir: Path) -> str:
-    """The report page: title, contents, methods, comparison table, one section per figure, links."""
+                figures_dir: Path, findings_html: str = "", interactive: dict | None = None) -> str:
+    """The report page: title, the findings block (``findings_html``, already escaped HTML), contents,
+    methods, comparison table (sortable and filterable), the interactive quality-vs-cost plot and the
+    token explorer (with ``interactive``, :func:`interactive_data`), one section per figure, links."""
+    interactive = interactive if interactive is not None else {"baseline": baseline, "explorer": [],
+                                                               "plot": {"x_label": "", "points": []}}
     toc_entries = [("methods", "Methods"), ("comparison", "Comparison table"),
+                   ("quality-vs-cost", "Quality vs cost (interactive)"), ("explorer", "Token-level routing explorer"),
                    *((s.figure.anchor, s.figure.title) for s in sections), ("per-run-figures", "Per-run figures")]
     toc = "".join(f'<li><a href="#{anchor}">{html.escape(title)}</a></li>' for anchor, title in toc_entries)
-    caption = ("One row per (routing, dataset) run. quality [CI]: the dataset's primary metric (↑ higher "
-               "is better, ↓ lower is better) with its bootstrap confidence interval over documents; "
-               "experts: mean ± std of experts selected per token and layer; ceiling % / floor %: share "
-               "of decisions that selected max_k / min_k experts; FLOPs vs top-k: active expert FLOPs "
-               "relative to the model's own top-k; tokens/s: evaluation throughput; memory: peak GPU "
-               "memory, or process memory on CPU. The same table is in comparison.csv (all numbers), "
-               "comparison.md and comparison.tex (booktabs).")
     body = [
         "<h1>Routing comparison report</h1>",
         f'<p class="meta">Experiment: <b>{html.escape(experiment)}</b> · baseline: '
         f"<b>{html.escape(baseline)}</b> · {len(display)} runs</p>",
+        findings_html,
         f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>",
         f'<section><h2 id="methods">Methods</h2><p class="caption">{html.escape(methods)}</p></section>',
-        f'<section><h2 id="comparison">Comparison table</h2><p class="caption">{html.escape(caption)}</p>'
-        f'<p><a href="comparison.csv">comparison.csv</a> · <a href="comparison.md">comparison.md</a> · '
-        f'<a href="comparison.tex">comparison.tex</a></p>'
-        f'{html_table(display, index=False, classes="comparison")}</section>',
+        _comparison_html(display),
+        _plot_html(),
+        _explorer_html(bool(interactive["explorer"])),
         *(_figure_html(section, report_dir, figures_dir) for section in sections),
         _per_run_html(links),
+        f'<script type="application/json" id="report-data">{embed_json(interactive)}</script>',
+        f"<script>{asset('report.js')}</script>",
     ]
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>routelab report: {html.escape(experiment)}</title>\n<style>{CSS}</style>\n"
+            f"<title>routelab report: {html.escape(experiment)}</title>\n<style>{asset('report.css')}</style>\n"
             "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
