@@ -3,8 +3,11 @@
 
 Synthesises the aggregate stage's outputs for 20 routing configs x 3 datasets (16 MoE layers x 64
 experts, 300 documents per dataset, per-document scores, expert counts and the co-activation of one
-layer), then runs ``workflow/scripts/report.py`` on them as Snakemake would, with the default
-bootstrap repetitions of the config schema, and prints the wall time against the 60 s target.
+layer), and every analysis table (the routing analyses and the explorer's documents from short synthetic
+routing logs of benchmarks/aggregate.py, whose tables have the full-size shape: one row per layer,
+expert or bin; router diagnostics from random logits), then runs ``workflow/scripts/report.py`` on them
+as Snakemake would, with the default bootstrap repetitions of the config schema, and prints the wall
+time against the 60 s target.
 
     python benchmarks/report.py [--documents 300] [--repetitions N] [--keep DIR]
 """
@@ -97,6 +100,42 @@ def synthesise(out_dir: Path, documents: int, seed: int = 0) -> None:
     write_parquet(out_dir / "coactivation.parquet", pd.concat(coactivation, ignore_index=True))
 
 
+def synthesise_analyses(out_dir: Path, tokens: int = 4096, seed: int = 0) -> None:
+    """The analysis tables of the aggregate stage in ``out_dir``, for :func:`routing_configs` x DATASETS."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import aggregate as synthetic  # benchmarks/aggregate.py: routing logs in the route stage's format
+
+    from routelab.report.diagnostics import layer_histograms, router_probabilities
+    from routelab.report.explorer import collect_explorer
+    from routelab.report.routing_analyses import collect_routing_analyses
+
+    configs = routing_configs()
+    run_dirs = synthetic.write_runs(out_dir.parent / "runs", len(configs) * len(DATASETS), tokens, LAYERS,
+                                    EXPERTS, len(DATASETS))
+    # the synthetic runs' names in creation order are the report's configs in routing_configs() order
+    names = {}
+    for dataset_index, dataset in enumerate(DATASETS):
+        created = [d for d in run_dirs if d.name == synthetic.DATASETS[dataset_index]]
+        names.update({(d.parent.name, d.name): (config["routing"], dataset) for d, config in zip(created, configs)})
+
+    def renamed(table: pd.DataFrame) -> pd.DataFrame:
+        keys = [names[key] for key in zip(table["routing"], table["dataset"])]
+        return table.assign(routing=[k[0] for k in keys], dataset=[k[1] for k in keys])
+
+    tables = collect_routing_analyses(run_dirs, "topk8", coactivation_layer=False, workers=2)
+    tables["explorer"] = collect_explorer(run_dirs, 3, None)
+    for name, table in tables.items():
+        write_parquet(out_dir / f"{name}.parquet", renamed(table))
+    rng = np.random.default_rng(seed)
+    diagnostics = []
+    for routing, dataset in names.values():  # 300 sampled tokens per run and layer, as decisions.parquet
+        for layer in range(LAYERS):
+            logits = rng.normal(0.0, 1.0 + layer / LAYERS, (300, EXPERTS))
+            diagnostics.append(layer_histograms(router_probabilities(logits)).assign(
+                routing=routing, dataset=dataset, layer=layer))
+    write_parquet(out_dir / "router_diagnostics.parquet", pd.concat(diagnostics, ignore_index=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=300, help="documents per dataset (default 300)")
@@ -107,6 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         synthesise(root / "aggregate", args.documents)
+        synthesise_analyses(root / "aggregate")
         command = [sys.executable, str(REPO / "workflow/scripts/report.py"), "--runs",
                    str(root / "aggregate" / "runs.parquet"), "--plots-root", str(root / "plots"),
                    "--experiment", "benchmark", "--baseline", "topk8", "--repetitions", str(args.repetitions),

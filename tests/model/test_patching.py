@@ -78,9 +78,8 @@ def reference_moe_output(experts, hidden: torch.Tensor, indices: torch.Tensor, w
     return out
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_variable_k_moe_output_matches_written_out_experts(tiny_olmoe_dir, kde_null, kernel):
-    model = load_tiny(tiny_olmoe_dir, kernel)
+def moe_blocks(model, router, inputs, capture=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (input, output)}`` of every MoE block in one routed forward."""
     blocks = {}
 
     def keep(index):
@@ -89,12 +88,19 @@ def test_variable_k_moe_output_matches_written_out_experts(tiny_olmoe_dir, kde_n
         return hook
 
     handles = [layer.mlp.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
-    capture = SelectionCapture()
     try:
-        routed_logits(model, BHRouter(8, kde_null, alpha=0.2, min_k=1, max_k=8), batch(seed=2), capture)
+        routed_logits(model, router, inputs, capture)
     finally:
         for handle in handles:
             handle.remove()
+    return blocks
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_variable_k_moe_output_matches_written_out_experts(tiny_olmoe_dir, kde_null, kernel):
+    model = load_tiny(tiny_olmoe_dir, kernel)
+    capture = SelectionCapture()
+    blocks = moe_blocks(model, BHRouter(8, kde_null, alpha=0.2, min_k=1, max_k=8), batch(seed=2), capture)
     for layer, (hidden, output) in blocks.items():
         selection = capture.selections[layer]
         assert (selection.indices == 8).any(), "sentinel slots must be exercised"
@@ -210,19 +216,7 @@ def test_skip_top_moe_output_is_native_top_k_without_its_best_expert(tiny_olmoe_
     """The drop-top-1 ablation, checked against the native gate's own top-k with its first expert removed
     and the experts written out by hand."""
     model = load_tiny(tiny_olmoe_dir, kernel)
-    blocks = {}
-
-    def keep(index):
-        def hook(module, args, output):
-            blocks[index] = (args[0].detach(), output.detach())
-        return hook
-
-    handles = [layer.mlp.register_forward_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        routed_logits(model, TopKRouter(8, k=2, skip_top=1), batch(seed=3))
-    finally:
-        for handle in handles:
-            handle.remove()
+    blocks = moe_blocks(model, TopKRouter(8, k=2, skip_top=1), batch(seed=3))
     for layer, (hidden, output) in blocks.items():
         mlp = model.model.layers[layer].mlp
         flat = hidden.reshape(-1, hidden.shape[-1])

@@ -21,19 +21,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from routelab.plot.drawing import save_figure
+from routelab.report.statistics import require_columns
 
 MARKERS = "osD^vP*Xh<>p"
 PANEL = (5.2, 3.4)  # inches per panel of the per-layer line figures
 SMALL_PANEL = (2.6, 2.1)  # inches per config panel of the specialisation figure
 SMALL_COLUMNS = 5
-
-
-def _require(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"{name} lacks column(s) {missing}; it has {list(table.columns)}")
-    if table.empty:
-        raise ValueError(f"{name} is empty")
 
 
 def config_styles(routings: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -86,7 +79,7 @@ def vocabulary_specialisation(vocabulary: pd.DataFrame, path: str | os.PathLike 
     """One small panel per routing config: per layer, the distribution across experts of the experts'
     vocabulary specialisation (box: quartiles, whiskers: 5th-95th percentile; datasets averaged per
     expert), and the median usage (what routing blind to the token id would give) dashed."""
-    _require(vocabulary, ["routing", "layer", "expert", "specialisation", "usage"], "vocabulary")
+    require_columns(vocabulary, ["routing", "layer", "expert", "specialisation", "usage"], "vocabulary")
     table = _pooled(vocabulary.dropna(subset=["specialisation"]), ["routing", "layer", "expert"],
                     ["specialisation", "usage"])
     routings = sorted(table["routing"].unique())
@@ -118,7 +111,7 @@ def vocabulary_specialisation(vocabulary: pd.DataFrame, path: str | os.PathLike 
 def cross_layer_predictability(cross_layer: pd.DataFrame, path: str | os.PathLike | None = None) -> Figure:
     """Per layer pair (l, l + 1) and config: the accuracy of predicting layer l + 1's top-1 expert from
     layer l's, and the share of H(top-1 of l + 1) left once layer l's top-1 is known."""
-    _require(cross_layer, ["routing", "layer", "top1_accuracy", "conditional_entropy_bits", "entropy_bits"],
+    require_columns(cross_layer, ["routing", "layer", "top1_accuracy", "conditional_entropy_bits", "entropy_bits"],
              "cross_layer")
     table = _pooled(cross_layer, ["routing", "layer"], ["top1_accuracy", "conditional_entropy_bits", "entropy_bits"])
     table["entropy_left"] = table["conditional_entropy_bits"] / table["entropy_bits"].where(table["entropy_bits"] > 0)
@@ -132,7 +125,8 @@ def cross_layer_predictability(cross_layer: pd.DataFrame, path: str | os.PathLik
 def temporal_locality(locality: pd.DataFrame, path: str | os.PathLike | None = None) -> Figure:
     """Per layer and config: the share of consecutive tokens that share an expert and their mean Jaccard,
     each with its chance level (tokens paired at random) dotted."""
-    _require(locality, ["routing", "layer", "share_any", "jaccard", "chance_share_any", "chance_jaccard"], "locality")
+    require_columns(locality, ["routing", "layer", "share_any", "jaccard", "chance_share_any", "chance_jaccard"],
+                    "locality")
     table = _pooled(locality, ["routing", "layer"], ["share_any", "jaccard", "chance_share_any", "chance_jaccard"])
     fig = _layer_lines(table, "layer", [("share_any", "consecutive tokens sharing an expert"),
                                         ("jaccard", "Jaccard of consecutive tokens' experts")],
@@ -145,7 +139,7 @@ def temporal_locality(locality: pd.DataFrame, path: str | os.PathLike | None = N
 def baseline_agreement(agreement: pd.DataFrame, baseline: str, path: str | os.PathLike | None = None) -> Figure:
     """Per layer and config (the baseline left out): mean Jaccard of the config's experts with the
     baseline's on the same tokens, and the share of tokens that keep the baseline's top-1 expert."""
-    _require(agreement, ["routing", "layer", "jaccard", "top1_kept"], "baseline_agreement")
+    require_columns(agreement, ["routing", "layer", "jaccard", "top1_kept"], "baseline_agreement")
     table = agreement[agreement["routing"] != baseline]
     if table.empty:
         raise ValueError(f"baseline_agreement has no config other than the baseline {baseline}")
@@ -171,7 +165,7 @@ def k_by_bin(table: pd.DataFrame, low: str, high: str, x_label: str, title: str,
              path: str | os.PathLike | None = None) -> Figure:
     """Mean k per bin (columns ``low``/``high``, log2-spaced) for each adaptive config, pooled over layers
     and datasets (weighted by tokens); ValueError when no config's k varies."""
-    _require(table, ["routing", low, high, "tokens", "k_mean"], "k table")
+    require_columns(table, ["routing", low, high, "tokens", "k_mean"], "k table")
     routings = adaptive_routings(table)
     if not routings:
         raise ValueError("no routing config's k varies: nothing to draw")

@@ -27,6 +27,16 @@ SUBPLOT_SIZE = (4.6, 3.6)  # inches per panel
 MAX_COLUMNS = 3  # panels per figure row
 
 
+def _chosen_layers(table: pd.DataFrame, layers: Sequence[int] | None) -> list:
+    """``layers`` (default: every layer of ``table``), each checked to be in the table."""
+    available = sorted(table["layer"].unique())
+    chosen = available if layers is None else list(layers)
+    unknown = [layer for layer in chosen if layer not in available]
+    if not chosen or unknown:
+        raise ValueError(f"layers {unknown or chosen} not in the table; available: {available}")
+    return chosen
+
+
 def _require_columns(table: pd.DataFrame, columns: Sequence[str], name: str = "table") -> None:
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"{name} must be a pandas DataFrame, got {type(table).__name__}")
@@ -522,11 +532,7 @@ def router_diagnostics(quantiles: pd.DataFrame, baseline: str | None = None, lay
     ``layers``: the layers to draw (default all).
     """
     _require_columns(quantiles, ["routing", "layer", "statistic", "quantile", "value"], "quantiles")
-    available = sorted(quantiles["layer"].unique())
-    layers = available if layers is None else list(layers)
-    unknown = [layer for layer in layers if layer not in available]
-    if not layers or unknown:
-        raise ValueError(f"layers {unknown or layers} not in the table; available: {available}")
+    layers = _chosen_layers(quantiles, layers)
     routings = sorted(quantiles["routing"].unique())
     wide = quantiles.pivot_table(index=["statistic", "layer", "routing"], columns="quantile", values="value")
     missing = [q for q in DIAGNOSTIC_QUANTILES if not np.isclose(wide.columns, q).any()]
@@ -593,11 +599,7 @@ def domain_specialisation(table: pd.DataFrame, uniform: float | None = None, lay
     over the experts. ``layers``: the layers to draw (default all).
     """
     _require_columns(table, ["dataset", "layer", "expert", "share"])
-    available = sorted(table["layer"].unique())
-    layers = available if layers is None else list(layers)
-    unknown = [layer for layer in layers if layer not in available]
-    if not layers or unknown:
-        raise ValueError(f"layers {unknown or layers} not in the table; available: {available}")
+    layers = _chosen_layers(table, layers)
     datasets = sorted(table["dataset"].unique())
     num_experts = int(table["expert"].max()) + 1
     norm = LogNorm(vmin=1 / SPECIALISATION_RANGE, vmax=SPECIALISATION_RANGE)

@@ -97,7 +97,7 @@ def run_quality_intervals(scores: pd.DataFrame, metric_by_dataset: Mapping[str, 
     ``scores``: the tidy per-document table of all runs (``routing, dataset, doc_id, ...``).
     ``metric_by_dataset``: ``{dataset: (metric column, higher_is_better)}``.
     """
-    _require(scores, ["routing", "dataset"], "scores")
+    require_columns(scores, ["routing", "dataset"], "scores")
     rows = []
     for (routing, dataset), documents in scores.groupby(["routing", "dataset"], sort=True):
         if dataset not in metric_by_dataset:
@@ -205,7 +205,7 @@ def relative_document_scores(scores: pd.DataFrame, baseline: str,
     Returns ``{dataset: DataFrame [documents, routings]}`` indexed by doc_id; documents without
     scored tokens or missing from a routing are dropped.
     """
-    _require(scores, ["routing", "dataset", "doc_id"], "scores")
+    require_columns(scores, ["routing", "dataset", "doc_id"], "scores")
     if baseline not in set(scores["routing"]):
         raise ValueError(f"baseline {baseline!r} has no per-document scores; routings with scores: "
                          f"{sorted(scores['routing'].unique())}")
@@ -223,7 +223,7 @@ def relative_document_scores(scores: pd.DataFrame, baseline: str,
         if metric_by_dataset is None or dataset not in metric_by_dataset:
             raise ValueError(f"dataset {dataset!r} has no log-likelihoods; give its metric in metric_by_dataset")
         metric, higher_is_better = metric_by_dataset[dataset]
-        _require(rows, [metric], f"scores of dataset {dataset!r}")
+        require_columns(rows, [metric], f"scores of dataset {dataset!r}")
         values = rows.pivot(index="doc_id", columns="routing", values=metric)
         scale = values[baseline].mean()
         if not scale:
@@ -375,7 +375,8 @@ def profile_thresholds(matrices: Mapping[str, np.ndarray], points: int = 41) -> 
     return np.unique(np.append(np.linspace(low, high, points), 1.0))
 
 
-def _require(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+def require_columns(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    """A ValueError naming ``name``'s missing columns, or saying it is empty."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{name} lacks column(s) {missing}; it has {list(table.columns)}")
