@@ -492,3 +492,8 @@ def test_lm_eval_task_yamls_say_whether_a_task_generates_and_needs_a_download(tm
     assert not task_generates({"source": "lm_eval", "task": "gsm8k"})  # lm-eval's own: unknown here
     assert task_generates({"source": "lm_eval", "task": "gsm8k", "generates": True})
     assert not task_data_is_local({"source": "lm_eval", "task": "arc_easy"})
+
+
+def test_skip_top_that_leaves_no_expert_is_refused_before_any_job(tmp_path, config):
+    config["routing"][1]["skip_top"] = 4  # routing[1] is topk4
+    assert_names(config_error(tmp_path, config), "routing[1].skip_top", "4", "k = 4", "skip_top < k")

@@ -228,7 +228,8 @@ def routing_configs(config: dict) -> dict[str, dict]:
 def normalise_routing(run: dict, where: str = "routing") -> dict:
     """One routing config with its rule's defaults filled in (``name``, ``method``, then the rule's parameters
     in declared order), after the checks the schema cannot make: the rule exists, no other rule's
-    parameter is given, ``min_k <= max_k``. Value types and ranges are the schema's (routing.schema.yaml)."""
+    parameter is given, ``min_k <= max_k``, ``skip_top < k``. Value types and ranges are the schema's
+    (routing.schema.yaml)."""
     method = run["method"]
     if method not in routing_methods():
         raise ConfigError(f"{where}.method: {method!r} is not valid; choose one of {', '.join(routing_methods())}")
@@ -249,6 +250,9 @@ def normalise_routing(run: dict, where: str = "routing") -> dict:
         raise ConfigError(
             f"{where}.min_k: {spec['min_k']} is greater than max_k = {spec['max_k']}; need 1 <= min_k <= max_k"
         )
+    if spec.get("skip_top") and spec.get("k") is not None and spec["skip_top"] >= spec["k"]:
+        raise ConfigError(f"{where}.skip_top: {spec['skip_top']} leaves no expert of k = {spec['k']}; "
+                          "need 0 <= skip_top < k")
     return spec
 
 

@@ -44,6 +44,14 @@ class TopKRouter(Router):
         super().__init__(num_experts, max_k=k - skip_top, min_k=k - skip_top, weights=weights)
         self.k, self.skip_top = int(k), int(skip_top)
 
+    @classmethod
+    def check_values(cls, values):
+        super().check_values(values)
+        k, skip_top = values.get("k"), values.get("skip_top") or 0
+        if k is not None and skip_top >= k:  # known before any model is loaded (k null: when it is built)
+            raise RouterConfigError(f"skip_top: {skip_top!r} is out of range; valid: 0 <= skip_top < k = {k} "
+                                    "(at least one expert must stay)")
+
     def rank(self, logits, layer, probs=None):
         # One topk over the selection scores, as the native routers do (softmax is monotone: the softmax
         # families' topk over probabilities selects the same experts).
