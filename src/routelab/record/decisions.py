@@ -92,6 +92,8 @@ class DecisionSampler:
         """The batch the next :meth:`record` calls belong to; its sample is every ``every_n``-th real token."""
         self._layers = {}
         self._batch = None if self._sample in (0, ()) else batch
+        if isinstance(self._sample, tuple) and batch.sample(self._sample).rows.numel() == 0:
+            self._batch = None  # none of the documents in this batch (decided on the host): no kernel per layer
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
         """Called from the patched router for every layer of every forward pass: gathers the sampled
