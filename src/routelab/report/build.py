@@ -268,21 +268,21 @@ class ReportBuilder:
         table_html = html_table(table, index=False) if table is not None and not table.empty else ""
         return Section(REPORT_FIGURE[file], True, table_html=table_html)
 
-    def cross_layer_figure(self) -> Section:
-        file = "cross_layer_predictability.png"
-        table = self._analysis("cross_layer")
+    def _table_figure(self, file: str, name: str, draw: Callable[..., object], missing: str) -> Section:
+        """``draw(table, path=...)`` of the aggregate's analysis table ``name``, or a note ``missing``."""
+        table = self._analysis(name)
         if table is None:
-            return self._skip(file, "no cross-layer table in the aggregate (cross_layer.parquet; one MoE layer?)")
-        af.cross_layer_predictability(table, path=self._path(file))
+            return self._skip(file, missing)
+        draw(table, path=self._path(file))
         return Section(REPORT_FIGURE[file], True)
 
+    def cross_layer_figure(self) -> Section:
+        return self._table_figure("cross_layer_predictability.png", "cross_layer", af.cross_layer_predictability,
+                                  "no cross-layer table in the aggregate (cross_layer.parquet; one MoE layer?)")
+
     def locality_figure(self) -> Section:
-        file = "temporal_locality.png"
-        table = self._analysis("locality")
-        if table is None:
-            return self._skip(file, "no locality table in the aggregate (locality.parquet)")
-        af.temporal_locality(table, path=self._path(file))
-        return Section(REPORT_FIGURE[file], True)
+        return self._table_figure("temporal_locality.png", "locality", af.temporal_locality,
+                                  "no locality table in the aggregate (locality.parquet)")
 
     def baseline_agreement_figure(self) -> Section:
         file = "baseline_agreement.png"
