@@ -10,6 +10,7 @@ from routelab.catalogue import RUN_FIGURES
 from routelab.plot.drawing import (
     bh_decisions,
     bh_pass_rate,
+    correlation,
     expert_heatmap,
     expert_utilisation,
     experts_histogram,
@@ -327,6 +328,21 @@ def test_token_rarity_scatters_rarity_fits_trend_and_reports_correlations():
     assert ax.texts[0].get_text() == (f"Pearson r = {pearson.statistic:.3f} (p = {pearson.pvalue:.2g})\n"
                                       f"Spearman ρ = {spearman.statistic:.3f} (p = {spearman.pvalue:.2g})\n"
                                       "n = 8 tokens")
+
+
+@pytest.mark.parametrize("n", [3, 5, 40, 2000])
+def test_correlation_equals_scipy_with_ties_and_at_perfect_correlation(n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 6, n).astype(float)  # many ties
+    y = x + rng.normal(scale=2.0, size=n)
+    for a, b in ((x, y), (x, np.round(y)), (x, 3 * x + 1), (x, -x)):
+        for ranks, reference in ((False, stats.pearsonr), (True, stats.spearmanr)):
+            if np.ptp(a) == 0:
+                continue
+            expected = reference(a, b)
+            r, p = correlation(a, b, ranks=ranks)
+            assert r == pytest.approx(expected.statistic, abs=1e-12), (reference.__name__, ranks)
+            assert p == pytest.approx(expected.pvalue, rel=1e-7, abs=1e-300), (reference.__name__, ranks)
 
 
 def test_token_rarity_says_when_correlation_is_undefined():

@@ -87,6 +87,24 @@ def test_display_and_latex_tables_show_quality_with_its_interval(tmp_path):
     assert latex.count("\\\\") == len(display) + 1  # header + one line per run
 
 
+def test_two_workers_write_the_same_report_byte_for_byte(tmp_path):
+    """A forked child draws half the figures: every file, the page included, equals one process's."""
+    tables = aggregate(tmp_path / "results" / "exp")
+    plots_root = tmp_path / "results" / "exp" / "plots"
+    write_plot_index(plots_root)
+    outs = [tmp_path / "results" / "exp" / f"report{workers}" for workers in (1, 2)]
+    for workers, out_dir in zip((1, 2), outs):
+        write_report(tables["runs"], out_dir, experiment="exp", baseline="topk8", plots_root=plots_root,
+                     options=ReportOptions(repetitions=50), workers=workers,
+                     **{name: table for name, table in tables.items() if name != "runs"})
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) >= 15
+    for name in files:
+        # the page links the per-run plots by a path relative to the report directory: the same for both
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
 def test_write_report_writes_tables_statistics_figures_and_html(tmp_path):
     tables = aggregate(tmp_path / "results" / "exp")
     plots_root = tmp_path / "results" / "exp" / "plots"

@@ -240,3 +240,17 @@ def test_a_teacher_forced_rule_on_a_generating_task_stops_before_the_model_loads
                    routing={"name": "seq", "method": "seqtopk", "budget": 2, "max_k": 4})
     with pytest.raises(Exception, match=r"'seqtopk'.*teacher-forced.*cannot route lm-eval task 'tiny_generate'"):
         run_route(job)
+
+
+def test_lm_evals_environment_report_is_skipped_and_put_back_even_after_an_error():
+    import lm_eval.evaluator
+
+    from routelab.run.tasks import _without_env_info
+
+    original = lm_eval.evaluator.add_env_info
+    with pytest.raises(RuntimeError, match="inside"), _without_env_info():
+        storage: dict = {}
+        lm_eval.evaluator.add_env_info(storage)
+        assert storage == {}  # nothing collected: no pip / conda subprocesses
+        raise RuntimeError("inside")
+    assert lm_eval.evaluator.add_env_info is original

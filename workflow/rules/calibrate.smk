@@ -15,6 +15,9 @@ rule collect_router_logits:
         options=model_options(),
         seed=config["seed"],
     threads: 2
+    # Highest: the BH and HC route jobs wait for the null, and this job (two threads) would otherwise wait
+    # for two free cores behind every route job that needs no calibration.
+    priority: 50
     resources:
         gpu=config["model"]["gpus"],
     conda:
@@ -36,6 +39,7 @@ rule calibrate_null:
     params:
         grid_size=config["calibration"]["grid_size"],
     threads: 2
+    priority: 50
     conda:
         "../../envs/routelab.yaml"
     shell:

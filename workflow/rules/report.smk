@@ -31,12 +31,13 @@ rule report:
         seed=config["report"]["seed"],
         layer=config["report"]["layer"],
         tolerances=config["report"]["tolerances"],  # a list: the shell gets it space-separated
-    threads: 1
+    # the last job: a forked child draws half the figures on the second core
+    threads: 2
     conda:
         "../../envs/routelab.yaml"
     shell:
         "python workflow/scripts/report.py --runs {input.runs} --plots-root results/{wildcards.experiment}/plots"
         " --experiment {wildcards.experiment} --baseline {params.baseline} --repetitions {params.repetitions}"
         " --confidence {params.confidence} --seed {params.seed} --layer {params.layer}"
-        " --tolerances {params.tolerances}"
+        " --tolerances {params.tolerances} --workers {threads}"
         " --out-dir results/{wildcards.experiment}/report > {log} 2>&1"

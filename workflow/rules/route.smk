@@ -47,6 +47,9 @@ rule route:
         data=data_dirs,
         out="results/{experiment}/runs/{routing}/{dataset}",
     threads: 1
+    # Above plot_run: the aggregate (after the last route job) then overlaps the plots instead of
+    # following them; use rule ... with inherits it (route_datasets, route_shard).
+    priority: 20
     resources:
         gpu=config["model"]["gpus"],
         batch_size=route_batch_size,
@@ -165,6 +168,7 @@ rule gather_shards:
     params:
         parts=shard_dirs,
     threads: 1
+    priority: 20
     conda:
         "../../envs/routelab.yaml"
     shell:

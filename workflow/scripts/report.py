@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
                              "co-activation table's")
     parser.add_argument("--tolerances", type=float, nargs="+", default=defaults["tolerances"],
                         help="relative quality losses the findings test, e.g. 0.01 for 1 %% (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes drawing the figures, at most 2 used (default 1)")
     parser.add_argument("--out-dir", required=True, type=Path, help="directory the report goes to")
     return parser.parse_args()
 
@@ -64,7 +66,7 @@ def main() -> None:
     options = ReportOptions(repetitions=args.repetitions, confidence=args.confidence, seed=args.seed,
                             layer=args.layer, tolerances=tuple(args.tolerances))
     report = write_report(runs, args.out_dir, args.experiment, args.baseline, args.plots_root, options=options,
-                          analyses=analyses, **tables)
+                          analyses=analyses, workers=args.workers, **tables)
     log.info("wrote report of %d runs to %s in %.1f s", len(runs), args.out_dir, time.perf_counter() - start)
     print(report.resolve())
 

@@ -139,6 +139,20 @@ def run_route(job: RouteJob) -> None:
     checkpoint.remove()
 
 
+_loaded: dict[str, Any] = {}
+
+
+def load_model_once(job: RouteJob):
+    """``job``'s model, loaded once per process for the runs of one route job on several datasets
+    (route_jobs: per_routing): install_router puts every module back as it was when a run ends, so the
+    next run sees the model as loaded, and loading it again would only cost time."""
+    key = repr((job.placement, str(job.model)))
+    if key not in _loaded:
+        _loaded.clear()  # one model at a time
+        _loaded[key] = job.placement.load(job.model)
+    return _loaded[key]
+
+
 def checkpoint_key(job: RouteJob) -> dict[str, Any]:
     """Everything that determines the recorded rows (not the batch size: see routelab.run.resume)."""
     return {"routing": job.routing, "model": fingerprint(job.model), "dtype": job.placement.dtype,
@@ -226,7 +240,7 @@ def _route(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> None:
         log.info("shard %s: windows %d-%d, documents %d-%d", job.shard, *shard["windows"], *shard["documents"])
     if windows.empty:
         raise ValueError(f"--data: {job.data} has no evaluation windows")
-    model = job.placement.load(job.model)
+    model = load_model_once(job)
     tokenizer = load_tokenizer(job.model)
     shape = moe_shape(model)
     router = make_router(job, shape)
@@ -273,7 +287,7 @@ def _route_task(job: RouteJob, info: dict[str, Any], checkpoint: Checkpoint) -> 
                          "remove `shards` from its dataset entry")
     if info["generates"]:
         check_causal(router_class(job.routing["method"]), f"lm-eval task {info['lm_eval_task']!r} (it generates)")
-    model = job.placement.load(job.model)
+    model = load_model_once(job)
     # as lm-eval loads it from a path: add_bos_token set on the tokenizer, not only on its encode calls
     tokenizer = load_lm_eval_tokenizer(job.model, info["spec"]["add_bos_token"])
     shape = moe_shape(model)

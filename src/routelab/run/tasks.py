@@ -9,6 +9,7 @@ requests) and the document, and the real tokens of lm-eval's right-padded scorin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -131,7 +132,7 @@ def evaluate_task(model, tokenizer, spec: dict[str, Any], forwards: ForwardLog, 
                            doc_ids=doc_ids,
                            **({} if spec.get("add_bos_token") is None else {"add_bos_token": spec["add_bos_token"]}))
     options = {key: value for key, value in spec["options"].items() if key != "metadata"}  # the TaskManager's
-    with task_data():
+    with task_data(), _without_env_info():
         manager = task_manager(spec)
         with forwards.attach(model):
             results = simple_evaluate(
@@ -140,6 +141,21 @@ def evaluate_task(model, tokenizer, spec: dict[str, Any], forwards: ForwardLog, 
                 numpy_random_seed=seed, torch_random_seed=seed, log_samples=True, cache_requests=False,
                 use_cache=None, **options)
     return results
+
+
+@contextlib.contextmanager
+def _without_env_info():
+    """``simple_evaluate`` without ``add_env_info``: it runs torch's collect_env (pip and conda in
+    subprocesses, ~0.7 s a task) for results keys that task_metrics drops; provenance.json and
+    system.json record the environment instead."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = original
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, Any]:
