@@ -24,10 +24,9 @@ rule aggregate:
         tokenizer=model_ref,
         explorer_documents=config["evaluation"]["explorer_documents"],
         explorer_tokens=config["report"]["explorer_tokens"],
-    # The routing analyses read the datasets' logs in parallel, on half the cores: a job that needs more
-    # cores than are free waits behind every one-core plot_run job, and on two cores one worker is
-    # faster than two for the demo. Priority above plot_run: it starts when the last route job ends.
-    threads: max(1, workflow.cores // 2)
+    # The routing analyses read the datasets' logs in parallel (share_of_cores: why not on all cores).
+    # Priority above plot_run: it starts when the last route job ends and overlaps the plots.
+    threads: share_of_cores(2)
     priority: 10
     conda:
         "../../envs/routelab.yaml"

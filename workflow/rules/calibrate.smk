@@ -14,9 +14,9 @@ rule collect_router_logits:
         batch_size=config["evaluation"]["batch_size"],
         options=model_options(),
         seed=config["seed"],
-    threads: 2
-    # Highest: the BH and HC route jobs wait for the null, and this job (two threads) would otherwise wait
-    # for two free cores behind every route job that needs no calibration.
+    threads: share_of_cores(2)
+    # Highest: the BH and HC route jobs wait for the null; on one core of two (share_of_cores), the
+    # route jobs that need no null start beside it.
     priority: 50
     resources:
         gpu=config["model"]["gpus"],
@@ -38,7 +38,7 @@ rule calibrate_null:
         "logs/{experiment}/calibrate_null/{null}.log",
     params:
         grid_size=config["calibration"]["grid_size"],
-    threads: 2
+    threads: share_of_cores(2)
     priority: 50
     conda:
         "../../envs/routelab.yaml"

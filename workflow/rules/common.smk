@@ -45,6 +45,19 @@ CAUSAL_ONLY_DATASETS = [d for d in DATASETS if all(d in datasets for datasets in
 PARTIAL_ROUTINGS = [name for name in ROUTING if name not in FULL_ROUTINGS]
 
 
+def share_of_cores(most):
+    """Threads of a multi-threaded CPU job: half the cores Snakemake was given, at least 1 and at most
+    ``most``. A job that needs every free core waits behind each one-core job that can start first, and
+    one thread on two cores is what the demo's calibration and aggregate run fastest with anyway (and
+    one thread makes CPU float sums the same on every machine). Under a cluster executor (no --cores:
+    each job gets a node) ``most``."""
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        return most
+    return max(1, min(most, cores // 2))
+
+
 def one_of(names):
     """A wildcard constraint matching exactly these names (or nothing, for an empty list); names may hold
     regex characters (the schema allows ``.`` and ``+``), so each is escaped."""
