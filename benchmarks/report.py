@@ -9,7 +9,7 @@ expert or bin; router diagnostics from random logits), then runs ``workflow/scri
 as Snakemake would, with the default bootstrap repetitions of the config schema, and prints the wall
 time against the 60 s target.
 
-    python benchmarks/report.py [--documents 300] [--repetitions N] [--keep DIR]
+    python benchmarks/report.py [--documents 300] [--repetitions N] [--workers 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=300, help="documents per dataset (default 300)")
     parser.add_argument("--repetitions", type=int, default=section_defaults("report")["bootstrap_repetitions"],
                         help="bootstrap repetitions (default: the config schema's default, %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="report.py --workers: 2, as the report rule runs it (threads: 2); 1 = one process")
     parser.add_argument("--keep", type=Path, help="write the synthetic tables and the report here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +152,7 @@ def main() -> None:
         command = [sys.executable, str(REPO / "workflow/scripts/report.py"), "--runs",
                    str(root / "aggregate" / "runs.parquet"), "--plots-root", str(root / "plots"),
                    "--experiment", "benchmark", "--baseline", "topk8", "--repetitions", str(args.repetitions),
-                   "--out-dir", str(root / "report")]
+                   "--workers", str(args.workers), "--out-dir", str(root / "report")]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True)
