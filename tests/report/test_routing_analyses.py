@@ -137,3 +137,30 @@ def test_worker_processes_give_the_same_tables(tmp_path, tables):
     assert parallel.keys() == tables.keys()
     for name, table in tables.items():
         pd.testing.assert_frame_equal(parallel[name], table, check_exact=True)
+
+
+def test_a_datasets_runs_split_over_workers_give_the_same_tables_each_run_once(tmp_path):
+    """Three runs besides the baseline on two workers: two tasks, each reading the baseline, its own
+    tables written once."""
+    runs = [write_run(tmp_path, "topk2", "text", BASELINE)]
+    for index, routing in enumerate(("bh", "minp", "topp")):
+        log = {**ADAPTIVE, "experts": [chosen[index % len(chosen):] or chosen for chosen in ADAPTIVE["experts"]]}
+        runs.append(write_run(tmp_path, routing, "text", log))
+    one = collect_routing_analyses(runs, "topk2", workers=1)
+    two = collect_routing_analyses(runs, "topk2", workers=2)
+    for name, table in one.items():
+        pd.testing.assert_frame_equal(two[name], table, check_exact=True)
+    locality = two["locality"]
+    assert sorted(locality.groupby("routing").size().items()) == [(r, 2) for r in ("bh", "minp", "topk2", "topp")]
+    assert sorted(two["baseline_agreement"]["routing"].unique()) == ["bh", "minp", "topk2", "topp"]
+
+
+def test_analysis_tasks_put_the_baseline_in_one_task_and_every_run_in_one():
+    from routelab.report.routing_analyses import analysis_tasks
+
+    runs = [(Path(name), {"routing": name, "dataset": "d"}) for name in ("a", "base", "b", "c")]
+    tasks = analysis_tasks(runs, "base", parts=2)
+    assert [reference[1]["routing"] for reference, _ in tasks] == ["base", "base"]
+    assert [[summary["routing"] for _, summary in chunk] for _, chunk in tasks] == [["base", "a", "c"], ["b"]]
+    alone = analysis_tasks(runs[:1], "base", parts=4)  # no baseline run: one task, no reference
+    assert alone == [(None, runs[:1])]

@@ -323,21 +323,37 @@ def _read(run_dir: Path, summary: dict) -> RunLog:
     return read_routing_log(path, summary["routing"], summary["dataset"], int(summary["num_experts"]))
 
 
-def dataset_tables(runs: list[tuple[Path, dict]], baseline: str, coactivation_layer: int | None | bool
-                   ) -> dict[str, list[pd.DataFrame]]:
-    """:func:`run_tables` of one dataset's runs (``(run_dir, summary)`` each), its baseline read once and
-    first: at most two logs in memory."""
-    runs = sorted(runs, key=lambda item: item[1]["routing"] != baseline)
-    reference = _read(*runs[0]) if runs[0][1]["routing"] == baseline else None
-    if reference is None:
-        log.warning("dataset %s has no %s run: no baseline agreement for it", runs[0][1]["dataset"], baseline)
+def dataset_tables(reference: tuple[Path, dict] | None, runs: list[tuple[Path, dict]], baseline: str,
+                   coactivation_layer: int | None | bool) -> dict[str, list[pd.DataFrame]]:
+    """:func:`run_tables` of some of one dataset's runs (``(run_dir, summary)`` each) against the dataset's
+    baseline run ``reference`` (None: the dataset has none), read once and first: at most two logs in
+    memory. ``runs`` may hold the baseline run itself, whose tables then come from the same read."""
     parts: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+    if not runs:
+        return parts
+    reference_log = _read(*reference) if reference is not None else None
     for run_dir, summary in runs:
-        run = reference if reference is not None and summary["routing"] == baseline else _read(run_dir, summary)
-        for name, table in run_tables(run, reference, coactivation_layer).items():
+        run = reference_log if reference_log is not None and summary["routing"] == baseline else _read(run_dir, summary)
+        for name, table in run_tables(run, reference_log, coactivation_layer).items():
             parts[name].append(table)
         del run
     return parts
+
+
+def analysis_tasks(runs: list[tuple[Path, dict]], baseline: str, parts: int
+                   ) -> list[tuple[tuple[Path, dict] | None, list[tuple[Path, dict]]]]:
+    """One dataset's runs as ``parts`` :func:`dataset_tables` tasks of about as many runs each: the
+    baseline's own tables in the first, every task reading the baseline for the agreement table. With
+    three datasets on two workers, one task per dataset leaves one worker idle for a third of the time."""
+    reference = next((run for run in runs if run[1]["routing"] == baseline), None)
+    if reference is None:
+        log.warning("dataset %s has no %s run: no baseline agreement for it", runs[0][1]["dataset"], baseline)
+    others = [run for run in runs if run is not reference]
+    parts = max(1, min(parts, len(others)))
+    tasks = [(reference, others[index::parts]) for index in range(parts)]
+    if reference is not None:
+        tasks[0] = (reference, [reference, *tasks[0][1]])
+    return tasks
 
 
 def collect_routing_analyses(run_dirs: Iterable[str | os.PathLike], baseline: str, decode: Decode | None = None,
@@ -352,22 +368,27 @@ def collect_routing_analyses(run_dirs: Iterable[str | os.PathLike], baseline: st
     :func:`routelab.report.aggregate.collect_coactivation` for that layer (None: the middle one) from the
     same read, so the aggregate stage need not read every log twice. Each run's routing.parquet is read
     once; at most two runs' logs (a dataset's baseline and one other run) are in memory per worker.
-    ``workers`` > 1: that many processes, one dataset each at a time (:func:`dataset_tables`)."""
+    ``workers`` > 1: that many processes, each dataset's runs split into ``workers`` tasks
+    (:func:`analysis_tasks`) so that the processes stay busy whatever the number of datasets.
+    The tables do not depend on ``workers``: they are sorted by run and key."""
     by_dataset: dict[str, list[tuple[Path, dict]]] = {}
     for run_dir in run_dirs:
         summary = read_run_file(run_dir, "summary.json")
         by_dataset.setdefault(summary["dataset"], []).append((Path(run_dir), summary))
     if not by_dataset:
         raise ValueError("run_dirs is empty: no routing logs to read")
-    groups = [by_dataset[dataset] for dataset in sorted(by_dataset)]
-    workers = max(1, min(int(workers), len(groups)))
+    workers = max(1, int(workers))
+    tasks = [task for dataset in sorted(by_dataset)
+             for task in analysis_tasks(by_dataset[dataset], baseline, 1 if workers == 1 else workers)]
+    references, chunks = [task[0] for task in tasks], [task[1] for task in tasks]
     if workers == 1:
-        results = [dataset_tables(runs, baseline, coactivation_layer) for runs in tqdm(groups, desc="routing "
-                   "analyses", unit="dataset")]
+        results = [dataset_tables(reference, runs, baseline, coactivation_layer)
+                   for reference, runs in tqdm(tasks, desc="routing analyses", unit="dataset")]
     else:  # spawned, not forked: a forked child can inherit a lock pyarrow's threads hold
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(dataset_tables, groups, repeat(baseline), repeat(coactivation_layer)),
-                                total=len(groups), desc="routing analyses", unit="dataset"))
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(dataset_tables, references, chunks, repeat(baseline),
+                                         repeat(coactivation_layer)),
+                                total=len(tasks), desc="routing analyses", unit="task"))
     tables = {name: pd.concat(frames, ignore_index=True)
               for name in TABLES if (frames := [f for result in results for f in result[name]])}
     tables["vocabulary_top_tokens"] = _decode_texts(tables["vocabulary_top_tokens"], decode)
