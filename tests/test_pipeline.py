@@ -412,7 +412,14 @@ def test_a_killed_route_process_is_retried_and_equals_the_uninterrupted_run_byte
     with open(tmp_path / "snakemake.log", "w") as log:
         process = subprocess.Popen(cmd, cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT)
     partial, deadline = copy / f"{run}.partial", time.monotonic() + 300
-    while not (any(partial.glob("*/chunk-*")) and (partial / "attempt.json").is_file()):
+
+    def saved_chunk() -> bool:
+        try:
+            return any(partial.glob("*/chunk-*")) and (partial / "attempt.json").is_file()
+        except FileNotFoundError:  # a temporary file renamed into place while the glob walked past it
+            return False
+
+    while not saved_chunk():
         assert process.poll() is None, (tmp_path / "snakemake.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the route job saved no chunk"
         time.sleep(0.01)
