@@ -4,21 +4,21 @@
     python benchmarks/aggregate.py --runs 4 --tokens 50000          # a quick look (extrapolated to the full size)
     python benchmarks/aggregate.py --keep /tmp/agg                  # keep (and reuse) the generated runs
 
-Target (issue 17, 2 CPU cores): collect_runs + collect_layers + collect_scores + collect_expert_counts +
-collect_coactivation + collect_routing_analyses over 60 runs (20 configs x 3 datasets, 16 layers x 64
-experts, top-8 baseline, 300k tokens each) in <= 120 s and <= 4 GB peak RSS. The runs are written in the
-route stage's formats (routing.parquet with :data:`routelab.record.routing_log.SCHEMA`, summary.json,
-metrics.json, scores.parquet); generating them is not timed. Each config takes a prefix of one shared
-per-token expert ranking of its dataset (as routing rules over the same router logits do): top-k configs
-a fixed k, adaptive ones a k that varies by token. Prints each collector's seconds, the total against
-the target (scaled by full-size tokens x runs / measured when run smaller) and the peak RSS.
+Target (issue 17, 2 CPU cores): the aggregate stage (workflow/scripts/aggregate.py, run as the aggregate
+rule runs it) over 60 runs (20 configs x 3 datasets, 16 layers x 64 experts, top-8 baseline, 300k tokens
+each) in <= 120 s and <= 4 GB peak RSS of its processes (the script and its workers, summed, sampled every
+20 ms). The runs are written in the route stage's formats (routing.parquet, decisions.parquet,
+explorer.parquet, summary.json, metrics.json, scores.parquet); generating them is not timed. Each config
+takes a prefix of one shared per-token expert ranking of its dataset (as routing rules over the same router
+logits do): top-k configs a fixed k, adaptive ones a k that varies by token. Prints the script's log (its
+stages' seconds), the wall time against the target (scaled by full-size tokens x runs / measured when run
+smaller) and the peak.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,19 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelab.io.files import write_json, write_parquet
+from routelab.record.decisions import SCHEMA as DECISIONS_SCHEMA
 from routelab.record.routing_log import SCHEMA
-from routelab.report.aggregate import (
-    collect_coactivation,
-    collect_expert_counts,
-    collect_layers,
-    collect_runs,
-    collect_scores,
-)
-from routelab.report.routing_analyses import collect_routing_analyses
 
 TARGET_S, TARGET_GB = 120.0, 4.0
 FULL_RUNS, FULL_TOKENS = 60, 300_000
@@ -47,6 +41,10 @@ WINDOW = 2048  # tokens per window
 MAX_K = 16  # the ranking kept per token: adaptive configs choose up to this many experts
 VOCAB = 50_000
 DICTIONARY_COLUMNS = ["window_id", "doc_id", "position", "token_id", "layer", "k"]
+SAMPLE_EVERY, EXPLORER_DOCUMENTS = 100, 3  # the route stage's defaults (evaluation.decision_sample_every, ...)
+RUN_FILES = ("routing.parquet", "decisions.parquet", "explorer.parquet", "summary.json", "metrics.json",
+             "scores.parquet")
+SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "aggregate.py"
 
 
 def configs(count: int) -> list[tuple[str, str, dict]]:
@@ -80,6 +78,17 @@ def k_per_token(method: str, params: dict, tokens: int, layers: int, seed: int) 
     return np.clip(rng.poisson(mean, size=(layers, tokens)), 1, MAX_K).astype(np.int64)
 
 
+def token_columns(token: np.ndarray, layer: np.ndarray, token_ids: np.ndarray) -> dict[str, pa.Array]:
+    """The columns routing.parquet and decisions.parquet share, of rows (``token``, ``layer``): one
+    document per window, every token a prefill."""
+    phase = pa.DictionaryArray.from_arrays(pa.array(np.zeros(token.size, dtype=np.int8)),
+                                           pa.array(["prefill", "decode"]))
+    window = pa.array((token // WINDOW).astype(np.int32))
+    return {"window_id": window, "doc_id": window, "position": pa.array((token % WINDOW).astype(np.int32)),
+            "token_id": pa.array(token_ids[token].astype(np.int32)), "phase": phase,
+            "layer": pa.array(layer.astype(np.int16))}
+
+
 def routing_table(rank: np.ndarray, k: np.ndarray, token_ids: np.ndarray) -> pa.Table:
     """routing.parquet rows, token by token with every layer's row together, as the route stage writes."""
     layers, tokens, _ = rank.shape
@@ -89,14 +98,8 @@ def routing_table(rank: np.ndarray, k: np.ndarray, token_ids: np.ndarray) -> pa.
     offsets = np.concatenate([[0], np.cumsum(k_rows)]).astype(np.int32)
     weights = np.full(values.size, 0.1, dtype=np.float32)
     token = np.repeat(np.arange(tokens), layers)
-    phase = pa.DictionaryArray.from_arrays(pa.array(np.zeros(token.size, dtype=np.int8)),
-                                           pa.array(["prefill", "decode"]))
     columns = {
-        "window_id": pa.array((token // WINDOW).astype(np.int32)),
-        "doc_id": pa.array((token // WINDOW).astype(np.int32)),
-        "position": pa.array((token % WINDOW).astype(np.int32)),
-        "token_id": pa.array(token_ids[token].astype(np.int32)),
-        "phase": phase, "layer": pa.array(np.tile(np.arange(layers, dtype=np.int16), tokens)),
+        **token_columns(token, np.tile(np.arange(layers), tokens), token_ids),
         "k": pa.array(k_rows.astype(np.int16)),
         "experts": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int16))),
         "weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights)),
@@ -126,8 +129,49 @@ def summary(routing: str, dataset: str, method: str, params: dict, k: np.ndarray
             "active_expert_flops_vs_topk": float(k.mean()) / 8}
 
 
+def detail_table(rows: np.ndarray, rank: np.ndarray, k: np.ndarray, token_ids: np.ndarray, experts: int,
+                 alpha: float | None, seed: int) -> pa.Table:
+    """decisions.parquet rows (:data:`routelab.record.decisions.SCHEMA`) of the tokens ``rows``, every
+    layer's row together: standard-normal logits, and for BH configs uniform p-values and the BH steps."""
+    layers = rank.shape[0]
+    rng = np.random.default_rng(seed)
+    count = rows.size * layers
+    token, layer = np.repeat(rows, layers), np.tile(np.arange(layers), rows.size)
+    chosen_k = k[layer, token]
+    logits = rng.standard_normal((count, experts)).astype(np.float32)
+    slots = np.arange(rank.shape[2])
+    selected = rank[layer, token][slots[None, :] < chosen_k[:, None]]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen_k)]).astype(np.int32))
+
+    def lists(values: np.ndarray, step: np.ndarray | int) -> pa.ListArray:
+        bounds = np.arange(count + 1, dtype=np.int32) * step if np.isscalar(step) else step
+        return pa.ListArray.from_arrays(pa.array(bounds), pa.array(values.ravel()))
+
+    columns = {
+        **token_columns(token, layer, token_ids), "k": pa.array(chosen_k.astype(np.int16)),
+        "logit_mean": pa.array(logits.mean(axis=1)), "logit_std": pa.array(logits.std(axis=1)),
+        "logit_min": pa.array(logits.min(axis=1)), "logit_max": pa.array(logits.max(axis=1)),
+        "logits": lists(logits, experts),
+        "selected": pa.ListArray.from_arrays(offsets, pa.array(selected.astype(np.int16))),
+        "selected_weights": pa.ListArray.from_arrays(offsets, pa.array(np.full(selected.size, 0.1, np.float32))),
+    }
+    if alpha is None:
+        for name in ("pvalues", "sorted_pvalues", "bh_thresholds"):
+            columns[name] = pa.nulls(count, pa.list_(pa.float32()))
+        columns["passing_rank"] = pa.nulls(count, pa.int16())
+    else:
+        pvalues = rng.random((count, experts), dtype=np.float32)
+        thresholds = np.tile((np.arange(1, experts + 1) * alpha / experts).astype(np.float32), count)
+        columns.update(pvalues=lists(pvalues, experts), sorted_pvalues=lists(np.sort(pvalues, axis=1), experts),
+                       bh_thresholds=lists(thresholds, experts), passing_rank=pa.array(chosen_k.astype(np.int16)))
+    return pa.Table.from_arrays([columns[field.name].cast(field.type) for field in DECISIONS_SCHEMA],
+                                schema=DECISIONS_SCHEMA)
+
+
 def write_runs(root: Path, runs: int, tokens: int, layers: int, experts: int, datasets: int) -> list[Path]:
-    """``runs`` run directories under ``root`` (configs x datasets), reused when already there."""
+    """``runs`` run directories under ``root`` (configs x datasets), their files reused when already there:
+    routing.parquet, decisions.parquet (every 100th token, the route stage's default) and explorer.parquet
+    (every token of the first 3 documents), summary.json, metrics.json, scores.parquet."""
     per_dataset = -(-runs // datasets)
     run_dirs = []
     for index, dataset in enumerate(DATASETS[:datasets]):
@@ -139,7 +183,7 @@ def write_runs(root: Path, runs: int, tokens: int, layers: int, experts: int, da
         for number, (routing, method, params) in enumerate(chosen):
             run_dir = root / "runs" / routing / dataset
             run_dirs.append(run_dir)
-            if (run_dir / "routing.parquet").is_file():
+            if all((run_dir / name).is_file() for name in RUN_FILES):
                 continue
             if rank is None:
                 rank = ranking(tokens, layers, experts, token_ids, seed=index)
@@ -147,6 +191,11 @@ def write_runs(root: Path, runs: int, tokens: int, layers: int, experts: int, da
             run_dir.mkdir(parents=True, exist_ok=True)
             pq.write_table(routing_table(rank, k, token_ids), run_dir / "routing.parquet", row_group_size=1 << 20,
                            use_dictionary=DICTIONARY_COLUMNS)
+            alpha = params.get("alpha") if method == "bh" else None
+            for name, rows in (("decisions.parquet", np.arange(0, tokens, SAMPLE_EVERY)),
+                               ("explorer.parquet", np.arange(min(tokens, EXPLORER_DOCUMENTS * WINDOW)))):
+                pq.write_table(detail_table(rows, rank, k, token_ids, experts, alpha, seed=number),
+                               run_dir / name, row_group_size=1 << 16)
             write_json(run_dir / "summary.json", summary(routing, dataset, method, params, k, rank, experts))
             documents = tokens // WINDOW + 1
             write_json(run_dir / "metrics.json", {"routing": routing, "dataset": dataset, "task": "perplexity",
@@ -160,12 +209,39 @@ def write_runs(root: Path, runs: int, tokens: int, layers: int, experts: int, da
     return run_dirs
 
 
-def timed(name: str, function, *args, **kwargs):
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of ``process`` and all its descendants (a child that ends between the two calls
+    counts as 0)."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_aggregate(run_dirs: list[Path], out_dir: Path, workers: int) -> tuple[float, int, str]:
+    """``(seconds, peak bytes, log)`` of workflow/scripts/aggregate.py over ``run_dirs``, as the aggregate
+    rule runs it; the peak is of the script's process tree, sampled every 20 ms."""
+    command = [sys.executable, str(SCRIPT), "--runs", *map(str, run_dirs), "--baseline", "topk8",
+               "--workers", str(workers), "--out-dir", str(out_dir)]
     start = time.perf_counter()
-    result = function(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    print(f"{name:28s} {seconds:8.2f} s")
-    return result, seconds
+    with tempfile.TemporaryFile(mode="w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, tree_rss(process))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        text = log.read()
+    if child.wait() != 0:
+        raise SystemExit(f"aggregate.py failed (exit {child.returncode}):\n{text}")
+    return seconds, peak, text
 
 
 def main() -> None:
@@ -177,36 +253,20 @@ def main() -> None:
     parser.add_argument("--datasets", type=int, default=len(DATASETS), choices=range(1, len(DATASETS) + 1))
     parser.add_argument("--keep", type=Path, help="write the runs here (and reuse those already there)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="processes of collect_routing_analyses (the aggregate rule gives it its 2 threads)")
+                        help="the script's --workers (the rule passes its threads: 2 given 4 or more cores)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
         print(f"generating {args.runs} runs x {args.tokens} tokens x {args.layers} layers x {args.experts} experts "
               f"in {root}", file=sys.stderr)
-        # in a child process, so that the peak RSS below is the collectors' alone
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            run_dirs = pool.apply(write_runs, (root, args.runs, args.tokens, args.layers, args.experts,
-                                                   args.datasets))
-        total = 0.0
-        for name, function in (("collect_runs", collect_runs), ("collect_layers", collect_layers),
-                               ("collect_scores", collect_scores), ("collect_expert_counts", collect_expert_counts)):
-            total += timed(name, function, run_dirs)[1]
-        coactivation = timed("collect_coactivation", collect_coactivation, run_dirs)[1]
-        tables, analyses = timed("collect_routing_analyses", collect_routing_analyses, run_dirs, "topk8",
-                                 coactivation_layer=None, workers=args.workers)
-    # this process and its largest child (a worker, or the generator); the workers run at once, so the
-    # machine's peak is at most this process's plus workers x the largest child's
-    own_gb, child_gb = (resource.getrusage(who).ru_maxrss / 2 ** 20
-                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    peak_gb = own_gb + (args.workers * child_gb if args.workers > 1 else 0.0)
+        run_dirs = write_runs(root, args.runs, args.tokens, args.layers, args.experts, args.datasets)
+        seconds, peak, text = run_aggregate(run_dirs, Path(scratch) / "aggregate", args.workers)
+    print("".join(line + "\n" for line in text.splitlines() if " INFO " in line), end="")
     scale = (FULL_RUNS * FULL_TOKENS * 16) / (len(run_dirs) * args.tokens * args.layers)
-    for label, seconds in (("total, co-activation from the analyses' read", total + analyses),
-                           ("total, with collect_coactivation", total + coactivation + analyses)):
-        print(f"{label}: {seconds:.2f} s; x{scale:.1f} to 60 runs x 300k tokens x 16 layers: ~{seconds * scale:.0f} s "
-              f"= {seconds * scale / TARGET_S:.2f} of the {TARGET_S:.0f} s target")
-    print(f"peak RSS {peak_gb:.2f} GB at most (this process {own_gb:.2f}, largest child {child_gb:.2f}; target "
-          f"{TARGET_GB:.0f} GB); tables: "
-          + ", ".join(f"{name} {len(table)}" for name, table in tables.items()))
+    print(f"aggregate.py --workers {args.workers}: {seconds:.1f} s"
+          + (f"; x{scale:.1f} to 60 runs x 300k tokens x 16 layers: ~{seconds * scale:.0f} s" if scale != 1 else "")
+          + f" = {seconds * scale / TARGET_S:.2f} of the {TARGET_S:.0f} s target; peak RSS of its processes "
+          f"{peak / 2 ** 30:.2f} GB (target {TARGET_GB:.0f} GB)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from routelab.io.files import write_json, write_parquet
@@ -51,6 +52,22 @@ def test_explorer_keeps_the_first_documents_and_caps_their_tokens(tmp_path):
     assert [list(e) for e in doc["experts"]] == [[0], [0, 1], [1], [1, 2]]
     assert doc["text"].tolist() == ["<script>", "<script>", "alert(1)", "alert(1)"]
     assert doc["pvalues"].isna().all() and doc["alpha"].isna().all()
+
+
+def test_explorer_cap_follows_windows_and_positions_whatever_the_row_order(tmp_path):
+    # one document over windows 3 and 4 (3 tokens each), every row of both logs written in reverse order
+    path = run_dir(tmp_path)
+    logs = {"routing.parquet": routing_log("bh", [3, 4]), "explorer.parquet": explorer_log(0.05, [3, 4])}
+    for name, table in logs.items():
+        table = table.set_column(table.schema.get_field_index("doc_id"), "doc_id",
+                                 pa.array(np.full(table.num_rows, 3), pa.int32()))
+        write_parquet(path / name, table.take(np.arange(table.num_rows)[::-1]))
+    rows = explorer_documents(path, documents=1, decode=None, max_tokens=4)
+    tokens = rows.drop_duplicates(["window_id", "position"])
+    assert list(zip(tokens["window_id"], tokens["position"])) == [(3, 0), (3, 1), (3, 2), (4, 0)]
+    assert (rows["document_tokens"] == 6).all() and rows["layer"].tolist() == [0, 1] * 4
+    last = rows[(rows["window_id"] == 4) & (rows["layer"] == 1)]
+    assert list(last["pvalues"].iloc[0]) == pytest.approx(LAYER1_PVALUES[0])
 
 
 def test_explorer_joins_pvalues_where_recorded(tmp_path):

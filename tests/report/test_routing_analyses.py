@@ -12,6 +12,7 @@ import pytest
 
 from routelab.io.files import write_json, write_parquet
 from routelab.record.routing_log import SCHEMA
+from routelab.report import routing_analyses
 from routelab.report.aggregate import collect_coactivation
 from routelab.report.routing_analyses import collect_routing_analyses
 
@@ -164,3 +165,28 @@ def test_analysis_tasks_put_the_baseline_in_one_task_and_every_run_in_one():
     assert [[summary["routing"] for _, summary in chunk] for _, chunk in tasks] == [["base", "a", "c"], ["b"]]
     alone = analysis_tasks(runs[:1], "base", parts=4)  # no baseline run: one task, no reference
     assert alone == [(None, runs[:1])]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("log", [ADAPTIVE, BASELINE], ids=["variable_k", "fixed_k"])
+def test_read_routing_log_pads_each_layer_in_token_order(tmp_path, monkeypatch, log, shuffle):
+    # a chunk of 2 rows, so that a layer's 5 tokens are padded in three steps
+    monkeypatch.setattr(routing_analyses, "PAD_CHUNK", 2)
+    run_dir = write_run(tmp_path, "r", "d", log, shuffle=shuffle)
+    run = routing_analyses.read_routing_log(run_dir / "routing.parquet", "r", "d", num_experts=3)
+    width = max(map(len, log["experts"]))
+    expected = np.array([experts + [-1] * (width - len(experts)) for experts in log["experts"]])
+    assert sorted(run.layers) == [0, 1]
+    for data in run.layers.values():
+        assert data.experts.dtype == np.int16 and data.experts.flags.c_contiguous
+        np.testing.assert_array_equal(data.experts, expected)
+        np.testing.assert_array_equal(data.k, [len(experts) for experts in log["experts"]])
+        np.testing.assert_array_equal(data.tokens.token_ids, log["token_ids"])
+        np.testing.assert_array_equal(data.tokens.position, range(5))
+    assert run.layers[0].tokens is run.layers[1].tokens
+
+
+def test_read_routing_log_rejects_an_expert_outside_the_model(tmp_path):
+    run_dir = write_run(tmp_path, "r", "d", BASELINE)
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        routing_analyses.read_routing_log(run_dir / "routing.parquet", "r", "d", num_experts=2)

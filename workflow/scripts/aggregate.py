@@ -17,6 +17,8 @@ decisions.parquet and explorer.parquet of every run; writes into AGG_DIR:
 
 import argparse
 import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from routelab.cli import layer_option
@@ -46,29 +48,42 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--explorer-tokens", type=int, default=128,
                         help="tokens per explorer document, the first ones (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="processes for the routing analyses, one dataset each at a time (default %(default)s)")
+                        help="processes for the routing analyses, each task part of one dataset's runs (default "
+                             "%(default)s)")
     parser.add_argument("--out-dir", required=True, type=Path, help="directory the tables go to")
     return parser.parse_args()
 
 
+@contextmanager
+def stage(name: str):
+    """Logs a stage's seconds, so the log shows where a slow aggregate spends its time."""
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.1f s", name, time.perf_counter() - start)
+
+
 def main() -> None:
     args = parse_args()
-    runs = collect_runs(args.runs)
-    layers = collect_layers(args.runs)
-    write_text(args.out_dir / "runs.csv", runs.to_csv(index=False))
-    write_parquet(args.out_dir / "runs.parquet", runs)
-    write_text(args.out_dir / "layers.csv", layers.to_csv(index=False))
-    scores = collect_scores(args.runs)
-    write_parquet(args.out_dir / "scores.parquet", scores)
-    write_parquet(args.out_dir / "expert_counts.parquet", collect_expert_counts(args.runs))
+    with stage("runs, layers, scores, expert counts"):
+        runs = collect_runs(args.runs)
+        layers = collect_layers(args.runs)
+        write_text(args.out_dir / "runs.csv", runs.to_csv(index=False))
+        write_parquet(args.out_dir / "runs.parquet", runs)
+        write_text(args.out_dir / "layers.csv", layers.to_csv(index=False))
+        scores = collect_scores(args.runs)
+        write_parquet(args.out_dir / "scores.parquet", scores)
+        write_parquet(args.out_dir / "expert_counts.parquet", collect_expert_counts(args.runs))
     decode = load_decoder(args.tokenizer) if args.tokenizer else None
-    analyses = collect_routing_analyses(args.runs, args.baseline, decode=decode, coactivation_layer=args.layer,
-                                        workers=args.workers)
-    for name, table in analyses.items():
-        write_parquet(args.out_dir / f"{name}.parquet", table)
-    write_parquet(args.out_dir / "router_diagnostics.parquet", collect_router_diagnostics(args.runs))
-    write_parquet(args.out_dir / "explorer.parquet",
-                  collect_explorer(args.runs, args.explorer_documents, decode, max_tokens=args.explorer_tokens))
+    with stage(f"routing analyses ({args.workers} worker(s))"):
+        analyses = collect_routing_analyses(args.runs, args.baseline, decode=decode, coactivation_layer=args.layer,
+                                            workers=args.workers)
+        for name, table in analyses.items():
+            write_parquet(args.out_dir / f"{name}.parquet", table)
+    with stage("router diagnostics"):
+        write_parquet(args.out_dir / "router_diagnostics.parquet", collect_router_diagnostics(args.runs))
+    with stage("explorer"):
+        write_parquet(args.out_dir / "explorer.parquet",
+                      collect_explorer(args.runs, args.explorer_documents, decode, max_tokens=args.explorer_tokens))
     log.info("aggregated %d runs (%d layer rows, %d document scores, co-activation of layer %d, %d analysis "
              "tables) into %s", len(runs), len(layers), len(scores), int(analyses["coactivation"]["layer"].iloc[0]),
              len(analyses), args.out_dir)

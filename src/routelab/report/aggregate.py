@@ -11,16 +11,21 @@ expert pair) of one layer (:func:`collect_coactivation`).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import sparse
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from routelab.config import routing_parameters
 from routelab.io.files import read_json
@@ -29,6 +34,27 @@ from routelab.io.files import read_json
 # (the run table's columns, the comparison table's params): these first, as in earlier reports, then
 # any other rule's parameters in registry order.
 PARAMETER_ORDER = ("k", "alpha", "min_k", "max_k", "temperature", "weights", "p", "alpha0", "null_model")
+
+
+def _share_threads(threads: int) -> None:
+    """A worker's BLAS and arrow threads limited to its share of the cores: each library sizes its pool
+    to the whole machine, so two workers on two cores would run four threads each."""
+    threadpool_limits(threads)
+    pa.set_cpu_count(threads)
+
+
+def process_map(function: Callable[..., Any], *iterables: Iterable, workers: int, desc: str, unit: str) -> list:
+    """``[function(*args) for args in zip(*iterables)]`` with a progress bar; with ``workers`` > 1 in that
+    many processes, spawned rather than forked (a forked child can inherit a lock pyarrow's threads
+    hold), each with its share of the cores' threads. ``function`` must be a module-level function."""
+    calls = list(zip(*iterables))
+    workers = max(1, int(workers))
+    if workers == 1 or len(calls) <= 1:
+        return [function(*args) for args in tqdm(calls, desc=desc, unit=unit)]
+    processes = min(workers, len(calls))
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_share_threads,
+                             initargs=(max(1, (os.cpu_count() or 1) // processes),)) as pool:
+        return list(tqdm(pool.map(function, *zip(*calls)), total=len(calls), desc=desc, unit=unit))
 
 
 def parameter_columns() -> tuple[str, ...]:

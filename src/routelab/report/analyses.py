@@ -17,8 +17,7 @@ WORD_BITS = 64
 
 def selection_masks(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """``[tokens, ceil(num_experts / 64)]`` uint64 bit masks of the padded selections ``experts
-    [tokens, slots]`` (``-1`` = no expert). A token's experts are distinct, so summing their bits is
-    their OR."""
+    [tokens, slots]`` (``-1`` = no expert)."""
     experts = np.asarray(experts)
     assert experts.ndim == 2, experts.shape
     words = max(1, -(-num_experts // WORD_BITS))
@@ -27,8 +26,14 @@ def selection_masks(experts: np.ndarray, num_experts: int) -> np.ndarray:
     bits = np.zeros((num_experts + 1, words), dtype=np.uint64)
     bits[expert, expert // WORD_BITS] = np.left_shift(np.uint64(1), (expert % WORD_BITS).astype(np.uint64))
     if words == 1:
-        return bits[:, 0][experts].sum(axis=1, dtype=np.uint64)[:, None]
-    return bits[experts].sum(axis=1, dtype=np.uint64)
+        bits = bits[:, 0]
+    if experts.shape[1] == 0:
+        return np.zeros((experts.shape[0], words), dtype=np.uint64)
+    # slot by slot: half the time of gathering [tokens, slots, words] and reducing over the short slot axis
+    masks = bits[experts[:, 0]]
+    for slot in range(1, experts.shape[1]):
+        masks |= bits[experts[:, slot]]
+    return masks[:, None] if words == 1 else masks
 
 
 def set_sizes(masks: np.ndarray) -> np.ndarray:

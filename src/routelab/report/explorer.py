@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from routelab.io.files import write_text
 from routelab.report.aggregate import read_run_file
@@ -54,20 +55,27 @@ def first_documents(routing_log: str | os.PathLike, documents: int) -> list[int]
     return [int(d) for d in doc_ids[:documents]]
 
 
-def _read_documents(path: Path, columns: list[str], doc_ids: list[int]) -> pd.DataFrame:
+def _read_documents(path: Path, columns: list[str], doc_ids: list[int], max_tokens: int) -> pd.DataFrame:
+    """The rows of ``path`` of each document's first ``max_tokens`` tokens (in window, position order),
+    with ``document_tokens``: how many tokens the document has in all. The cut is made on the arrow
+    table, so only the kept rows' list columns become Python objects (three documents of an
+    OLMoE-sized p-value log are ~100k rows of 64-wide lists, of which 128 tokens are kept)."""
     present = set(pq.read_schema(path).names)
     table = pq.read_table(path, columns=[c for c in columns if c in present], filters=[("doc_id", "in", doc_ids)])
-    return table.to_pandas()
-
-
-def _first_tokens(log: pd.DataFrame, max_tokens: int) -> pd.DataFrame:
-    """The rows of each document's first ``max_tokens`` tokens (in window, position order), with
-    ``document_tokens``: how many tokens the document has in all."""
-    tokens = log[TOKEN_KEYS].drop_duplicates().sort_values(TOKEN_KEYS)
-    tokens["rank"] = tokens.groupby("doc_id").cumcount()
-    tokens["document_tokens"] = tokens.groupby("doc_id")["rank"].transform("size")
-    kept = tokens[tokens["rank"] < max_tokens].drop(columns="rank")
-    return log.merge(kept, on=TOKEN_KEYS, how="inner")
+    doc, window, position = (table.column(key).to_numpy().astype(np.int64) for key in TOKEN_KEYS)
+    order = np.lexsort((position, window, doc))
+    doc, window, position = doc[order], window[order], position[order]
+    new_token = np.ones(order.size, dtype=bool)
+    new_token[1:] = (doc[1:] != doc[:-1]) | (window[1:] != window[:-1]) | (position[1:] != position[:-1])
+    token = np.cumsum(new_token) - 1  # each row's token, numbered across the documents
+    new_doc = np.ones(order.size, dtype=bool)
+    new_doc[1:] = doc[1:] != doc[:-1]
+    doc_of_row = np.cumsum(new_doc) - 1
+    first_token = token[new_doc]
+    tokens_in_doc = np.diff(np.append(first_token, token[-1] + 1 if token.size else 0))
+    kept = token - first_token[doc_of_row] < max_tokens
+    frame = table.take(order[kept]).to_pandas()
+    return frame.assign(document_tokens=tokens_in_doc[doc_of_row[kept]])
 
 
 def _token_text(log: pd.DataFrame, decode: Callable[[Sequence[int]], list[str]] | None) -> pd.DataFrame:
@@ -83,11 +91,11 @@ def _token_text(log: pd.DataFrame, decode: Callable[[Sequence[int]], list[str]] 
     return tokens.assign(text=texts).drop(columns="token_id")
 
 
-def _pvalues(path: Path, doc_ids: list[int]) -> pd.DataFrame | None:
+def _pvalues(path: Path, doc_ids: list[int], max_tokens: int) -> pd.DataFrame | None:
     """``explorer.parquet``'s p-value columns (``alpha`` from the BH thresholds), or None without p-values."""
     if not path.is_file():
         return None
-    detail = _read_documents(path, PVALUE_COLUMNS, doc_ids)
+    detail = _read_documents(path, PVALUE_COLUMNS, doc_ids, max_tokens).drop(columns="document_tokens")
     if "pvalues" not in detail.columns or detail["pvalues"].isna().all():
         return None
     # thresholds are i * alpha / N for i = 1..N: the last one is alpha
@@ -111,11 +119,10 @@ def explorer_documents(run_dir: str | os.PathLike, documents: int,
         raise ValueError(f"report.explorer_tokens: {max_tokens!r} is not valid; need an integer >= 1")
     run_dir = Path(run_dir)
     doc_ids = first_documents(run_dir / "routing.parquet", documents)
-    log = _read_documents(run_dir / "routing.parquet", ROUTING_COLUMNS, doc_ids)
+    log = _read_documents(run_dir / "routing.parquet", ROUTING_COLUMNS, doc_ids, max_tokens)
     log["phase"] = log["phase"].astype(str) if "phase" in log.columns else "prefill"
-    log = _first_tokens(log, max_tokens)
     log = log.merge(_token_text(log, decode), on=TOKEN_KEYS)
-    detail = _pvalues(run_dir / "explorer.parquet", doc_ids)
+    detail = _pvalues(run_dir / "explorer.parquet", doc_ids, max_tokens)
     if detail is not None:
         log = log.merge(detail, on=[*TOKEN_KEYS, "layer"], how="left")
     else:
@@ -127,9 +134,10 @@ def collect_explorer(run_dirs: Iterable[str | os.PathLike], documents: int,
                      decode: Callable[[Sequence[int]], list[str]] | None,
                      max_tokens: int = MAX_TOKENS) -> pd.DataFrame:
     """:func:`explorer_documents` of every run, with ``routing, dataset, num_experts`` from its
-    summary.json first: the aggregate stage's ``explorer.parquet``."""
+    summary.json first: the aggregate stage's ``explorer.parquet``. In one process: arrow's reader already
+    decodes a file's columns on every core, so worker processes would add only their start-up."""
     parts = []
-    for run_dir in run_dirs:
+    for run_dir in tqdm(list(run_dirs), desc="explorer", unit="run"):
         summary = read_run_file(run_dir, "summary.json")
         rows = explorer_documents(run_dir, documents, decode, max_tokens)
         parts.append(rows.assign(routing=summary["routing"], dataset=summary["dataset"],

@@ -10,10 +10,8 @@ two runs' logs are in memory.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -22,10 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from routelab.report import analyses as an
-from routelab.report.aggregate import default_layer, read_run_file
+from routelab.report.aggregate import default_layer, process_map, read_run_file
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +31,7 @@ TOP_TOKENS = 5  # token ids kept per specialised expert
 TOP_SHARE_IDS = 10  # the vocabulary table's top_share: share of an expert's tokens in its 10 most frequent ids
 SPECIALISED_EXPERTS = 3  # experts per (run, layer) whose top tokens are kept, the most specialised first
 
-PAD_CHUNK = 1 << 20  # rows per step when a variable-k selection is padded
+PAD_CHUNK = 1 << 16  # rows per step when a layer's selections are padded
 
 Decode = Callable[[Sequence[int]], list[str]]
 
@@ -108,25 +105,19 @@ def _decode_flags(phase: pa.ChunkedArray) -> np.ndarray:
     return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
 
 
-def _padded(experts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """``(experts [rows, slots] int16, -1 padded; k [rows])`` from the ``experts`` list column."""
-    column = experts.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy()
-    k = np.diff(offsets)
-    rows, slots = k.size, int(k.max()) if k.size else 0
-    if rows and (k == slots).all() and offsets[0] == 0:  # fixed k (top-k): the values are the matrix
-        return values[: rows * slots].reshape(rows, slots).astype(np.int16, copy=False), k
-    padded = np.full((rows, max(slots, 1)), -1, dtype=np.int16)
-    flat = padded.reshape(-1)
-    for first in range(0, rows, PAD_CHUNK):  # chunks bound the [values]-sized index array
-        last = min(first + PAD_CHUNK, rows)
-        lengths = k[first:last]
-        begin, end = offsets[first], offsets[last]
-        # value i of row r goes to r * slots + (i - offsets[r])
-        shift = np.repeat(np.arange(first, last, dtype=np.int64) * slots - offsets[first:last], lengths)
-        flat[np.arange(begin, end) + shift] = values[begin:end]
-    return padded, k
+def _layer_experts(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """``[tokens, largest k] int16`` experts of the log rows ``rows``, -1 padded, straight from the
+    ``experts`` list column's ``offsets [rows + 1]`` and ``values``: one layer at a time, so the whole
+    log is never padded at once."""
+    starts, lengths = offsets[:-1][rows], np.diff(offsets)[rows]
+    slots = max(int(lengths.max()) if lengths.size else 0, 1)
+    padded = np.empty((lengths.size, slots), dtype=np.int16)
+    slot, last = np.arange(slots), max(values.size - 1, 0)
+    for first in range(0, lengths.size, PAD_CHUNK):  # chunks bound the [rows, slots] index arrays
+        chunk = slice(first, first + PAD_CHUNK)
+        index = np.minimum(starts[chunk, None] + slot, last)  # past a row's end: any valid index, masked out
+        padded[chunk] = np.where(slot < lengths[chunk, None], values[index], -1)
+    return padded
 
 
 def _layer_rows(layer: np.ndarray, keys: np.ndarray, path: str | os.PathLike) -> dict[int, np.ndarray | slice]:
@@ -148,7 +139,8 @@ def _layer_rows(layer: np.ndarray, keys: np.ndarray, path: str | os.PathLike) ->
 
 
 def read_routing_log(path: str | os.PathLike, routing: str, dataset: str, num_experts: int) -> RunLog:
-    """A run's routing.parquet as :class:`RunLog` (only the columns the analyses use)."""
+    """A run's routing.parquet as :class:`RunLog` (only the columns the analyses use). Every array it
+    keeps is a per-layer copy, so the table and its whole-log arrays are freed when it returns."""
     present = set(pq.read_schema(path).names)  # logs written before the phase column are all prefill
     table = pq.read_table(path, columns=[name for name in LOG_COLUMNS if name in present or name != "phase"])
     if table.num_rows == 0:
@@ -159,23 +151,28 @@ def read_routing_log(path: str | os.PathLike, routing: str, dataset: str, num_ex
     decode = (_decode_flags(table.column("phase")) if "phase" in table.column_names
               else np.zeros(table.num_rows, dtype=bool))
     layer = table.column("layer").to_numpy()
-    experts, k = _padded(table.column("experts"))
-    del table
-    if experts.size and (experts.max() >= num_experts or (experts[:, 0] < 0).any()):
+    column = table.column("experts").combine_chunks()
+    offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
+    k = np.diff(offsets)
+    if values.size and (values.max() >= num_experts or values.min() < 0) or (k == 0).any():
         raise ValueError(f"{path}: an expert index outside [0, {num_experts}) or a token without experts")
     span = int(position.max()) + 1
     if (int(window.max()) + 1) * span * 2 >= 2 ** 62:
         raise ValueError(f"{path}: window_id x position too large for a 64-bit token key")
     keys = (window.astype(np.int64) * span + position) * 2 + decode  # sorts by window, position, then phase
+    fixed = int(k[0]) if (k == k[0]).all() else 0  # top-k: the values are a [rows, k] matrix already
+    matrix = values[offsets[0]:offsets[0] + k.size * fixed].reshape(k.size, fixed) if fixed else None
     layers: dict[int, LayerLog] = {}
     shared: Tokens | None = None
     for number, rows in _layer_rows(layer, keys, path).items():
-        if shared is None or not np.array_equal(shared.keys, keys[rows]):  # usually every layer has the same tokens
-            shared = token_table(keys[rows], window[rows], position[rows], token_ids[rows])
-        # a contiguous copy as wide as the layer's largest k: every per-layer pass reads it several times
-        layer_k = k[rows]
-        selected = np.ascontiguousarray(experts[rows, : int(layer_k.max())])
-        layers[number] = LayerLog(shared, selected, an.selection_masks(selected, num_experts), layer_k)
+        layer_keys = np.ascontiguousarray(keys[rows])
+        if shared is None or not np.array_equal(shared.keys, layer_keys):  # usually every layer has the same tokens
+            shared = token_table(layer_keys, *(np.ascontiguousarray(a[rows]) for a in (window, position, token_ids)))
+        # contiguous and as wide as the layer's largest k: every per-layer pass reads it several times
+        selected = (np.ascontiguousarray(matrix[rows]) if matrix is not None
+                    else _layer_experts(offsets, values, rows))
+        layers[number] = LayerLog(shared, selected, an.selection_masks(selected, num_experts),
+                                  k[rows].astype(np.int16))
     return RunLog(routing, dataset, num_experts, layers)
 
 
@@ -381,14 +378,8 @@ def collect_routing_analyses(run_dirs: Iterable[str | os.PathLike], baseline: st
     tasks = [task for dataset in sorted(by_dataset)
              for task in analysis_tasks(by_dataset[dataset], baseline, 1 if workers == 1 else workers)]
     references, chunks = [task[0] for task in tasks], [task[1] for task in tasks]
-    if workers == 1:
-        results = [dataset_tables(reference, runs, baseline, coactivation_layer)
-                   for reference, runs in tqdm(tasks, desc="routing analyses", unit="dataset")]
-    else:  # spawned, not forked: a forked child can inherit a lock pyarrow's threads hold
-        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(dataset_tables, references, chunks, repeat(baseline),
-                                         repeat(coactivation_layer)),
-                                total=len(tasks), desc="routing analyses", unit="task"))
+    results = process_map(dataset_tables, references, chunks, repeat(baseline), repeat(coactivation_layer),
+                          workers=workers, desc="routing analyses", unit="task")
     tables = {name: pd.concat(frames, ignore_index=True)
               for name in TABLES if (frames := [f for result in results for f in result[name]])}
     tables["vocabulary_top_tokens"] = _decode_texts(tables["vocabulary_top_tokens"], decode)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from transformers import AutoTokenizer
-
 REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 byte sequence
 
 
@@ -32,6 +30,8 @@ def token_pieces(ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> 
 def load_decoder(tokenizer_path: str | os.PathLike) -> Callable[[Sequence[int]], list[str]]:
     """The tokenizer at ``tokenizer_path`` (local files only) as ``decode(ids) -> [one display string per
     id]`` (:func:`token_pieces`); special tokens are kept as their text (``<|endoftext|>``)."""
+    from transformers import AutoTokenizer  # here: its ~3 s import would fall on every aggregate worker process
+
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_path), local_files_only=True)
 
     def decode_text(ids: Sequence[int]) -> str:
