@@ -30,8 +30,9 @@ forwards repeat one batch, whose repeats zstd would compress away).
 ``--shape olmoe4`` measures on routing_overhead.py's OLMoE-1B-7B-shaped stack (4 of 16 layers, hidden 2048,
 64 experts of 1024, bfloat16, random weights) instead of the demo model. ``--decode STEPS`` times batch-1
 decode instead of prefill: each timed unit is STEPS one-token forwards over the KV cache of a 64-token
-prompt (a fresh copy each time), every step its own recorded batch (``phase`` decode), where the
-recorders' fixed cost per forward weighs most.
+prompt (a fresh copy each time), every step a recorded batch (``phase`` decode), where the recorders'
+fixed cost per forward weighs most; the recording groups the unit's steps into one batch for the recorders
+(``Recording.decode_group``), recorded inside the unit's timing; ``--decode-group 1`` records each step alone.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class Timed:
     def end_batch(self):
         self._timed("end_batch")
 
+    def flush(self):
+        self._timed("flush")
+
     def close(self):
         self.recorder.close()
 
@@ -103,6 +107,8 @@ def forward(model, inputs, router, recorder, decode=None) -> tuple[float, float]
                 model(input_ids=tokens, past_key_values=cache, use_cache=True)
             if recorder is not None:
                 recorder.end_batch()
+        if recorder is not None:  # the decode steps grouped by the recording are recorded inside the timing
+            recorder.flush()
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
@@ -156,6 +162,8 @@ def main() -> None:
                         help="the detail's sampling (the pipeline's evaluation.decision_sample_every)")
     parser.add_argument("--shape", choices=["demo", "olmoe4"], default="demo",
                         help="olmoe4: routing_overhead.py's OLMoE-shaped bf16 stack instead of the demo model")
+    parser.add_argument("--decode-group", type=int, default=64, metavar="STEPS",
+                        help="decode steps the recording hands to the recorders as one batch (1: each alone)")
     parser.add_argument("--decode", type=int, default=0, metavar="STEPS",
                         help="time batch-1 decode of STEPS one-token steps per unit instead of prefill")
     args = parser.parse_args()
@@ -201,9 +209,11 @@ def main() -> None:
 
     full_label, default_label = "full log", f"full log + 1/{every} detail"
     moments_label = f"full log + 1/{every} p-value moments"
-    variants = {"no logging": None, full_label: Timed(Recording(recorder("full.parquet", 0))),
-                default_label: Timed(Recording(recorder("default.parquet", every), sampler("decisions.parquet"))),
-                moments_label: Timed(Recording(recorder("moments.parquet", every)))}
+    group = args.decode_group
+    variants = {"no logging": None, full_label: Timed(Recording(recorder("full.parquet", 0), decode_group=group)),
+                default_label: Timed(Recording(recorder("default.parquet", every), sampler("decisions.parquet"),
+                                               decode_group=group)),
+                moments_label: Timed(Recording(recorder("moments.parquet", every), decode_group=group))}
     labels = list(variants)
     for label in labels:
         forward(model, inputs, router, variants[label], decode)

@@ -156,3 +156,19 @@ def test_pvalues_at_layers_falls_back_to_one_call_per_layer():
     assert torch.equal(pvalues_at_layers(selections, rows), expected)
     bare = TopKRouter(NUM_EXPERTS, 2)(logits[0])
     assert pvalues_at_layers([selections[0], bare], rows) is None
+
+
+def test_selection_cat_joins_the_parts_in_order_and_keeps_only_fields_every_part_has():
+    logits = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    first = Selection(torch.tensor([[0, 1], [2, 4]]), torch.tensor([[0.6, 0.4], [1.0, 0.0]]), torch.tensor([2, 1]),
+                      pvalues=lambda rows: torch.sigmoid(-(logits[:2] if rows is None else logits[rows])),
+                      probs=torch.full((2, 4), 0.25))
+    second = Selection(torch.tensor([[3, 0]]), torch.tensor([[0.7, 0.3]]), torch.tensor([2]),
+                       pvalues=torch.sigmoid(-logits[2:]))
+    joined = Selection.cat([first, second])
+    assert joined.indices.tolist() == [[0, 1], [2, 4], [3, 0]] and joined.k.tolist() == [2, 1, 2]
+    torch.testing.assert_close(joined.weights, torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.7, 0.3]]))
+    torch.testing.assert_close(joined.pvalues, torch.sigmoid(-logits))  # a function's p-values computed, in order
+    assert joined.probs is None  # the second part has none
+    without = Selection.cat([second, Selection(torch.tensor([[1, 2]]), torch.ones(1, 2), torch.tensor([2]))])
+    assert not without.has_pvalues

@@ -2,12 +2,13 @@
 generation, decode-step decisions equal those of teacher-forced scoring of the same sequence, and the
 routing log records both phases with each token's position in its sequence."""
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from routelab.record import Recording, RoutingRecorder
-from routelab.routing import ROUTERS, build_router
+from routelab.record import DecisionSampler, Recording, RoutingRecorder
+from routelab.routing import ROUTERS, Selection, build_router
 from routelab.routing.contract import RouterConfigError
 from routelab.routing.nulls import GaussianNull
 from routelab.run.generation import ForwardLog, generate_routed, token_positions
@@ -144,3 +145,92 @@ def test_a_teacher_forced_rule_is_refused_before_generation(tiny_olmoe_dir):
     with pytest.raises(RouterConfigError, match=r"'seqtopk'.*teacher-forced.*cannot route generation.*causal rule"):
         generate_routed(model, router, batch(size=(1, 4)), max_new_tokens=2)
     assert not calls
+
+
+@pytest.mark.parametrize("rule", ["topk", "bh", "bh_fixed_k", "hc", "layerk"])
+def test_decode_steps_recorded_in_groups_log_what_each_step_alone_logs(tiny_olmoe_dir, tmp_path, rule):
+    """The recording hands decode steps to the recorders in groups (Recording.decode_group); grouped or
+    step by step, the routing log, the sampled detail and the running counts are the same. ``bh_fixed_k``
+    selects without p-values: the recorders compute them, from the group's logits."""
+    router = causal_routers().get(rule) or build_router({"method": "bh", "alpha": 0.5, "min_k": 2, "max_k": 2}, 8,
+                                                        2, GaussianNull(num_experts=8))
+    model = load_tiny(tiny_olmoe_dir, "eager")
+    ids, mask = prompts()
+    logs = {}
+    for group in (1, 3, 64):  # each step alone; groups of 3 and a partial one; all steps in one group
+        recorder = RoutingRecorder(2, 8, router.min_k, router.max_k, path=tmp_path / f"routing{group}.parquet",
+                                   pvalue_every=2)
+        sampler = DecisionSampler(tmp_path / f"decisions{group}.parquet", 8, every_n=2,
+                                  alpha=0.5 if rule.startswith("bh") else None)
+        recording = Recording(recorder, sampler, decode_group=group)
+        for _ in range(2):  # a second generation's prefill follows the first one's decode steps
+            generate_routed(model, router, ids, mask, recording=recording, request_ids=[10, 11], doc_ids=[5, 6],
+                            max_new_tokens=NEW_TOKENS, pad_token_id=1)
+        recording.close()
+        logs[group] = (pq.read_table(tmp_path / f"routing{group}.parquet"),
+                       pq.read_table(tmp_path / f"decisions{group}.parquet"), recorder.state(), recorder.summary())
+    alone = logs[1]
+    assert alone[0].num_rows == 2 * 2 * (int(mask.sum()) + 2 * (NEW_TOKENS - 1))
+    assert alone[1].num_rows > 0
+    for group in (3, 64):
+        routing, decisions, state, summary = logs[group]
+        assert routing.equals(alone[0]) and decisions.equals(alone[1])
+        for name in ("k_hist", "expert_counts", "top1_counts"):
+            np.testing.assert_array_equal(state[name], alone[2][name])
+        for name in ("p_moments", "router_sums", "router_probs"):  # float sums over other groupings of tokens
+            np.testing.assert_allclose(state[name], alone[2][name], rtol=1e-6)
+        flat = {name: value for name, value in summary.items() if isinstance(value, (int, float))}
+        assert flat == pytest.approx({name: alone[3][name] for name in flat}, rel=1e-6)
+        assert (summary["pvalue_mean"] is not None) == (rule not in ("topk", "layerk"))  # p-value moments compared
+
+
+class BatchProbe:
+    """A recorder that keeps what each batch it is handed holds: its tokens, phase and layers."""
+
+    def __init__(self):
+        self.batches = []
+
+    def begin_batch(self, batch):
+        self.batches.append([batch.real_tokens, batch.phase, batch.doc_ids.tolist(), []])
+
+    def record(self, layer, router_logits, selection):
+        self.batches[-1][3].append((layer, router_logits.shape[0], selection.k.shape[0]))
+
+    def end_batch(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_the_recording_groups_consecutive_decode_steps_of_the_same_layers_only():
+    probe = BatchProbe()
+    recording = Recording(probe, decode_group=3)
+
+    def step(doc, layers, phase="decode", length=1):
+        recording.begin_batch(torch.ones(1, length), torch.tensor([doc]), torch.tensor([doc]),
+                              torch.ones(1, length, dtype=torch.long), phase=phase)
+        for layer in layers:
+            recording.record(layer, torch.zeros(length, 8), Selection(torch.zeros(length, 2, dtype=torch.long),
+                                                                      torch.zeros(length, 2),
+                                                                      torch.full((length,), 2)))
+        recording.end_batch()
+
+    step(0, [0, 1], "prefill", length=4)
+    for doc in (1, 2, 3, 4):  # three steps make a group; the fourth waits
+        step(doc, [0, 1])
+    assert [b[2] for b in probe.batches] == [[0], [1, 2, 3]]
+    step(5, [1])  # other layers: its own group
+    step(6, [1])
+    step(7, [0, 1], "decode", length=2)  # a step of two tokens is handed on alone, after the waiting ones
+    recording.close()
+    assert [(b[0], b[1], b[2]) for b in probe.batches] == [
+        (4, "prefill", [0]), (3, "decode", [1, 2, 3]), (1, "decode", [4]), (2, "decode", [5, 6]),
+        (2, "decode", [7])]
+    assert probe.batches[1][3] == [(0, 3, 3), (1, 3, 3)] and probe.batches[3][3] == [(1, 2, 2)]
+    assert recording.tokens_seen == 4 + 6 + 2
+
+
+def test_decode_group_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match=r"decode_group: 0 is not valid; need an integer >= 1"):
+        Recording(decode_group=0)

@@ -146,10 +146,23 @@ class Recording:
     """The recorders of one run behind one object: what :func:`routelab.model.install_router` and
     :func:`routelab.run.evaluate.score_windows` are given. :meth:`begin_batch` opens the batch's
     :class:`BatchContext` and counts the run's real tokens (``tokens_seen``; set it to resume a run
-    or start a shard where the earlier part ended)."""
+    or start a shard where the earlier part ended).
 
-    def __init__(self, *recorders: Recorder, tokens_seen: int = 0):
-        self.recorders, self.tokens_seen = recorders, int(tokens_seen)
+    One-token decode steps are handed to the recorders together, up to ``decode_group`` steps as one
+    batch (each step's sequences as rows of one column, in step order: the same rows, in the same order,
+    as step by step): a recorder's work per batch is a fixed cost of some hundred small kernels, which at
+    batch-1 decode weighed as much as the step's expert products. The steps waiting are handed on when
+    ``decode_group`` are reached, when another kind of batch begins, and by :meth:`flush` and :meth:`close`;
+    read the recorders' state after one of those. ``decode_group`` 1: every step alone.
+    """
+
+    def __init__(self, *recorders: Recorder, tokens_seen: int = 0, decode_group: int = 64):
+        if isinstance(decode_group, bool) or not isinstance(decode_group, int) or decode_group < 1:
+            raise ValueError(f"decode_group: {decode_group!r} is not valid; need an integer >= 1 "
+                             "(the most decode steps recorded as one batch; 1 = each step alone)")
+        self.recorders, self.tokens_seen, self.decode_group = recorders, int(tokens_seen), decode_group
+        self._step: _Step | None = None  # the decode step being recorded, when it waits to be grouped
+        self._waiting: list[_Step] = []
 
     def begin_batch(self, attention_mask: torch.Tensor, window_ids: torch.Tensor, doc_ids: torch.Tensor,
                     input_ids: torch.Tensor, position_offsets: torch.Tensor | None = None,
@@ -157,21 +170,78 @@ class Recording:
         batch = BatchContext(attention_mask, window_ids, doc_ids, input_ids, tokens_before=self.tokens_seen,
                              position_offsets=position_offsets, phase=phase)
         self.tokens_seen += batch.real_tokens
+        if self.decode_group > 1 and phase == "decode" and batch.seq == 1:
+            self._step = _Step(batch, (attention_mask, window_ids, doc_ids, input_ids, batch.position_offsets))
+            return batch
+        self.flush()
+        self._step = None
         for recorder in self.recorders:
             recorder.begin_batch(batch)
         return batch
 
     def record(self, layer: int, router_logits: torch.Tensor, selection: Selection) -> None:
+        if self._step is not None:
+            self._step.layers[layer] = (router_logits, selection)
+            return
         for recorder in self.recorders:
             recorder.record(layer, router_logits, selection)
 
     def end_batch(self) -> None:
+        if self._step is not None:
+            self._waiting.append(self._step)
+            self._step = None
+            if len(self._waiting) >= self.decode_group:
+                self.flush()
+            return
+        for recorder in self.recorders:
+            recorder.end_batch()
+
+    def flush(self) -> bool:
+        """Hand the decode steps waiting to the recorders (consecutive steps of the same layers as one
+        batch); whether there were any."""
+        waiting, self._waiting = self._waiting, []
+        start = 0
+        while start < len(waiting):
+            end = start + 1
+            while end < len(waiting) and list(waiting[end].layers) == list(waiting[start].layers):
+                end += 1
+            self._replay(waiting[start:end])
+            start = end
+        return bool(waiting)
+
+    def _replay(self, steps: list[_Step]) -> None:
+        if len(steps) == 1:
+            batch, layers = steps[0].batch, steps[0].layers
+        else:
+            inputs = zip(*(step.inputs for step in steps))
+            mask, window_ids, doc_ids, input_ids, offsets = (torch.cat(part) for part in inputs)
+            batch = BatchContext(mask, window_ids, doc_ids, input_ids, tokens_before=steps[0].batch.tokens_before,
+                                 position_offsets=offsets, phase="decode")
+            layers = {layer: (torch.cat([s.layers[layer][0] for s in steps]),
+                              Selection.cat([s.layers[layer][1] for s in steps])) for layer in steps[0].layers}
+        for recorder in self.recorders:
+            recorder.begin_batch(batch)
+        for layer, (logits, selection) in layers.items():
+            for recorder in self.recorders:
+                recorder.record(layer, logits, selection)
         for recorder in self.recorders:
             recorder.end_batch()
 
     def close(self) -> None:
+        self.flush()
         for recorder in self.recorders:
             recorder.close()
+
+
+class _Step:
+    """A decode step waiting to be recorded with others: its context, the inputs it was opened with
+    (mask, window ids, doc ids, input ids, position offsets) and each layer's ``(router logits, selection)``."""
+
+    __slots__ = ("batch", "inputs", "layers")
+
+    def __init__(self, batch: BatchContext, inputs: tuple[torch.Tensor, ...]):
+        self.batch, self.inputs = batch, inputs
+        self.layers: dict[int, tuple[torch.Tensor, Selection]] = {}
 
 
 def pack_token_meta(batch: BatchContext, rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -117,6 +117,28 @@ class Selection:
             return self._pvalues(rows)
         return None if self._pvalues is None else self._pvalues.index_select(0, rows)
 
+    @classmethod
+    def cat(cls, parts: Sequence[Selection]) -> Selection:
+        """One layer's selections of consecutive batches as one (their tokens in order): what
+        :class:`routelab.record.Recording` hands on for a group of decode steps. Optional fields are kept
+        where every part has them; p-values still to compute stay lazy when one call computes them all."""
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            return None if any(value is None for value in values) else torch.cat(values)
+
+        lazy = [part.lazy_pvalues for part in parts]
+        if all(p is not None and p.computes_with(lazy[0]) and p.layer == lazy[0].layer for p in lazy):
+            pvalues: PValues = LayerPValues(lazy[0].null, torch.cat([p.logits for p in lazy]), lazy[0].layer,
+                                            lazy[0].temperature)
+        elif all(part.has_pvalues for part in parts):
+            pvalues = torch.cat([part.pvalues for part in parts])
+        else:
+            pvalues = None
+        merged = cls(indices=joined("indices"), weights=joined("weights"), k=joined("k"), pvalues=pvalues,
+                     probs=joined("probs"), top_expert=joined("top_expert"), top_probs=joined("top_probs"))
+        merged.scores, merged.softmax_logits = joined("scores"), joined("softmax_logits")
+        return merged
+
     def __repr__(self) -> str:
         return f"Selection(tokens={self.k.shape[0]}, max_k={self.indices.shape[-1]})"
 

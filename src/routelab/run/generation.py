@@ -49,6 +49,7 @@ class ForwardLog:
                  model.register_forward_hook(self._after, with_kwargs=True)]
         try:
             yield self
+            self._flush_decode()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -69,6 +70,8 @@ class ForwardLog:
                              "(beam search and several return sequences per prompt are not recorded)")
         mask = given_mask if given_mask is not None else kwargs.get("attention_mask")
         current, offsets = token_positions(mask, sequences, length, cached, input_ids.device)
+        if phase != "decode":
+            self._flush_decode()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._open = (phase, int(current.sum()), time.perf_counter())
@@ -86,6 +89,14 @@ class ForwardLog:
         self._open = None
         self.tokens[phase] += tokens
         self.seconds[phase] += time.perf_counter() - start
+
+    def _flush_decode(self) -> None:
+        # the recording groups decode steps (Recording.decode_group): their recording's time is decode's
+        start = time.perf_counter()
+        if self.recording is not None and self.recording.flush():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds["decode"] += time.perf_counter() - start
 
     def throughput(self) -> dict[str, float | int | None]:
         """``{phase}_tokens``, ``{phase}_seconds`` and ``{phase}_tokens_per_s`` (None for a phase not run)."""
