@@ -4,7 +4,8 @@
 On one loaded model (``--model``, default the demo model ``results/demo/model``), each repetition runs, in
 rotating order:
 
-- ``plain lm-eval``: ``simple_evaluate`` with lm-eval's own ``HFLM`` on the unpatched model;
+- ``plain lm-eval``: ``simple_evaluate`` with lm-eval's own ``HFLM`` on the unpatched model (both sides
+  without lm-eval's ``add_env_info``, which routelab skips: its subprocesses are not evaluation);
 - ``routelab, no log``: :func:`routelab.run.tasks.evaluate_task` with the model's own top-k installed
   and a :class:`ForwardLog` without recording (the rows of every forward named, nothing kept);
 - ``routelab, full log``: the same with the pipeline's recorders: every (token, layer) decision to
@@ -36,7 +37,7 @@ from routelab.model.patching import install_router
 from routelab.record import DecisionSampler, Recording, RoutingRecorder
 from routelab.routing import build_router
 from routelab.run.generation import ForwardLog
-from routelab.run.tasks import evaluate_task
+from routelab.run.tasks import _without_env_info, evaluate_task
 
 TASKS = Path(__file__).resolve().parents[1] / "config" / "tasks"
 
@@ -46,7 +47,9 @@ def plain(model, tokenizer, spec, batch_size: int) -> None:
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with task_data():
+    # without lm-eval's add_env_info, as routelab runs it (~0.7 s of pip and conda subprocesses a task,
+    # which would hide the evaluation's own cost)
+    with task_data(), _without_env_info():
         simple_evaluate(model=lm, tasks=[spec["task"]], task_manager=task_manager(spec), limit=spec["limit"],
                         log_samples=True, cache_requests=False, use_cache=None, random_seed=0,
                         numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=spec["fewshot_seed"])
