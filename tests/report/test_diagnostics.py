@@ -85,11 +85,11 @@ def test_histogram_quantiles_approach_numpys_quantiles_of_the_values():
     assert estimate == pytest.approx(np.quantile(values, quantiles), abs=2e-3)  # one bin width
 
 
-def write_run(run_dir, routing, dataset, layers, logits, num_experts=4):
+def write_run(run_dir, routing, dataset, layers, logits, num_experts=4, **summary):
     """A run directory with the summary.json and decisions.parquet (layer, logits and a few other columns)."""
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps({"routing": routing, "dataset": dataset,
-                                                      "num_experts": num_experts, "num_layers": 2}))
+                                                      "num_experts": num_experts, "num_layers": 2, **summary}))
     table = pa.table({"doc_id": pa.array(range(len(layers)), pa.int32()), "layer": pa.array(layers, pa.int16()),
                       "logits": pa.array([list(map(float, row)) for row in logits], pa.list_(pa.float32())),
                       "selected": pa.array([[0]] * len(layers), pa.list_(pa.int16()))})
@@ -139,3 +139,20 @@ def test_pooled_quantiles_count_each_datasets_tokens_once():
     # pooled: 2 tokens in [0, 0.5), 2 in [0.5, 1]
     assert quantiles["value"].tolist() == pytest.approx([0.25, 0.5, 0.75])
     assert list(quantiles.columns) == ["routing", "layer", "statistic", "quantile", "value"]
+
+
+def test_each_run_is_read_with_its_own_router_score(tmp_path):
+    """A sigmoid family's run (summary.json router_score) is read as normalised sigmoid scores: logits
+    (0, 0, ln 3, -inf) are probabilities (1/2, 1/2, 3/4, 0) / 1.75 = (2/7, 2/7, 3/7, 0), top-1 margin 1/7;
+    the softmax of the same logits is (1/5, 1/5, 3/5, 0), margin 2/5."""
+    logits = [[0.0, 0.0, float(np.log(3.0)), -1e9]]
+    sigmoid = write_run(tmp_path / "s", "topk2", "code", [0], logits, router_score="sigmoid")
+    softmax = write_run(tmp_path / "o", "topk2", "wiki", [0], logits)  # written before router_score: softmax
+    table = collect_router_diagnostics([sigmoid, softmax], bins=1000)
+    margins = table[table["statistic"] == "top1_margin"].set_index("dataset")["bin_low"]
+    assert margins["code"] == pytest.approx(1 / 7, abs=1e-3) and margins["wiki"] == pytest.approx(2 / 5, abs=1e-3)
+    assert collect_router_diagnostics([sigmoid], score="softmax").equals(
+        collect_router_diagnostics([softmax], score="softmax").assign(dataset="code"))  # an explicit score rules
+    bad = write_run(tmp_path / "b", "topk2", "code", [0], logits, router_score="relu")
+    with pytest.raises(ValueError, match="score: 'relu' is not valid"):
+        collect_router_diagnostics([bad])

@@ -114,3 +114,4 @@ def test_every_rule_runs_within_the_expert_groups(setup, calibrated, routing, tm
     # Probability statistics describe the family's probabilities (normalised over the kept group): the router
     # entropy is at most log 4, which the softmax of the raw logits over all 8 experts would exceed.
     assert all(0 < layer["router_entropy"] <= np.log(GROUP) + 1e-6 for layer in summary["per_layer"])
+    assert summary["router_score"] == "sigmoid"  # what the report's router diagnostics read the logits with

@@ -97,7 +97,7 @@ FLOAT["explorer.parquet"] = FLOAT["decisions.parquet"]
 # Summary entries that are counts (or exact functions of counts); the rest are means of float sums.
 COUNT_KEYS = ["total_decisions", "experts_mean", "experts_std", "experts_median", "experts_min", "experts_max",
               "ceiling_hit_rate", "floor_hit_rate", "k_histogram", "expert_counts", "top1_counts", "min_k", "max_k",
-              "routing", "dataset", "method", "params", "num_layers", "num_experts", "model_top_k",
+              "routing", "dataset", "method", "params", "num_layers", "num_experts", "model_top_k", "router_score",
               "active_expert_flops_per_token", "active_expert_flops_vs_topk"]
 
 

@@ -327,6 +327,7 @@ class MoEShape:
     norm_topk_prob: bool
     expert_flops_per_selection: float
     candidate_experts: int | None = None  # experts a token may choose from (group-limited families); None: all
+    router_score: str = "softmax"  # the family's router score (softmax or sigmoid): how the report reads logits
 
 
 def moe_shape(model: nn.Module) -> MoEShape:
@@ -343,4 +344,4 @@ def moe_shape(model: nn.Module) -> MoEShape:
     candidates = family.candidate_experts(gate)
     return MoEShape(num_layers=len(layers), num_experts=num_experts, top_k=int(gate.top_k),
                     norm_topk_prob=family.norm_topk_prob(gate), expert_flops_per_selection=2.0 * weights / num_experts,
-                    candidate_experts=None if candidates == num_experts else candidates)
+                    candidate_experts=None if candidates == num_experts else candidates, router_score=family.score)

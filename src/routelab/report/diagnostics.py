@@ -123,9 +123,11 @@ def decision_logits(path: str | os.PathLike, num_experts: int) -> tuple[np.ndarr
     return table.column("layer").to_numpy().astype(np.int64), values
 
 
-def run_router_diagnostics(run_dir: str | os.PathLike, score: str = "softmax", bins: int = BINS) -> pd.DataFrame:
-    """The histograms of one run (:data:`COLUMNS`); empty when its decisions.parquet sampled nothing."""
+def run_router_diagnostics(run_dir: str | os.PathLike, score: str | None = None, bins: int = BINS) -> pd.DataFrame:
+    """The histograms of one run (:data:`COLUMNS`); empty when its decisions.parquet sampled nothing.
+    ``score`` None: the run's own, summary.json's ``router_score`` (softmax for runs written without it)."""
     summary = read_run_file(run_dir, "summary.json")
+    score = _check_score(summary.get("router_score", "softmax") if score is None else score)
     path = Path(run_dir) / "decisions.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"run file missing: {path}")
@@ -143,14 +145,15 @@ def run_router_diagnostics(run_dir: str | os.PathLike, score: str = "softmax", b
     return table
 
 
-def collect_router_diagnostics(run_dirs: Iterable[str | os.PathLike], score: str = "softmax",
+def collect_router_diagnostics(run_dirs: Iterable[str | os.PathLike], score: str | None = None,
                                bins: int = BINS) -> pd.DataFrame:
     """Router-diagnostic histograms of every run: one row per (run, layer, statistic, bin) with
     ``routing, dataset, layer, statistic, bin_low, bin_high, count`` (sampled tokens whose value lies
     in the bin), sorted by routing, dataset, layer, statistic, bin. ``score``: the model family's
-    router score (``softmax`` or ``sigmoid``). Runs whose decisions.parquet is empty add no rows."""
-    if score not in SCORES:
-        raise ValueError(f"score: {score!r} is not valid; choose one of {list(SCORES)}")
+    router score (``softmax`` or ``sigmoid``) for every run; None: each run's own (summary.json's
+    ``router_score``, which the route stage records). Runs whose decisions.parquet is empty add no rows."""
+    if score is not None:
+        _check_score(score)
     run_dirs = list(run_dirs)
     if not run_dirs:
         raise ValueError("run_dirs is empty: no sampled decisions to read")
@@ -161,6 +164,12 @@ def collect_router_diagnostics(run_dirs: Iterable[str | os.PathLike], score: str
     table = pd.concat(tables, ignore_index=True)
     table["layer"] = table["layer"].astype(np.int64)
     return table.sort_values(["routing", "dataset", "layer", "statistic", "bin_low"], ignore_index=True)
+
+
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score: {score!r} is not valid; choose one of {list(SCORES)}")
+    return score
 
 
 def pooled_quantiles(table: pd.DataFrame, quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> pd.DataFrame:

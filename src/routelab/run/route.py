@@ -333,7 +333,7 @@ def summary_head(job: RouteJob, router: Router, shape: MoEShape) -> dict[str, An
     params = {key: value for key, value in router.describe().items() if key != "method"}
     return {"routing": job.routing["name"], "dataset": job.data.name, "method": job.routing["method"],
             "params": params, "num_layers": shape.num_layers, "num_experts": shape.num_experts,
-            "model_top_k": shape.top_k, "norm_topk_prob": shape.norm_topk_prob}
+            "model_top_k": shape.top_k, "norm_topk_prob": shape.norm_topk_prob, "router_score": shape.router_score}
 
 
 def system_record(job: RouteJob, model, windows: pd.DataFrame | None, seconds: float,
